@@ -1,0 +1,38 @@
+"""Fingerprints that tie a store to the teacher and tokenizer that made it.
+
+Both phases compute them the same way: the build records them in the manifest, training compares the
+student's tokenizer against them before it reads a single target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+# Keys of a model config that change with the software, not with the model.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_fingerprint(config_dict: dict) -> str:
+    """SHA-256 of a model config without its volatile keys."""
+    return _sha256_json({k: v for k, v in config_dict.items() if k not in VOLATILE_CONFIG_KEYS})
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of what decides token ids: the vocabulary (added tokens included) and the special tokens."""
+    return _sha256_json({"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map})
+
+
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """SHA-256 of the names and sizes of a local checkpoint's weight files (cheap for any model size)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return None
+    files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    return _sha256_json(files)

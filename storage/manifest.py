@@ -1,0 +1,125 @@
+"""The store's manifest: a versioned JSON index of what the store holds and how it was made.
+
+It is the single source of truth: a shard exists for readers exactly when the manifest lists it. It carries
+the teacher's identity, the dataset and build options, the target kinds with their parameters, and per shard
+the sample and token counts, stored bytes per array and a SHA-256 of every file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from storage.fs import Location
+from storage.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+
+# Sections of the header that decide the store's content; a resumed build must match them exactly.
+CONTENT_SECTIONS = ("teacher", "dataset", "build", "targets")
+
+
+@dataclass
+class ShardInfo:
+    """One committed shard.
+
+    Attributes:
+        name: store-relative path of the shard's Zarr group.
+        num_samples: samples (rows) in the shard.
+        num_positions: target positions (samples x seq_len).
+        num_tokens: positions whose loss mask is set.
+        array_bytes: stored (compressed) bytes per array.
+        files: SHA-256 of every file of the shard, by path relative to the shard.
+    """
+
+    name: str
+    num_samples: int
+    num_positions: int
+    num_tokens: int
+    array_bytes: dict[str, int]
+    files: dict[str, str]
+
+
+@dataclass
+class Manifest:
+    """The parsed `manifest.json`.
+
+    Attributes:
+        teacher: teacher identity (path, backend, architecture, config/tokenizer hashes, vocab sizes).
+        dataset: where the text came from (source, split, text field, fingerprint).
+        build: options that shape the samples (seq_len, packing, batch size, shard size, seed, ...).
+        targets: target kinds present and their parameters.
+        shards: committed shards in sample order.
+        complete: true once the build finished; an incomplete store can be resumed.
+    """
+
+    teacher: dict
+    dataset: dict
+    build: dict
+    targets: dict
+    shards: list[ShardInfo] = field(default_factory=list)
+    complete: bool = False
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    created_by: str = ""
+    updated_at: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+    @property
+    def num_positions(self) -> int:
+        return sum(s.num_positions for s in self.shards)
+
+    def header(self) -> dict:
+        """The content-deciding sections, for comparing two builds."""
+        return {name: getattr(self, name) for name in CONTENT_SECTIONS}
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["totals"] = {"samples": self.num_samples, "positions": self.num_positions, "tokens": self.num_tokens}
+        return json.dumps(data, indent=1, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str) -> Manifest:
+        data = json.loads(text)
+        if data.get("format") != FORMAT_NAME:
+            raise RuntimeError(f"{source} is not a {FORMAT_NAME} manifest (format={data.get('format')!r}).")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RuntimeError(
+                f"{source} has format version {version}; this release reads versions up to {FORMAT_VERSION}. "
+                "Upgrade teacher-cache to read it."
+            )
+        data.pop("totals", None)
+        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+        return cls(**data)
+
+    def save(self, location: Location) -> None:
+        self.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        location.write_bytes_atomic(MANIFEST_NAME, self.to_json().encode())
+
+    @classmethod
+    def load(cls, location: Location) -> Manifest:
+        if not location.exists(MANIFEST_NAME):
+            raise RuntimeError(
+                f"{location} has no {MANIFEST_NAME}: it is not a teacher-cache store "
+                "(build one with `teacher-cache build`)."
+            )
+        return cls.from_json(location.read_bytes(MANIFEST_NAME).decode(), source=f"{location}/{MANIFEST_NAME}")
+
+
+def header_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of the keys whose values differ between two header dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += header_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: store has {a!r}, this build has {b!r}")
+    return out

@@ -1,0 +1,139 @@
+"""Reading a store: open it (version checked), random access by global sample index, iteration by shard.
+
+A global sample index maps to (shard, row) through the cumulative shard sizes of the manifest. Dense arrays
+are sliced per row; sampled targets are flat, so a row's entries are found through `sampled_offsets`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from functools import cached_property
+
+import numpy as np
+
+from storage.fs import Location
+from storage.layout import array_specs
+from storage.manifest import Manifest, ShardInfo
+from storage.writer import FLAT_ARRAYS
+
+
+class ShardReader:
+    """One committed shard; arrays are opened lazily and read through zarr."""
+
+    def __init__(self, location: Location, info: ShardInfo, array_names: list[str]):
+        self.location = location
+        self.info = info
+        self.array_names = array_names
+
+    def __len__(self) -> int:
+        return self.info.num_samples
+
+    @cached_property
+    def _group(self):
+        return self.location.open_group(self.info.name, mode="r")
+
+    def array(self, name: str):
+        """The zarr array `name` of this shard."""
+        return self._group[name]
+
+    @cached_property
+    def _offsets(self) -> np.ndarray:
+        return self._group["sampled_offsets"][:].astype(np.int64)
+
+    def read(self, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """Every array for a contiguous range of rows. Flat sampled arrays cover exactly those rows' entries."""
+        start, stop, step = rows.indices(len(self))
+        assert step == 1, "rows must be contiguous"
+        out = {}
+        for name in self.array_names:
+            if name in FLAT_ARRAYS:
+                out[name] = self._group[name][int(self._offsets[start]):int(self._offsets[stop])]
+            elif name == "sampled_offsets":
+                out[name] = (self._offsets[start:stop + 1] - self._offsets[start]).astype(np.uint64)
+            else:
+                out[name] = self._group[name][start:stop]
+        return out
+
+    def sample(self, row: int) -> dict[str, np.ndarray]:
+        """One sample; its leading sample axis is dropped, flat sampled arrays hold its entries."""
+        record = self.read(slice(row, row + 1))
+        return {k: v if k in FLAT_ARRAYS or k == "sampled_offsets" else v[0] for k, v in record.items()}
+
+
+class Store:
+    """A teacher-cache store opened for reading.
+
+    Args:
+        url: local path or fsspec URL of the store.
+        allow_incomplete: read the committed shards of a build still running or interrupted.
+    """
+
+    def __init__(self, url: str | os.PathLike, *, allow_incomplete: bool = False):
+        self.location = Location(url)
+        self.manifest = Manifest.load(self.location)
+        if not self.manifest.complete and not allow_incomplete:
+            raise RuntimeError(
+                f"{self.location} is incomplete ({len(self.manifest.shards)} shards committed): its build was "
+                "interrupted or is still running. Finish it with `teacher-cache build ... --resume`."
+            )
+        targets = self.manifest.targets
+        self.specs = array_specs(
+            vocab_size=self.manifest.teacher["vocab_size"],
+            targets=targets,
+            hidden_dtype=targets.get("hidden_states", {}).get("dtype", "float16"),
+        )
+        self.shards = [ShardReader(self.location, info, list(self.specs)) for info in self.manifest.shards]
+        self._starts = np.cumsum([0] + [s.num_samples for s in self.manifest.shards])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        shard, row = self.locate(index)
+        return self.shards[shard].sample(row)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, row) of a global sample index."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} out of range for a store of {len(self)} samples")
+        index %= len(self)
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, index - int(self._starts[shard])
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for shard in self.shards:
+            for row in range(len(shard)):
+                yield shard.sample(row)
+
+    def iter_shards(self) -> Iterator[ShardReader]:
+        return iter(self.shards)
+
+    def bytes_per_token(self) -> dict[str, float]:
+        """Stored bytes per trained token (loss-mask position) for each array, and in total."""
+        tokens = max(self.manifest.num_tokens, 1)
+        totals = {name: sum(s.array_bytes.get(name, 0) for s in self.manifest.shards) for name in self.specs}
+        out = {name: b / tokens for name, b in totals.items()}
+        out["total"] = sum(totals.values()) / tokens
+        return out
+
+    def verify(self) -> list[str]:
+        """Recompute every file's SHA-256; returns the problems found (empty when the store is intact)."""
+        problems = []
+        for info in self.manifest.shards:
+            if not self.location.exists(info.name):
+                problems.append(f"{info.name}: missing")
+                continue
+            found = set(self.location.files(info.name))
+            for rel, digest in info.files.items():
+                if rel not in found:
+                    problems.append(f"{info.name}/{rel}: missing")
+                elif self.location.sha256(f"{info.name}/{rel}") != digest:
+                    problems.append(f"{info.name}/{rel}: checksum mismatch")
+            problems += [f"{info.name}/{rel}: not in the manifest" for rel in sorted(found - set(info.files))]
+        return problems
+
+
+def open_store(url: str | os.PathLike, *, allow_incomplete: bool = False) -> Store:
+    """Open a store for reading; see `Store`."""
+    return Store(url, allow_incomplete=allow_incomplete)

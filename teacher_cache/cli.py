@@ -1,0 +1,153 @@
+"""`teacher-cache`: build a store of teacher targets, then inspect, verify and export it.
+
+The commands only parse options and call the library (`build_cache`, `Store`, `export_parquet`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from storage.export import export_parquet
+from storage.reader import Store
+from teacher_cache.build import build_cache, summarize
+from teacher_cache.config import TARGET_KINDS, BuildConfig, parse_int_list
+
+log = logging.getLogger("teacher_cache")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Run a teacher LLM once over a dataset and cache its next-token targets for offline distillation.
+
+    \b
+    Typical flow:
+      teacher-cache build --model ./teacher --dataset data.jsonl --output ./cache
+      teacher-cache info ./cache
+      student-train ... --store ./cache
+    """
+    _configure_logging(verbose)
+
+
+@main.command()
+@click.option("--model", required=True, help="Teacher: a local Hugging Face model directory (with tokenizer).")
+@click.option("--dataset", required=True,
+              help="Text source: a jsonl/json/parquet/csv/txt file or folder, a save_to_disk folder, or a hub name.")
+@click.option("--output", required=True, help="Store directory (or fsspec URL) to create.")
+@click.option("--text-field", default="text", show_default=True, help="Dataset column holding the text.")
+@click.option("--split", default="train", show_default=True, help="Dataset split.")
+@click.option("--max-samples", type=int, help="Stop after this many samples (store rows). Default: all.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Positions per sample (teacher context).")
+@click.option("--pack/--no-pack", default=True, show_default=True,
+              help="Join documents with EOS into full samples, or one padded document per sample.")
+@click.option("--targets", default=",".join(TARGET_KINDS), show_default=True,
+              help="Target kinds, comma-separated: topk (top-k log-probs + tail mass), sampled (random-sampling KD "
+                   "draws). Entropy and true-token log-prob are always stored.")
+@click.option("--top-k", type=int, default=64, show_default=True, help="k of the top-k target.")
+@click.option("--samples", "num_draws", type=int, default=50, show_default=True,
+              help="Draws per position for sampled targets (about 12 distinct ids at 50 on a large teacher).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled draws.")
+@click.option("--hidden-layers", default="",
+              help="Hidden states to store, e.g. '-1' or '8,16,-1' (0 = embeddings, -1 = last).")
+@click.option("--hidden-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per teacher forward.")
+@click.option("--samples-per-shard", type=int, help="Samples per shard. Default: about 1M positions per shard.")
+@click.option("--chunk-positions", type=int,
+              help="Positions whose fp32 logits exist at once. Default: about 256 MiB worth.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Teacher weights dtype; auto = bfloat16 on CUDA, the checkpoint's on CPU.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build into --output (same options).")
+def build(**options) -> None:
+    """Run the teacher over a dataset and write its targets to a new store."""
+    options["targets"] = tuple(t.strip() for t in options["targets"].split(",") if t.strip())
+    try:
+        options["hidden_layers"] = parse_int_list(options["hidden_layers"])
+        config = BuildConfig(**options)
+        manifest = build_cache(config)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    stats = summarize(manifest, config.output)
+    click.echo(
+        f"Wrote {stats['samples']} samples, {stats['tokens']} trained tokens in {stats['shards']} shards to "
+        f"{config.output}: {stats['bytes_per_token']['total']:.1f} bytes/token, "
+        f"mean teacher entropy {stats['mean_entropy']:.3f} nats."
+    )
+
+
+def _open(store: str, **kwargs) -> Store:
+    try:
+        return Store(store, **kwargs)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(store: str, as_json: bool) -> None:
+    """Samples, tokens, teacher, targets and bytes/token per array of STORE."""
+    opened = _open(store, allow_incomplete=True)
+    manifest = opened.manifest
+    report = {
+        "store": str(opened.location),
+        "complete": manifest.complete,
+        "format_version": manifest.format_version,
+        "samples": manifest.num_samples,
+        "positions": manifest.num_positions,
+        "tokens": manifest.num_tokens,
+        "shards": len(manifest.shards),
+        "teacher": manifest.teacher,
+        "dataset": manifest.dataset,
+        "build": manifest.build,
+        "targets": manifest.targets,
+        "bytes_per_token": opened.bytes_per_token(),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(f"store      {report['store']}  ({'complete' if manifest.complete else 'INCOMPLETE: resume the build'})")
+    click.echo(f"samples    {report['samples']:,} in {report['shards']} shards; {report['tokens']:,} trained tokens "
+               f"of {report['positions']:,} positions")
+    t = manifest.teacher
+    click.echo(f"teacher    {t['model']} ({t['architecture']}, vocab {t['vocab_size']}, {t['dtype']}, {t['backend']})")
+    click.echo(f"dataset    {manifest.dataset['source']} [{manifest.dataset['split']}], seq_len "
+               f"{manifest.build['seq_len']}, {'packed' if manifest.build['pack'] else 'unpacked'}")
+    click.echo("targets    " + "; ".join(f"{k} {v}" if v else k for k, v in manifest.targets.items()))
+    click.echo("bytes/token")
+    for name, value in report["bytes_per_token"].items():
+        click.echo(f"  {name:<22}{value:10.2f}")
+
+
+@main.command()
+@click.argument("store")
+def verify(store: str) -> None:
+    """Recompute the checksum of every file of STORE against its manifest."""
+    problems = _open(store, allow_incomplete=True).verify()
+    if problems:
+        raise click.ClickException("store is damaged:\n  " + "\n  ".join(problems))
+    click.echo(f"{store}: every file matches its checksum.")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("output")
+@click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
+def export(store: str, output: str, fmt: str) -> None:
+    """Write STORE's samples to OUTPUT (one Parquet file, a row group per shard)."""
+    rows = export_parquet(_open(store), output)
+    click.echo(f"Wrote {rows} samples to {output}.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`BuildConfig`: every option of `teacher-cache build`, checked where it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TARGET_KINDS = ("topk", "sampled")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+HIDDEN_DTYPES = ("float16", "float32")
+
+
+@dataclass(kw_only=True)
+class BuildConfig:
+    """Options of one cache build.
+
+    Attributes:
+        model: local path of the teacher (a Hugging Face model directory with its tokenizer).
+        dataset: anything `datasets` loads: a jsonl/json/parquet/csv/txt file or folder, a `save_to_disk`
+            folder, or a hub name (when a network exists).
+        output: store directory or fsspec URL.
+        text_field: dataset column holding the text.
+        split: dataset split.
+        max_samples: stop after this many samples (rows of the store); None for the whole dataset.
+        seq_len: positions per sample (the teacher's context length).
+        pack: join documents with EOS into full rows (True) or one padded document per row (False).
+        targets: target kinds to store, from TARGET_KINDS.
+        top_k: k of the top-k record.
+        num_draws: draws per position of the sampled record.
+        seed: seed of the draws.
+        hidden_layers: indices into the model's hidden-state tuple (0 = embeddings, -1 = last) to store.
+        hidden_dtype: dtype of stored hidden states.
+        batch_size: samples per teacher forward.
+        samples_per_shard: samples per shard; None picks about a million positions per shard.
+        chunk_positions: positions whose logits exist at once; None picks about 256 MiB of fp32 logits.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        dtype: teacher weights dtype; "auto" is bfloat16 on CUDA and the checkpoint's dtype on CPU.
+        resume: continue an interrupted build into `output`.
+    """
+
+    model: str
+    dataset: str
+    output: str
+    text_field: str = "text"
+    split: str = "train"
+    max_samples: int | None = None
+    seq_len: int = 2048
+    pack: bool = True
+    targets: tuple[str, ...] = TARGET_KINDS
+    top_k: int = 64
+    num_draws: int = 50
+    seed: int = 0
+    hidden_layers: tuple[int, ...] = ()
+    hidden_dtype: str = "float16"
+    batch_size: int = 8
+    samples_per_shard: int | None = None
+    chunk_positions: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(dict.fromkeys(self.targets))
+        unknown = [t for t in self.targets if t not in TARGET_KINDS]
+        if unknown or not self.targets:
+            raise ValueError(
+                f"--targets: unknown target kind(s) {unknown or self.targets!r}; choose from {', '.join(TARGET_KINDS)} "
+                "(comma-separated)."
+            )
+        self.hidden_layers = tuple(self.hidden_layers)
+        _positive("seq_len", self.seq_len, 2)
+        _positive("batch_size", self.batch_size)
+        _positive("top_k", self.top_k)
+        _positive("num_draws", self.num_draws)
+        if self.num_draws >= 1 << 16:
+            raise ValueError(f"--samples: {self.num_draws} draws per position is too many; use fewer than 65536.")
+        for name in ("max_samples", "samples_per_shard", "chunk_positions"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"--hidden-dtype: {self.hidden_dtype!r} is not one of {', '.join(HIDDEN_DTYPES)}.")
+        if self.samples_per_shard is None:
+            self.samples_per_shard = max(1, (1 << 20) // self.seq_len)
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ValueError(f"--{name.replace('_', '-')}: must be at least {minimum}, got {value}.")
+
+
+def parse_int_list(text: str | None) -> tuple[int, ...]:
+    """'8,16,-1' -> (8, 16, -1); empty or None -> ()."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers such as '8,16,-1', got {text!r}.") from None

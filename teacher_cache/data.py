@@ -1,0 +1,141 @@
+"""Input: load a text dataset, tokenize it and cut it into fixed-length samples.
+
+A sample holds seq_len + 1 tokens: the teacher reads the first seq_len, and position t's true next token is
+token t + 1. Packed samples follow each other with a stride of seq_len, so consecutive samples share one token
+and every token of the stream is a target exactly once. Unpacked samples hold one document each, truncated
+and padded. Everything here is vectorised over tokens; Python loops run over documents at most.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DOCS_PER_BLOCK = 1000
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass
+class Rows:
+    """A block of samples. Legend: n samples, L seq_len.
+
+    Attributes:
+        input_ids: [n, L+1] int64 tokens (padding holds the pad id).
+        attention_mask: [n, L+1] bool, true for real tokens.
+        loss_mask: [n, L] bool, true where position t's target (token t+1) is real.
+        segment_ids: [n, L+1] uint16, document number within the sample.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+    segment_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, rows: slice) -> Rows:
+        return Rows(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows], self.segment_ids[rows])
+
+    @staticmethod
+    def concat(blocks: list[Rows]) -> Rows:
+        return Rows(*(np.concatenate([getattr(b, f) for b in blocks]) for f in
+                      ("input_ids", "attention_mask", "loss_mask", "segment_ids")))
+
+
+def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.Dataset:
+    """Load `source` with `datasets` and check it has a non-empty text column.
+
+    Raises:
+        ValueError: unknown split, missing column (the available ones are named) or no rows.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{source} has splits {sorted(dataset)}, not {split!r}; pass --split NAME.")
+            dataset = dataset[split]
+    elif path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}.")
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **extra)
+    else:
+        dataset = datasets.load_dataset(str(path) if path.exists() else source, split=split)
+    if text_field not in dataset.column_names:
+        raise ValueError(
+            f"{source} has no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
+            "pass --text-field with the column that holds the text."
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{source} (split {split!r}) is empty: there is nothing to build a cache from.")
+    return dataset
+
+
+def iter_documents(dataset: datasets.Dataset, tokenizer, text_field: str) -> Iterator[list[list[int]]]:
+    """Token ids of each document, tokenized a block at a time, each ending with EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the teacher's tokenizer has no EOS token, which packing needs between documents.")
+    for batch in dataset.iter(batch_size=DOCS_PER_BLOCK):
+        encoded = tokenizer(batch[text_field], add_special_tokens=True)["input_ids"]
+        yield [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
+
+
+def iter_rows(dataset: datasets.Dataset, tokenizer, *, text_field: str, seq_len: int, pack: bool) -> Iterator[Rows]:
+    """Samples of seq_len + 1 tokens, in blocks, in dataset order (deterministic)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    blocks = iter_documents(dataset, tokenizer, text_field)
+    yield from (_packed_rows(blocks, seq_len, pad) if pack else (_unpacked_rows(b, seq_len, pad) for b in blocks))
+
+
+def _packed_rows(blocks: Iterator[list[list[int]]], seq_len: int, pad: int) -> Iterator[Rows]:
+    tokens = np.zeros(0, np.int64)
+    docs = np.zeros(0, np.int64)  # running document number of each token
+    next_doc = 0
+    for block in blocks:
+        lengths = np.fromiter(map(len, block), np.int64, len(block))
+        tokens = np.concatenate([tokens, np.fromiter(itertools.chain.from_iterable(block), np.int64, lengths.sum())])
+        docs = np.concatenate([docs, np.repeat(np.arange(next_doc, next_doc + len(block)), lengths)])
+        next_doc += len(block)
+        num_rows = (len(tokens) - 1) // seq_len
+        if num_rows:
+            index = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)
+            yield _rows(tokens[index], docs[index], np.ones(index.shape, bool))
+            tokens, docs = tokens[num_rows * seq_len:], docs[num_rows * seq_len:]
+    if len(tokens) > 1:  # a last, partial sample, padded
+        real = np.arange(seq_len + 1) < len(tokens)
+        yield _rows(_pad(tokens, seq_len + 1, pad)[None], _pad(docs, seq_len + 1, docs[-1])[None], real[None])
+
+
+def _unpacked_rows(block: list[list[int]], seq_len: int, pad: int) -> Rows:
+    width = seq_len + 1
+    lengths = np.fromiter((min(len(ids), width) for ids in block), np.int64, len(block))
+    real = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.full((len(block), width), pad, np.int64)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(ids[:width] for ids in block), np.int64, lengths.sum())
+    keep = lengths > 1  # a one-token document has no target
+    return _rows(ids[keep], np.zeros_like(ids[keep]), real[keep])
+
+
+def _rows(ids: np.ndarray, docs: np.ndarray, real: np.ndarray) -> Rows:
+    return Rows(
+        input_ids=ids,
+        attention_mask=real,
+        loss_mask=real[:, 1:].copy(),
+        segment_ids=(docs - docs[:, :1]).astype(np.uint16),
+    )
+
+
+def _pad(values: np.ndarray, width: int, fill: int) -> np.ndarray:
+    return np.concatenate([values, np.full(width - len(values), fill, values.dtype)])

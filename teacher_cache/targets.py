@@ -1,0 +1,119 @@
+"""Target extraction: from the teacher's final hidden states to the records the store keeps.
+
+Runs on the teacher's device, batched over positions, in chunks of positions so that at most
+[chunk, vocab] logits exist at once (never [batch, time, vocab]). Per chunk, in fp32:
+  - log_softmax of the logits;
+  - exact entropy and the true next token's log-prob;
+  - top-k ids and log-probs, and the tail mass as logsumexp over the ids outside the top-k (exact, no
+    1 - sum cancellation);
+  - N draws with replacement from the full distribution, encoded as distinct ids (ascending) + counts.
+
+Legend: P positions (flattened batch x time), V vocabulary, H hidden size, K top-k, N draws, E entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which targets to extract.
+
+    Attributes:
+        top_k: k of the top-k record, or None to skip it.
+        num_draws: N of the sampled record, or None to skip it.
+        chunk_positions: positions whose logits are materialised at once.
+    """
+
+    top_k: int | None
+    num_draws: int | None
+    chunk_positions: int = 1024
+
+
+def extract_targets(
+    hidden_PH: torch.Tensor,
+    true_ids_P: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    spec: TargetSpec,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Targets for every position given.
+
+    Args:
+        hidden_PH: final hidden states of the positions to extract (already filtered to trained ones).
+        true_ids_P: the true next token of each position.
+        logits_fn: maps hidden states [p, H] to logits [p, V] (the teacher's output head).
+        spec: which targets.
+        generator: random source for the draws (on the same device as `hidden_PH`).
+
+    Returns:
+        `entropy` [P], `true_logprob` [P]; with top-k, `topk_ids` [P, K], `topk_logprobs` [P, K],
+        `tail_logmass` [P]; with draws, `sampled_nunique` [P], `sampled_ids` [E], `sampled_counts` [E].
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, hidden_PH.shape[0], spec.chunk_positions):
+        stop = start + spec.chunk_positions
+        logits_pV = logits_fn(hidden_PH[start:stop]).float()
+        chunk = _chunk_targets(logits_pV, true_ids_P[start:stop], spec, generator)
+        for name, value in chunk.items():
+            parts.setdefault(name, []).append(value)
+    if not parts:
+        return _empty_targets(hidden_PH.device, spec)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _chunk_targets(
+    logits_pV: torch.Tensor, true_ids_p: torch.Tensor, spec: TargetSpec, generator: torch.Generator | None
+) -> dict[str, torch.Tensor]:
+    logp_pV = torch.log_softmax(logits_pV, dim=-1)
+    del logits_pV
+    probs_pV = logp_pV.exp()
+    out = {
+        "entropy": -(probs_pV * logp_pV).sum(-1),
+        "true_logprob": logp_pV.gather(1, true_ids_p[:, None].long()).squeeze(1),
+    }
+    if spec.num_draws is not None:
+        draws_pN = torch.multinomial(probs_pV, spec.num_draws, replacement=True, generator=generator)
+        out.update(encode_draws(draws_pN))
+    del probs_pV
+    if spec.top_k is not None:
+        top_logp_pK, top_ids_pK = logp_pV.topk(spec.top_k, dim=-1)  # sorted, most likely first
+        out["topk_ids"], out["topk_logprobs"] = top_ids_pK, top_logp_pK
+        # Mass outside the top-k, summed in log space from the ids themselves: exact even when tiny.
+        out["tail_logmass"] = logp_pV.scatter_(1, top_ids_pK, float("-inf")).logsumexp(-1)
+    return out
+
+
+def encode_draws(draws_PN: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Distinct ids (ascending within a position) and their counts, flattened position-major.
+
+    Each row of the sorted draws starts a run, so the flat start indices are increasing and a run's count is
+    the distance to the next start (or to the end).
+    """
+    sorted_PN, _ = draws_PN.sort(dim=1)
+    starts_PN = torch.ones_like(sorted_PN, dtype=torch.bool)
+    starts_PN[:, 1:] = sorted_PN[:, 1:] != sorted_PN[:, :-1]
+    flat_starts_E = starts_PN.flatten().nonzero().squeeze(1)
+    ends_E = torch.cat([flat_starts_E[1:], flat_starts_E.new_tensor([sorted_PN.numel()])])
+    return {
+        "sampled_nunique": starts_PN.sum(1),
+        "sampled_ids": sorted_PN.flatten()[flat_starts_E],
+        "sampled_counts": ends_E - flat_starts_E,
+    }
+
+
+def _empty_targets(device: torch.device, spec: TargetSpec) -> dict[str, torch.Tensor]:
+    def z(*shape, dtype=torch.float32):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    out = {"entropy": z(0), "true_logprob": z(0)}
+    if spec.top_k is not None:
+        out |= {"topk_ids": z(0, spec.top_k, dtype=torch.long), "topk_logprobs": z(0, spec.top_k), "tail_logmass": z(0)}
+    if spec.num_draws is not None:
+        out |= {"sampled_nunique": z(0, dtype=torch.long), "sampled_ids": z(0, dtype=torch.long),
+                "sampled_counts": z(0, dtype=torch.long)}
+    return out

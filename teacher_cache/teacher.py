@@ -1,0 +1,173 @@
+"""Teacher backends: run the teacher over a batch of samples and return its targets as tensors.
+
+`TeacherBackend` is the protocol the build talks to. `TransformersTeacher` runs a Hugging Face causal LM: its
+base model gives final hidden states (and chosen layers), and the output head is applied by
+`teacher_cache.targets` a chunk of positions at a time, so [batch, time, vocab] logits never exist.
+
+Legend: B batch, L seq_len, H hidden size, P trained positions of the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from storage.identity import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from storage.layout import hidden_array_name
+from teacher_cache.data import Rows
+from teacher_cache.targets import TargetSpec, extract_targets
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Per-position records that are scattered back to [B, L] (flat sampled entries are not).
+DENSE_TARGETS = ("entropy", "true_logprob", "topk_ids", "topk_logprobs", "tail_logmass", "sampled_nunique")
+
+
+class TeacherBackend(Protocol):
+    """What a build needs from a teacher."""
+
+    tokenizer: object
+    vocab_size: int
+    num_hidden_states: int
+
+    def identity(self) -> dict:
+        """The manifest's `teacher` section."""
+
+    def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
+                hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TransformersTeacher:
+    """A local Hugging Face causal LM as teacher.
+
+    Args:
+        path: model directory (weights, config and tokenizer).
+        device: torch device name or "auto".
+        dtype: "auto" (bfloat16 on CUDA, the checkpoint's dtype on CPU) or a dtype name.
+    """
+
+    def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto"):
+        self.path = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+        self.device = resolve_device(device)
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else "auto"
+        else:
+            torch_dtype = TORCH_DTYPES[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, **_dtype_kwarg(torch_dtype)).to(self.device).eval()
+        self.head = self.model.get_output_embeddings()
+        self.vocab_size = self.head.weight.shape[0]
+        self.num_hidden_states = self.model.config.num_hidden_layers + 1
+        self._check_head()
+
+    def identity(self) -> dict:
+        config = self.model.config
+        return {
+            "model": self.path,
+            "backend": "transformers",
+            "architecture": (config.architectures or [type(self.model).__name__])[0],
+            "config_sha256": config_fingerprint(config.to_dict()),
+            "weights_sha256": weights_fingerprint(self.path),
+            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
+            "vocab_size": int(self.vocab_size),
+            "tokenizer_vocab_size": len(self.tokenizer),
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "num_hidden_layers": int(config.num_hidden_layers),
+            "hidden_size": int(config.hidden_size),
+        }
+
+    def logits(self, hidden_PH: torch.Tensor) -> torch.Tensor:
+        """The output head, with the logit post-processing some architectures apply after it."""
+        logits = self.head(hidden_PH)
+        config = self.model.config
+        if getattr(config, "logit_scale", None) is not None:  # Cohere
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None) is not None:  # Granite
+            logits = logits / config.logits_scaling
+        if getattr(config, "final_logit_softcapping", None) is not None:  # Gemma 2/3
+            cap = config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _check_head(self) -> None:
+        """Our base-model + head path must give the model's own logits; refuse architectures where it does not."""
+        ids = torch.arange(1, 9, device=self.device)[None] % self.vocab_size
+        with torch.inference_mode():
+            expected = self.model(input_ids=ids).logits.float()
+            got = self.logits(self.model.base_model(input_ids=ids).last_hidden_state).float()
+        tolerance = 1e-3 if self.model.dtype == torch.float32 else 5e-2
+        error = (expected - got).abs().max().item() / max(expected.abs().max().item(), 1.0)
+        if error > tolerance:
+            raise RuntimeError(
+                f"{type(self.model).__name__} post-processes its logits in a way the transformers backend does not "
+                f"reproduce (relative error {error:.3g}); this architecture is not supported yet."
+            )
+
+    def resolve_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Map layer indices (negative from the end) into [0, num_hidden_states)."""
+        n = self.num_hidden_states
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise ValueError(
+                f"--hidden-layers: {bad} out of range; this teacher has {n} hidden states "
+                f"(0 = embeddings, 1..{n - 1} = blocks, -1 = last)."
+            )
+        return tuple(sorted({i % n for i in layers}))
+
+    @torch.inference_mode()
+    def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
+                hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        ids_BL1 = torch.from_numpy(rows.input_ids).to(self.device)
+        attention_BL = torch.from_numpy(rows.attention_mask[:, :-1]).to(self.device)
+        trained_P = torch.from_numpy(rows.loss_mask).to(self.device).flatten().nonzero().squeeze(1)
+        out = self.model.base_model(
+            input_ids=ids_BL1[:, :-1], attention_mask=attention_BL.long(), output_hidden_states=bool(layers),
+            use_cache=False,
+        )
+        B, L, H = out.last_hidden_state.shape
+        targets = extract_targets(
+            out.last_hidden_state.reshape(B * L, H)[trained_P], ids_BL1[:, 1:].reshape(-1)[trained_P],
+            self.logits, spec, generator,
+        )
+        record = {}
+        for name, value in targets.items():
+            if name in DENSE_TARGETS:  # zero at untrained positions
+                full = value.new_zeros((B * L, *value.shape[1:]))
+                full[trained_P] = value
+                value = full.reshape(B, L, *value.shape[1:])
+            record[name] = _compact(name, value)
+        mask_BL1 = rows.loss_mask[:, :, None]
+        for layer in layers:
+            hidden = out.hidden_states[layer] * torch.from_numpy(mask_BL1).to(self.device)
+            record[hidden_array_name(layer)] = hidden.to(hidden_dtype)
+        return record
+
+
+def _compact(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Shrink before the device-to-host copy: ids to int32, log-probs to fp16."""
+    if name == "topk_logprobs":
+        return value.to(torch.float16)
+    if value.dtype == torch.int64:
+        return value.to(torch.int32)
+    return value
+
+
+def _dtype_kwarg(dtype) -> dict:
+    # transformers renamed `torch_dtype` to `dtype` in 4.56.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny teachers built from configs (random weights) and small local datasets.
+
+Models are saved to a temporary directory and loaded by path, through the same code users run. The tokenizer
+is the real Llama-2 one from ../shared/data (32k vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO.parent / "shared" / "data" / "llama2-tokenizer"
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def _save(model, path: Path) -> Path:
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_llama(path: Path, *, seed: int = 0, vocab_size: int = 32000) -> Path:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    _sharpen(model)
+    return _save(model, path)
+
+
+def make_gpt2(path: Path, *, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=32000, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                        bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(config)
+    _sharpen(model)
+    return _save(model, path)
+
+
+def _sharpen(model) -> None:
+    """Scale the output head so the random teacher's distributions are peaked, as a trained model's are."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return make_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    with open(path, "w") as f:
+        for text in texts:
+            f.write(json.dumps({field: text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    """Real text: Shakespeare paragraphs of varied length."""
+    paragraphs = [p.strip() for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]
+    return paragraphs[:120]
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory, corpus_texts) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "corpus.jsonl", corpus_texts)

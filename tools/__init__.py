@@ -1,0 +1,1 @@
+"""Developer tools that support the distillation pipeline (demo teachers, fixtures)."""
