@@ -86,9 +86,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, *, source: str) -> Manifest:
-        data = json.loads(text)
-        if data.get("format") != FORMAT_NAME:
-            raise RuntimeError(f"{source} is not a {FORMAT_NAME} manifest (format={data.get('format')!r}).")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RuntimeError(f"{source} is damaged: it is not valid JSON ({exc}).") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise RuntimeError(f"{source} is not a {FORMAT_NAME} manifest (format={found!r}).")
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise RuntimeError(
@@ -96,8 +100,11 @@ class Manifest:
                 "Upgrade teacher-cache to read it."
             )
         data.pop("totals", None)
-        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-        return cls(**data)
+        try:
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise RuntimeError(f"{source} is damaged: a required entry is missing or malformed ({exc}).") from None
 
     def save(self, location: Location) -> None:
         self.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -110,7 +117,12 @@ class Manifest:
                 f"{location} has no {MANIFEST_NAME}: it is not a teacher-cache store "
                 "(build one with `teacher-cache build`)."
             )
-        return cls.from_json(location.read_bytes(MANIFEST_NAME).decode(), source=f"{location}/{MANIFEST_NAME}")
+        source = f"{location}/{MANIFEST_NAME}"
+        try:
+            text = location.read_bytes(MANIFEST_NAME).decode()
+        except UnicodeDecodeError:
+            raise RuntimeError(f"{source} is damaged: it is not UTF-8 text.") from None
+        return cls.from_json(text, source=source)
 
 
 def header_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoConfig, AutoTokenizer
 
 from storage.identity import tokenizer_fingerprint
@@ -11,6 +13,8 @@ from storage.manifest import Manifest
 def check_student(manifest: Manifest, student: str) -> list[str]:
     """Problems that stop `student` (a local model or config directory) from training on the store's targets."""
     teacher = manifest.teacher
+    if not Path(student).is_dir():
+        return [f"--student {student}: no such directory; pass a local model or config directory with its tokenizer."]
     problems = []
     tokenizer = AutoTokenizer.from_pretrained(student)
     if tokenizer_fingerprint(tokenizer) != teacher["tokenizer_sha256"]:

@@ -40,7 +40,10 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
     Returns:
         The completed store's manifest.
     """
-    if not config.resume and Location(config.output).listdir():
+    output = Location(config.output)
+    if output.local and output.root.exists() and not output.root.is_dir():
+        raise ValueError(f"--output {config.output} is an existing file; give a directory for the store.")
+    if not config.resume and output.listdir():
         raise ValueError(
             f"Output {config.output} already exists and is not empty. Pass --resume to continue an "
             "interrupted build into it, or choose a new --output."

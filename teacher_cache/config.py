@@ -70,7 +70,7 @@ class BuildConfig:
         _positive("seq_len", self.seq_len, 2)
         _positive("batch_size", self.batch_size)
         _positive("top_k", self.top_k)
-        _positive("num_draws", self.num_draws)
+        _positive("samples", self.num_draws)
         if self.num_draws >= 1 << 16:
             raise ValueError(f"--samples: {self.num_draws} draws per position is too many; use fewer than 65536.")
         for name in ("max_samples", "samples_per_shard", "chunk_positions"):

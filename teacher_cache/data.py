@@ -20,6 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DOCS_PER_BLOCK = 1000
+SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -55,31 +56,50 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
     """Load `source` with `datasets` and check it has a non-empty text column.
 
     Raises:
-        ValueError: unknown split, missing column (the available ones are named) or no rows.
+        ValueError: a local path that does not exist, an unknown split, a missing column (the available ones are
+            named), or no rows.
     """
     path = Path(source).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{source} has splits {sorted(dataset)}, not {split!r}; pass --split NAME.")
-            dataset = dataset[split]
-    elif path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}.")
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **extra)
-    else:
-        dataset = datasets.load_dataset(str(path) if path.exists() else source, split=split)
+    looks_local = source.startswith(("/", ".", "~")) or path.suffix.lower() in FILE_BUILDERS
+    if not path.exists() and looks_local:
+        raise ValueError(f"--dataset {source}: no such file or directory.")
+    empty = f"{source} (split {split!r}) is empty: there is nothing to build a cache from."
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(empty)
+    try:
+        dataset = _load(path, source, split)
+    except (datasets.exceptions.DatasetGenerationError, StopIteration, IndexError) as exc:
+        # What `datasets` raises on files and folders without rows.
+        raise ValueError(f"{empty} ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        if "corresponds to no data" not in str(exc):
+            raise
+        raise ValueError(empty) from None
     if text_field not in dataset.column_names:
         raise ValueError(
             f"{source} has no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
             "pass --text-field with the column that holds the text."
         )
     if len(dataset) == 0:
-        raise ValueError(f"{source} (split {split!r}) is empty: there is nothing to build a cache from.")
+        raise ValueError(empty)
     return dataset
+
+
+def _load(path: Path, source: str, split: str) -> datasets.Dataset:
+    if path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES):
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{source} has splits {sorted(dataset)}, not {split!r}; pass --split NAME.")
+            dataset = dataset[split]
+        return dataset
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{source}: unknown file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}.")
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **extra)
+    return datasets.load_dataset(str(path) if path.exists() else source, split=split)
 
 
 def iter_documents(dataset: datasets.Dataset, tokenizer, text_field: str) -> Iterator[list[list[int]]]:

@@ -60,7 +60,13 @@ class TransformersTeacher:
     """
 
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto"):
-        self.path = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise ValueError(
+                f"--model {path}: no such directory. Pass the local directory of a Hugging Face model "
+                "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
+            )
+        self.path = str(local.resolve())
         self.device = resolve_device(device)
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else "auto"
