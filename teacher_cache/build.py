@@ -106,7 +106,11 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
 
 def iter_batches(rows: Iterator[Rows], batch_size: int, samples_per_shard: int, *, start: int = 0,
                  stop: int | None = None) -> Iterator[tuple[int, Rows]]:
-    """(first sample index, batch) for samples [start, stop), cut so that no batch crosses a shard boundary."""
+    """(first sample index, batch) for samples [start, stop), cut so that no batch crosses a shard boundary.
+
+    `start` is a shard boundary (a resumed build starts after its last committed shard).
+    """
+    assert start % samples_per_shard == 0, (start, samples_per_shard)
     position, pending = 0, None
     for block in _truncate(rows, stop):
         pending = block if pending is None else Rows.concat([pending, block])

@@ -4,7 +4,7 @@ Runs on the teacher's device, batched over positions, in chunks of positions so 
 [chunk, vocab] logits exist at once (never [batch, time, vocab]). Per chunk, in fp32:
   - log_softmax of the logits;
   - exact entropy and the true next token's log-prob;
-  - top-k ids and log-probs, and the tail mass summed over the ids outside the top-k (exact, no
+  - top-k ids and log-probs, and the tail mass as logsumexp over the ids outside the top-k (exact, no
     1 - sum cancellation);
   - N draws with replacement from the full distribution, encoded as distinct ids (ascending) + counts.
 
@@ -82,9 +82,10 @@ def _chunk_targets(
     if spec.top_k is not None:
         top_logp_pK, top_ids_pK = logp_pV.topk(spec.top_k, dim=-1)  # sorted, most likely first
         out["topk_ids"], out["topk_logprobs"] = top_ids_pK, top_logp_pK
-        # The tail is summed from the probabilities outside the top-k themselves, not as 1 - sum(top-k):
-        # exact to fp32 even when it is tiny.
-        out["tail_logmass"] = probs_pV.scatter_(1, top_ids_pK, 0.0).sum(-1).log()
+        # Mass outside the top-k, summed in log space from the ids themselves rather than as 1 - sum(top-k):
+        # exact even for tails far below fp32's smallest probability.
+        del probs_pV
+        out["tail_logmass"] = logp_pV.scatter_(1, top_ids_pK, float("-inf")).logsumexp(-1)
     return out
 
 

@@ -42,7 +42,7 @@ def make_llama(path: Path, *, seed: int = 0, vocab_size: int = 32000) -> Path:
 def make_gpt2(path: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=32000, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                        bos_token_id=1, eos_token_id=2)
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     model = GPT2LMHeadModel(config)
     _sharpen(model)
     return _save(model, path)
