@@ -130,14 +130,15 @@ def _with_offsets(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _write_array(group, spec: ArraySpec, data: np.ndarray) -> int:
     data = np.ascontiguousarray(data, dtype=spec.dtype)
-    shape = data.shape
-    full = tuple(max(d, 1) for d in shape)
+    chunks = inner_chunks(data.shape, spec.dtype.itemsize)
+    # One zarr shard holds the whole array; zarr wants it to be a whole number of inner chunks.
+    shard = tuple(-(-max(d, 1) // c) * c for d, c in zip(data.shape, chunks, strict=True))
     array = group.create_array(
         spec.name,
-        shape=shape,
+        shape=data.shape,
         dtype=spec.dtype,
-        chunks=inner_chunks(shape, spec.dtype.itemsize),
-        shards=full,
+        chunks=chunks,
+        shards=shard,
         fill_value=0,
         attributes={"axes": list(spec.axes), "description": spec.description},
         **codecs_for(spec),

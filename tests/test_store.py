@@ -504,3 +504,39 @@ def test_random_access_matches_shard_reads(reference):
     for bad in (n, n + 3, -n - 1):
         with pytest.raises(IndexError, match=str(bad)):
             store[bad]
+
+
+def test_arrays_larger_than_an_inner_chunk_round_trip(tmp_path):
+    """Arrays spanning several ~1 MiB inner chunks, with lengths that are no multiple of a chunk, read back."""
+    from storage.layout import TARGET_CHUNK_BYTES, array_specs
+    from storage.manifest import Manifest
+
+    rng = np.random.default_rng(0)
+    S, L, K, N = 7, 2000, 80, 250  # topk_ids: 7 x 2000 x 80 x 2 bytes, several chunks; rows not a chunk multiple
+    nunique = rng.integers(1, N, size=(S, L)).astype(np.uint8)
+    E = int(nunique.sum(dtype=np.int64))
+    assert E * 2 > 2 * TARGET_CHUNK_BYTES  # the flat ids span at least three inner chunks
+    record = {
+        "input_ids": rng.integers(0, 32000, size=(S, L + 1)).astype(np.uint16),
+        "attention_mask": np.ones((S, L + 1), bool),
+        "loss_mask": np.ones((S, L), bool),
+        "segment_ids": np.zeros((S, L + 1), np.uint16),
+        "entropy": rng.random((S, L), dtype=np.float32),
+        "true_logprob": -rng.random((S, L), dtype=np.float32),
+        "topk_ids": rng.integers(0, 32000, size=(S, L, K)).astype(np.uint16),
+        "topk_logprobs": -rng.random((S, L, K)).astype(np.float16),
+        "tail_logmass": -rng.random((S, L), dtype=np.float32),
+        "sampled_nunique": nunique,
+        "sampled_ids": rng.integers(0, 32000, size=E).astype(np.uint16),
+        "sampled_counts": rng.integers(1, N, size=E).astype(np.uint8),
+    }
+    targets = {"topk": {"k": K}, "sampled": {"num_draws": N}}
+    assert set(array_specs(vocab_size=32000, targets=targets)) == set(record) | {"sampled_offsets"}
+    manifest = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={}, targets=targets)
+    writer = StoreWriter.open(tmp_path / "store", manifest, resume=False)
+    writer.write_shard(record)
+    writer.finish()
+    shard = open_store(tmp_path / "store").shards[0].read()
+    for name, expected in record.items():
+        np.testing.assert_array_equal(shard[name], expected, err_msg=name)
+    np.testing.assert_array_equal(shard["sampled_offsets"], np.concatenate([[0], np.cumsum(nunique.sum(1))]))
