@@ -51,7 +51,7 @@ class ArraySpec:
         name: array name inside the shard group.
         axes: axis letters from the module legend, e.g. ("S", "L", "K").
         dtype: numpy dtype of the logical (decoded) array.
-        codec: key into `CODECS`.
+        codec: codec pipeline name, see `codecs_for`.
         description: one line for `FORMAT.md` and `info`.
     """
 
@@ -62,44 +62,36 @@ class ArraySpec:
     description: str
 
 
-def _float_codecs(itemsize: int) -> dict:
-    # Byte shuffle groups exponent and mantissa bytes; zstd then finds the repetition (field notes: ~1.9x on fp16).
-    return {"filters": None, "compressors": [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=itemsize)]}
-
-
-def _sorted_id_codecs(dtype: np.dtype) -> dict:
-    # Ids ascending within a position become small gaps after delta coding (wrapping at position starts);
-    # bit shuffle then exposes the mostly-zero high bits to zstd.
-    return {
-        "filters": [Delta(dtype=dtype.str)],
-        "compressors": [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=dtype.itemsize)],
-    }
-
-
-def _plain_codecs(dtype: np.dtype) -> dict:
-    return {"filters": None, "compressors": [ZstdCodec(level=5)]}
-
-
 def codecs_for(spec: ArraySpec) -> dict:
-    """`filters` and `compressors` arguments of `zarr.create_array` for an array."""
-    if spec.codec == "float":
-        return _float_codecs(spec.dtype.itemsize)
-    if spec.codec == "sorted_ids":
-        return _sorted_id_codecs(spec.dtype)
-    if spec.codec == "ids":
-        return {
-            "filters": None,
-            "compressors": [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=spec.dtype.itemsize)],
-        }
-    assert spec.codec == "plain", spec.codec
-    return _plain_codecs(spec.dtype)
+    """`filters` and `compressors` arguments of `zarr.create_array` for an array.
+
+    Chosen by measuring bytes per token on a trained teacher's store (`benchmarks/codec_bytes.py`):
+      - "zstd": ids in ascending order within a position (sets of frequent ids repeat, and zstd finds the
+        repeats), token ids, masks, counts, offsets;
+      - "shuffle_zstd": floats; byte shuffle groups exponent and mantissa bytes before zstd;
+      - "delta_shuffle_zstd": sampled ids, ascending within a position, become small gaps (wrapping at
+        position starts) whose high bytes are mostly zero.
+    """
+    shuffle = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=spec.dtype.itemsize)
+    if spec.codec == "zstd":
+        return {"filters": None, "compressors": [ZstdCodec(level=5)]}
+    if spec.codec == "shuffle_zstd":
+        return {"filters": None, "compressors": [shuffle]}
+    assert spec.codec == "delta_shuffle_zstd", spec.codec
+    return {"filters": [Delta(dtype=spec.dtype.str)], "compressors": [shuffle]}
 
 
-def inner_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """Inner chunk shape: whole trailing axes, as many leading rows as fit in about TARGET_CHUNK_BYTES."""
+def chunking(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(inner chunk shape, shard shape) for an array that is written as a single zarr shard.
+
+    Inner chunks keep whole trailing axes and as many leading rows as fit in about TARGET_CHUNK_BYTES; the shard
+    covers the array rounded up to whole inner chunks, as zarr's sharding codec requires.
+    """
     row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
     rows = max(1, min(max(shape[0], 1), TARGET_CHUNK_BYTES // max(row_bytes, 1)))
-    return (rows, *[max(d, 1) for d in shape[1:]])
+    chunks = (rows, *[max(d, 1) for d in shape[1:]])
+    shard = tuple(-(-max(d, 1) // c) * c for d, c in zip(shape, chunks, strict=True))
+    return chunks, shard
 
 
 def array_specs(
@@ -114,37 +106,38 @@ def array_specs(
     """
     ids = id_dtype(vocab_size)
     specs = [
-        ArraySpec("input_ids", ("S", "L+1"), ids, "ids",
+        ArraySpec("input_ids", ("S", "L+1"), ids, "zstd",
                   "tokens; position t is the teacher's input, t+1 its true next token"),
-        ArraySpec("attention_mask", ("S", "L+1"), np.dtype(bool), "plain", "true for real (non-padding) tokens"),
-        ArraySpec("loss_mask", ("S", "L"), np.dtype(bool), "plain",
+        ArraySpec("attention_mask", ("S", "L+1"), np.dtype(bool), "zstd", "true for real (non-padding) tokens"),
+        ArraySpec("loss_mask", ("S", "L"), np.dtype(bool), "zstd",
                   "true where position t's target (token t+1) is trained on; targets elsewhere are zero"),
-        ArraySpec("segment_ids", ("S", "L+1"), np.dtype(np.uint16), "plain",
+        ArraySpec("segment_ids", ("S", "L+1"), np.dtype(np.uint16), "zstd",
                   "document number within the sample (packing boundaries), 0 for unpacked samples"),
-        ArraySpec("entropy", ("S", "L"), np.dtype(np.float32), "float",
+        ArraySpec("entropy", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
                   "exact entropy (nats) of the teacher's next-token distribution"),
-        ArraySpec("true_logprob", ("S", "L"), np.dtype(np.float32), "float",
+        ArraySpec("true_logprob", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
                   "teacher log-prob of the true next token"),
     ]
     if "topk" in targets:
         specs += [
-            ArraySpec("topk_ids", ("S", "L", "K"), ids, "ids", "the k most likely ids, most likely first"),
-            ArraySpec("topk_logprobs", ("S", "L", "K"), np.dtype(np.float16), "float",
-                      "their log-probs, non-increasing along K"),
-            ArraySpec("tail_logmass", ("S", "L"), np.dtype(np.float32), "float",
+            ArraySpec("topk_ids", ("S", "L", "K"), ids, "zstd", "the k most likely ids, ascending"),
+            ArraySpec("topk_logprobs", ("S", "L", "K"), np.dtype(np.float16), "shuffle_zstd",
+                      "their log-probs, aligned with topk_ids"),
+            ArraySpec("tail_logmass", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
                       "log of the probability mass outside the top-k (log(1 - sum exp(topk_logprobs)), exact)"),
         ]
     if "sampled" in targets:
         counts = count_dtype(targets["sampled"]["num_draws"])
         specs += [
-            ArraySpec("sampled_nunique", ("S", "L"), counts, "plain", "number of distinct ids drawn at a position"),
-            ArraySpec("sampled_offsets", ("S+1",), np.dtype(np.uint64), "plain",
+            ArraySpec("sampled_nunique", ("S", "L"), counts, "zstd", "number of distinct ids drawn at a position"),
+            ArraySpec("sampled_offsets", ("S+1",), np.dtype(np.uint64), "zstd",
                       "entry offset of each sample's first position in sampled_ids/sampled_counts"),
-            ArraySpec("sampled_ids", ("E",), ids, "sorted_ids", "distinct drawn ids, ascending within a position"),
-            ArraySpec("sampled_counts", ("E",), counts, "plain", "how many of the draws gave that id"),
+            ArraySpec("sampled_ids", ("E",), ids, "delta_shuffle_zstd",
+                      "distinct drawn ids, ascending within a position"),
+            ArraySpec("sampled_counts", ("E",), counts, "shuffle_zstd", "how many of the draws gave that id"),
         ]
     for layer in targets.get("hidden_states", {}).get("layers", []):
-        specs.append(ArraySpec(hidden_array_name(layer), ("S", "L", "H"), np.dtype(hidden_dtype), "float",
+        specs.append(ArraySpec(hidden_array_name(layer), ("S", "L", "H"), np.dtype(hidden_dtype), "shuffle_zstd",
                                f"hidden states after block {layer} (0 = embeddings)"))
     return {s.name: s for s in specs}
 

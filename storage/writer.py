@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from storage.fs import Location
-from storage.layout import SHARDS_DIR, ArraySpec, array_specs, codecs_for, inner_chunks, shard_name
+from storage.layout import SHARDS_DIR, ArraySpec, array_specs, chunking, codecs_for, shard_name
 from storage.manifest import Manifest, ShardInfo, header_differences
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,7 @@ def _with_offsets(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _write_array(group, spec: ArraySpec, data: np.ndarray) -> int:
     data = np.ascontiguousarray(data, dtype=spec.dtype)
-    chunks = inner_chunks(data.shape, spec.dtype.itemsize)
-    # One zarr shard holds the whole array; zarr wants it to be a whole number of inner chunks.
-    shard = tuple(-(-max(d, 1) // c) * c for d, c in zip(data.shape, chunks, strict=True))
+    chunks, shard = chunking(data.shape, spec.dtype.itemsize)
     array = group.create_array(
         spec.name,
         shape=data.shape,

@@ -155,7 +155,7 @@ def _ready_event(device: torch.device):
 def _targets_section(config: BuildConfig, layers: tuple[int, ...], teacher: TeacherBackend) -> dict:
     targets: dict = {"entropy": {"exact": True}, "true_logprob": {}}
     if "topk" in config.targets:
-        targets["topk"] = {"k": config.top_k, "logprob_dtype": "float16", "order": "descending",
+        targets["topk"] = {"k": config.top_k, "logprob_dtype": "float16", "order": "ascending id",
                            "tail": "tail_logmass"}
     if "sampled" in config.targets:
         targets["sampled"] = {"num_draws": config.num_draws, "temperature": 1.0, "seed": config.seed,

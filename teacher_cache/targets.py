@@ -4,7 +4,7 @@ Runs on the teacher's device, batched over positions, in chunks of positions so 
 [chunk, vocab] logits exist at once (never [batch, time, vocab]). Per chunk, in fp32:
   - log_softmax of the logits;
   - exact entropy and the true next token's log-prob;
-  - top-k ids and log-probs, and the tail mass as logsumexp over the ids outside the top-k (exact, no
+  - top-k ids (ascending) and their log-probs, and the tail mass as logsumexp over the ids outside the top-k (exact, no
     1 - sum cancellation);
   - N draws with replacement from the full distribution, encoded as distinct ids (ascending) + counts.
 
@@ -80,8 +80,10 @@ def _chunk_targets(
         draws_pN = torch.multinomial(probs_pV, spec.num_draws, replacement=True, generator=generator)
         out.update(encode_draws(draws_pN))
     if spec.top_k is not None:
-        top_logp_pK, top_ids_pK = logp_pV.topk(spec.top_k, dim=-1)  # sorted, most likely first
-        out["topk_ids"], out["topk_logprobs"] = top_ids_pK, top_logp_pK
+        top_logp_pK, top_ids_pK = logp_pV.topk(spec.top_k, dim=-1, sorted=False)
+        # Ascending ids: sets of frequent ids repeat across positions and compress far better than in rank order.
+        out["topk_ids"], order_pK = top_ids_pK.sort(dim=-1)
+        out["topk_logprobs"] = top_logp_pK.gather(1, order_pK)
         # Mass outside the top-k, summed in log space from the ids themselves rather than as 1 - sum(top-k):
         # exact even for tails far below fp32's smallest probability.
         del probs_pV
