@@ -59,7 +59,8 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled draws.")
 @click.option("--hidden-layers", default="",
               help="Hidden states to store, e.g. '-1' or '8,16,-1' (0 = embeddings, -1 = last).")
-@click.option("--hidden-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--hidden-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Dtype of stored hidden states.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per teacher forward.")
 @click.option("--samples-per-shard", type=int, help="Samples per shard. Default: about 1M positions per shard.")
 @click.option("--chunk-positions", type=int,
@@ -69,7 +70,17 @@ def main(verbose: bool) -> None:
               show_default=True, help="Teacher weights dtype; auto = bfloat16 on CUDA, the checkpoint's on CPU.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build into --output (same options).")
 def build(**options) -> None:
-    """Run the teacher over a dataset and write its targets to a new store."""
+    """Run the teacher over a dataset and write its targets to a new store.
+
+    \b
+    Example:
+      teacher-cache build --model /models/teacher --dataset corpus.jsonl --output /cache/run1 \\
+          --seq-len 2048 --top-k 64 --samples 50
+
+    The store keeps, per position: top-k log-probs with the exact tail mass outside them, ids and counts of
+    --samples draws from the full distribution, the entropy and the true token's log-prob. Shards commit
+    atomically: if the build stops, run the same command with --resume to continue where it left off.
+    """
     options["targets"] = tuple(t.strip() for t in options["targets"].split(",") if t.strip())
     try:
         options["hidden_layers"] = parse_int_list(options["hidden_layers"])
