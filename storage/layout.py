@@ -21,6 +21,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 
+# Arrays indexed by sampled entry (E) rather than by sample; `sampled_offsets` locates a sample's entries.
+FLAT_ARRAYS = ("sampled_ids", "sampled_counts")
+
 # Inner chunks are the unit of reading; about this many uncompressed bytes each.
 TARGET_CHUNK_BYTES = 1 << 20
 

@@ -13,9 +13,8 @@ from functools import cached_property
 import numpy as np
 
 from storage.fs import Location
-from storage.layout import array_specs
+from storage.layout import FLAT_ARRAYS, array_specs
 from storage.manifest import Manifest, ShardInfo
-from storage.writer import FLAT_ARRAYS
 
 
 class ShardReader:

@@ -21,7 +21,6 @@ from storage.manifest import Manifest, ShardInfo, header_differences
 
 log = logging.getLogger(__name__)
 
-FLAT_ARRAYS = ("sampled_ids", "sampled_counts")
 _FLUSH, _ABORT = object(), object()
 
 

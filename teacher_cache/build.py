@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -84,6 +83,7 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
     bar = tqdm(total=config.max_samples and (config.max_samples - start) * config.seq_len, unit="tok",
                unit_scale=True, desc="teacher-cache build", dynamic_ncols=True)
     began, tokens = time.perf_counter(), 0
+    entropy_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
 
     def committed(info: ShardInfo) -> None:
         bar.set_postfix(shards=len(writer.manifest.shards), refresh=False)
@@ -93,6 +93,7 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
                                              stop=config.max_samples):
             generator = torch.Generator(device).manual_seed(_batch_seed(config.seed, first_row))
             record = teacher.compute(batch, spec, layers, generator, TORCH_DTYPES[config.hidden_dtype])
+            entropy_sum += record["entropy"].sum(dtype=torch.float64)  # zero at untrained positions
             record = {name: value.to("cpu", non_blocking=True) for name, value in record.items()}
             record |= {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                        "loss_mask": batch.loss_mask, "segment_ids": batch.segment_ids}
@@ -100,8 +101,9 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
             tokens += int(batch.loss_mask.sum())
             bar.update(batch.loss_mask.size)
     elapsed = time.perf_counter() - began
-    log.info("built %d samples, %d trained tokens in %.1fs (%.0f tok/s) into %s", writer.committed_samples - start,
-             tokens, elapsed, tokens / max(elapsed, 1e-9), writer.location)
+    log.info("built %d samples, %d trained tokens in %.1fs (%.0f tok/s), mean teacher entropy %.3f nats, into %s",
+             writer.committed_samples - start, tokens, elapsed, tokens / max(elapsed, 1e-9),
+             entropy_sum.item() / max(tokens, 1), writer.location)
 
 
 def iter_batches(rows: Iterator[Rows], batch_size: int, samples_per_shard: int, *, start: int = 0,
@@ -183,27 +185,3 @@ def _version() -> str:
         return version("teacher-cache")
     except PackageNotFoundError:
         return "dev"
-
-
-def summarize(manifest: Manifest, location: str) -> dict:
-    """Figures for the end-of-build summary and `info`."""
-    from storage.reader import Store
-
-    store = Store(location, allow_incomplete=True)
-    return {
-        "samples": manifest.num_samples,
-        "tokens": manifest.num_tokens,
-        "shards": len(manifest.shards),
-        "bytes_per_token": store.bytes_per_token(),
-        "complete": manifest.complete,
-        "mean_entropy": None if not manifest.num_tokens else _mean_over_shards(store, "entropy"),
-    }
-
-
-def _mean_over_shards(store, name: str) -> float:
-    total, count = 0.0, 0
-    for shard in store.iter_shards():
-        values, mask = shard.array(name)[:], shard.array("loss_mask")[:]
-        total += float(values[mask].sum(dtype=np.float64))
-        count += int(mask.sum())
-    return total / max(count, 1)

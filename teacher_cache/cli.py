@@ -13,7 +13,7 @@ import click
 
 from storage.export import export_parquet
 from storage.reader import Store
-from teacher_cache.build import build_cache, summarize
+from teacher_cache.build import build_cache
 from teacher_cache.config import TARGET_KINDS, BuildConfig, parse_int_list
 
 log = logging.getLogger("teacher_cache")
@@ -88,11 +88,10 @@ def build(**options) -> None:
         manifest = build_cache(config)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    stats = summarize(manifest, config.output)
+    bytes_per_token = Store(config.output).bytes_per_token()["total"]
     click.echo(
-        f"Wrote {stats['samples']} samples, {stats['tokens']} trained tokens in {stats['shards']} shards to "
-        f"{config.output}: {stats['bytes_per_token']['total']:.1f} bytes/token, "
-        f"mean teacher entropy {stats['mean_entropy']:.3f} nats."
+        f"Wrote {manifest.num_samples} samples, {manifest.num_tokens} trained tokens in {len(manifest.shards)} shards "
+        f"to {config.output}: {bytes_per_token:.1f} bytes/token."
     )
 
 
