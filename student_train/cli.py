@@ -1,17 +1,92 @@
-"""`student-train`: train students from a teacher-cache store."""
+"""`student-train`: train a student on a teacher-cache store; `student-train check` tests compatibility first.
+
+The commands only parse options, build a `TrainConfig` and call `train`.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import click
+from transformers import AutoConfig
 
 from storage.fs import Location
 from storage.manifest import Manifest
-from student_train.compat import check_student
+from student_train.config import PRECISIONS, TrainConfig
+from student_train.student import compatibility_problems, load_tokenizer
+
+TRAIN_OPTIONS = [
+    click.option("--store", help="Store written by `teacher-cache build`."),
+    click.option("--student", help="Student: a local HF model directory (weights are the init) or an HF config "
+                                   "(config.json, or a directory with only one) for a random init."),
+    click.option("--output", help="Run directory: checkpoints, metrics.jsonl and the final student."),
+    click.option("--loss", type=click.Choice(["topk_tail", "topk_renorm", "sampled"]),
+                 help="Distillation loss. Default: topk_tail (top-k plus a tail bucket) when the store has top-k "
+                      "targets, else sampled. topk_renorm is biased and offered for comparison."),
+    click.option("--alpha", type=float, default=0.9, show_default=True,
+                 help="Weight of the distillation loss; 1 - alpha weights CE on true tokens. 0 trains with CE only."),
+    click.option("--temperature", type=float, default=1.0, show_default=True,
+                 help="Softening of both distributions, with the T^2 factor (must be 1 for sampled targets)."),
+    click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per micro-batch."),
+    click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
+    click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW)."),
+    click.option("--weight-decay", type=float, default=0.1, show_default=True),
+    click.option("--warmup-steps", type=int, help="Linear warmup steps. Default: 10% of the run, at most 100."),
+    click.option("--max-steps", type=int, help="Optimizer steps. Default: --epochs passes over the data."),
+    click.option("--epochs", type=float, default=1.0, show_default=True),
+    click.option("--clip-grad", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: off)."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                 help="auto = bf16 autocast on CUDA, fp32 on CPU."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
+    click.option("--eval-fraction", type=float, default=0.05, show_default=True,
+                 help="Share of the store (its last samples) held out for evaluation."),
+    click.option("--eval-store", help="A separate store to evaluate on (instead of --eval-fraction)."),
+    click.option("--eval-every", type=int, default=200, show_default=True, help="Evaluate every N steps."),
+    click.option("--save-every", type=int, default=500, show_default=True, help="Checkpoint every N steps."),
+    click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps."),
+    click.option("--chunk-positions", type=int, default=256, show_default=True,
+                 help="Positions whose student logits exist at once in the loss (memory vs speed)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--num-workers", type=int, default=0, show_default=True, help="Loader worker processes."),
+    click.option("--selection", help="Train on exactly the sample ids of this JSON file, in its order."),
+    click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output."),
+]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def main() -> None:
-    """Train a student LLM on targets cached by `teacher-cache build`."""
+def _train_options(function):
+    for option in reversed(TRAIN_OPTIONS):
+        function = option(function)
+    return function
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_train_options
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, **options) -> None:
+    """Train a student LLM on the targets cached by `teacher-cache build`; the teacher stays out of memory.
+
+    \b
+    Example:
+      student-train --store /cache/run1 --student ./student-config.json --output runs/kd --max-steps 2000
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [f"--{name}" for name in ("store", "student", "output") if not options[name]]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (see student-train --help).")
+    from student_train.train import train
+
+    try:
+        evaluation = train(TrainConfig(**options))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Student saved to {options['output']}; held-out: {json.dumps(evaluation)}")
 
 
 @main.command()
@@ -23,7 +98,11 @@ def check(store: str, student: str) -> None:
         manifest = Manifest.load(Location(store))
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    problems = check_student(manifest, student)
+    path = Path(student)
+    if not path.exists():
+        raise click.ClickException(f"--student {student}: no such file or directory.")
+    tokenizer = load_tokenizer(path.parent if path.is_file() else path, manifest)
+    problems = compatibility_problems(tokenizer, AutoConfig.from_pretrained(student).vocab_size, manifest, student)
     if problems:
         raise click.ClickException("\n".join(problems))
     click.echo(f"{student} can train on {store}: same tokenizer, vocabulary {manifest.teacher['vocab_size']}.")

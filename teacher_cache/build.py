@@ -26,7 +26,9 @@ from teacher_cache.teacher import TORCH_DTYPES, TeacherBackend, TransformersTeac
 
 log = logging.getLogger(__name__)
 
-LOGIT_CHUNK_BYTES = 256 << 20
+# fp32 logits materialised at once. On CPU, large blocks are mapped and unmapped by the allocator at every chunk
+# (measured: 23% slower builds at 256 MiB than at 32 MiB); GPUs want big chunks for kernel efficiency.
+LOGIT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
 
 def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -> Manifest:
@@ -70,7 +72,7 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
     spec = TargetSpec(
         top_k=config.top_k if "topk" in config.targets else None,
         num_draws=config.num_draws if "sampled" in config.targets else None,
-        chunk_positions=config.chunk_positions or max(1, LOGIT_CHUNK_BYTES // (4 * teacher.vocab_size)),
+        chunk_positions=config.chunk_positions or max(1, _logit_budget(teacher) // (4 * teacher.vocab_size)),
     )
     _run(config, teacher, writer, _chain(first, rows), spec, layers)
     return writer.finish()
@@ -139,6 +141,11 @@ def _truncate(rows: Iterator[Rows], stop: int | None) -> Iterator[Rows]:
             return
         seen += len(block)
         yield block
+
+
+def _logit_budget(teacher: TeacherBackend) -> int:
+    device = getattr(teacher, "device", torch.device("cpu"))
+    return LOGIT_CHUNK_BYTES.get(device.type, LOGIT_CHUNK_BYTES["cpu"])
 
 
 def _batch_seed(seed: int, first_row: int) -> int:

@@ -64,7 +64,7 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per teacher forward.")
 @click.option("--samples-per-shard", type=int, help="Samples per shard. Default: about 1M positions per shard.")
 @click.option("--chunk-positions", type=int,
-              help="Positions whose fp32 logits exist at once. Default: about 256 MiB worth.")
+              help="Positions whose fp32 logits exist at once. Default: 32 MiB worth on CPU, 256 MiB on CUDA.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Teacher weights dtype; auto = bfloat16 on CUDA, the checkpoint's on CPU.")

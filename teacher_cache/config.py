@@ -31,7 +31,7 @@ class BuildConfig:
         hidden_dtype: dtype of stored hidden states.
         batch_size: samples per teacher forward.
         samples_per_shard: samples per shard; None picks about a million positions per shard.
-        chunk_positions: positions whose logits exist at once; None picks about 256 MiB of fp32 logits.
+        chunk_positions: positions whose logits exist at once; None picks 32 MiB of fp32 logits on CPU, 256 MiB on CUDA.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: teacher weights dtype; "auto" is bfloat16 on CUDA and the checkpoint's dtype on CPU.
         resume: continue an interrupted build into `output`.
