@@ -25,17 +25,11 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
-# A small Llama-style teacher trained for a few minutes on local text (cached in $(DEMO)/teacher), then a
-# cache of its targets over part of that text, then a look at what was stored.
+# The whole pipeline on a small real teacher: train it for a few minutes on local text (cached), cache its
+# targets over training and held-out text, train one student with distillation and one with CE only for the
+# same budget, and print their held-out losses beside the teacher's. Each step is cached in $(DEMO).
 demo: install
-	$(BIN)/python -m tools.demo_teacher --output $(DEMO)/teacher
-	rm -rf $(DEMO)/cache
-	$(BIN)/teacher-cache build --model $(DEMO)/teacher --dataset $(DEMO)/teacher/corpus/train.jsonl \
-		--output $(DEMO)/cache --seq-len 256 --max-samples 256 --batch-size 8 --samples-per-shard 64 \
-		--hidden-layers -1
-	$(BIN)/teacher-cache info $(DEMO)/cache
-	$(BIN)/teacher-cache verify $(DEMO)/cache
-	$(BIN)/teacher-cache export $(DEMO)/cache $(DEMO)/cache.parquet
+	$(BIN)/python -m tools.demo --dir $(DEMO)
 
 clean-demo:
 	rm -rf $(DEMO)
