@@ -25,14 +25,9 @@ from student_train.config import TrainConfig
 from student_train.loader import LoaderConfig, StoreLoader
 from student_train.losses import LossConfig, distillation_loss
 from student_train.student import load_student
+from teacher_cache.teacher import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def default_loss(targets: dict) -> str:
