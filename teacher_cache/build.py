@@ -59,13 +59,14 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
     first = next(rows, None)
     if first is None:
         raise ValueError(f"{config.dataset} yields no samples: every document is empty after tokenization.")
+    identity = teacher.identity()
     manifest = Manifest(
-        teacher=teacher.identity(),
+        teacher=identity,
         dataset={"source": _source_id(config.dataset), "split": config.split, "text_field": config.text_field,
                  "fingerprint": getattr(dataset, "_fingerprint", None)},
         build={"seq_len": config.seq_len, "pack": config.pack, "max_samples": config.max_samples,
                "batch_size": config.batch_size, "samples_per_shard": config.samples_per_shard, "seed": config.seed},
-        targets=_targets_section(config, layers, teacher),
+        targets=_targets_section(config, layers, identity["hidden_size"]),
         created_by=f"teacher-cache {_version()}",
     )
     writer = StoreWriter.open(config.output, manifest, resume=config.resume)
@@ -161,7 +162,7 @@ def _ready_event(device: torch.device):
     return event.synchronize
 
 
-def _targets_section(config: BuildConfig, layers: tuple[int, ...], teacher: TeacherBackend) -> dict:
+def _targets_section(config: BuildConfig, layers: tuple[int, ...], hidden_size: int) -> dict:
     targets: dict = {"entropy": {"exact": True}, "true_logprob": {}}
     if "topk" in config.targets:
         targets["topk"] = {"k": config.top_k, "logprob_dtype": "float16", "order": "ascending id",
@@ -171,7 +172,7 @@ def _targets_section(config: BuildConfig, layers: tuple[int, ...], teacher: Teac
                               "source": "full distribution", "replacement": True}
     if layers:
         targets["hidden_states"] = {"layers": list(layers), "dtype": config.hidden_dtype,
-                                    "hidden_size": int(teacher.identity()["hidden_size"])}
+                                    "hidden_size": hidden_size}
     return targets
 
 
