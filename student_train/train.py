@@ -121,6 +121,8 @@ class Trainer:
                     save_checkpoint(self.output, self.step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, loader_state=self.train_loader.state_dict(),
                                     keep=config.keep_checkpoints)
+        if not evaluation:  # resumed from a checkpoint at the last step: nothing trained, evaluate it anyway
+            evaluation = {"step": self.step, **self.evaluate()}
         self._save_final(evaluation)
         return evaluation
 

@@ -160,3 +160,10 @@ def test_cli_missing_store_and_missing_options(tmp_path, student_config):
 def test_sampled_loss_refuses_temperature(tmp_path, store, student_config):
     with pytest.raises(ValueError, match="temperature"):
         train(_config(store, student_config, tmp_path / "run", loss="sampled", temperature=2.0))
+
+
+def test_resuming_a_finished_run_keeps_its_evaluation(tmp_path, store, student_config):
+    first = train(_config(store, student_config, tmp_path / "run", max_steps=2))
+    again = train(_config(store, student_config, tmp_path / "run", max_steps=2, resume=True))
+    assert again["step"] == 2 and again["lm_loss"] == pytest.approx(first["lm_loss"], rel=1e-6)
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["lm_loss"] == again["lm_loss"]
