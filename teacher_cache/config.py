@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TARGET_KINDS = ("topk", "sampled")
+BACKENDS = ("transformers", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "float32")
 
@@ -35,6 +36,16 @@ class BuildConfig:
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: teacher weights dtype; "auto" is bfloat16 on CUDA and the checkpoint's dtype on CPU.
         resume: continue an interrupted build into `output`.
+        backend: "transformers" (exact targets of every kind, hidden states) or "vllm" (vLLM's offline engine:
+            top-k + tail exact, sampled targets drawn from the top-k plus one tail bucket, entropy as a lower
+            bound; see storage/FORMAT.md).
+        tensor_parallel_size: vLLM: GPUs one engine shards the teacher over.
+        gpu_memory_utilization: vLLM: share of device memory the engine reserves (of host memory on CPU).
+        max_num_batched_tokens: vLLM: tokens scheduled per engine step. Prompt log-probs materialise
+            [tokens, vocab] fp32 logits outside vLLM's memory profiler, so this caps that peak; None picks
+            what fits 256 MiB of such logits (at least one sample).
+        num_workers: processes that share this build, each writing its own shards into `output`.
+        worker_index: which of them this process is, in [0, num_workers).
     """
 
     model: str
@@ -57,6 +68,12 @@ class BuildConfig:
     device: str = "auto"
     dtype: str = "auto"
     resume: bool = False
+    backend: str = "transformers"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    num_workers: int = 1
+    worker_index: int = 0
 
     def __post_init__(self) -> None:
         self.targets = tuple(dict.fromkeys(self.targets))
@@ -80,6 +97,26 @@ class BuildConfig:
             raise ValueError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"--hidden-dtype: {self.hidden_dtype!r} is not one of {', '.join(HIDDEN_DTYPES)}.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend: {self.backend!r} is not one of {', '.join(BACKENDS)}.")
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"--gpu-memory-utilization: expected a share in (0, 1], got {self.gpu_memory_utilization}."
+            )
+        if self.max_num_batched_tokens is not None:
+            _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("num_workers", self.num_workers)
+        if not 0 <= self.worker_index < self.num_workers:
+            raise ValueError(
+                f"--worker-index: {self.worker_index} is outside [0, {self.num_workers}); worker indices run from 0 "
+                "to --num-workers - 1."
+            )
+        if self.backend == "vllm" and self.hidden_layers:
+            raise ValueError(
+                "--hidden-layers: the vllm backend cannot return per-token hidden states. Build hidden states with "
+                "--backend transformers (one store can hold top-k, sampled targets and hidden states together)."
+            )
         if self.samples_per_shard is None:
             self.samples_per_shard = max(1, (1 << 20) // self.seq_len)
 
