@@ -117,7 +117,7 @@ def array_specs(
         ArraySpec("segment_ids", ("S", "L+1"), np.dtype(np.uint16), "zstd",
                   "document number within the sample (packing boundaries), 0 for unpacked samples"),
         ArraySpec("entropy", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
-                  "exact entropy (nats) of the teacher's next-token distribution"),
+                  "teacher entropy (nats); exact unless the manifest's targets.entropy says otherwise"),
         ArraySpec("true_logprob", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
                   "teacher log-prob of the true next token"),
     ]
@@ -127,16 +127,20 @@ def array_specs(
             ArraySpec("topk_logprobs", ("S", "L", "K"), np.dtype(np.float16), "shuffle_zstd",
                       "their log-probs, aligned with topk_ids"),
             ArraySpec("tail_logmass", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
-                      "log of the probability mass outside the top-k (log(1 - sum exp(topk_logprobs)), exact)"),
+                      "log of the probability mass outside the top-k, log(1 - sum exp(topk_logprobs))"),
         ]
     if "sampled" in targets:
         counts = count_dtype(targets["sampled"]["num_draws"])
+        # Draws from top-k + tail bucket (the vllm backend) store the bucket as the id vocab_size.
+        bucket = targets["sampled"].get("tail_bucket_id")
+        sampled_ids = ids if bucket is None else id_dtype(bucket + 1)
         specs += [
             ArraySpec("sampled_nunique", ("S", "L"), counts, "zstd", "number of distinct ids drawn at a position"),
             ArraySpec("sampled_offsets", ("S+1",), np.dtype(np.uint64), "zstd",
                       "entry offset of each sample's first position in sampled_ids/sampled_counts"),
-            ArraySpec("sampled_ids", ("E",), ids, "delta_shuffle_zstd",
-                      "distinct drawn ids, ascending within a position"),
+            ArraySpec("sampled_ids", ("E",), sampled_ids, "delta_shuffle_zstd",
+                      "distinct drawn ids, ascending within a position"
+                      + ("" if bucket is None else f"; {bucket} = the tail bucket (any id outside the top-k)")),
             ArraySpec("sampled_counts", ("E",), counts, "shuffle_zstd", "how many of the draws gave that id"),
         ]
     for layer in targets.get("hidden_states", {}).get("layers", []):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.layout import FLAT_ARRAYS
 from storage.reader import Store
+from student_train.losses import TAIL_BUCKET
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +268,11 @@ def _in_batch_order(parts: dict[int, dict], positions: dict[int, np.ndarray]) ->
     return {name: value if name in FLAT_ARRAYS else value[inverse] for name, value in out.items()}
 
 
+def tail_bucket(targets: dict) -> int | None:
+    """The store id of the sampled draws' tail bucket (see the manifest's targets.sampled), or None."""
+    return targets.get("sampled", {}).get("tail_bucket_id")
+
+
 def pad_sampled(ids_E: np.ndarray, counts_E: np.ndarray, nunique_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat sampled entries -> [B, L, M] ids (int64) and counts (float32); padding is id 0 with count 0."""
     n_P = nunique_BL.reshape(-1).astype(np.int64)
@@ -281,8 +287,12 @@ def pad_sampled(ids_E: np.ndarray, counts_E: np.ndarray, nunique_BL: np.ndarray)
     return ids_PM.reshape(shape), counts_PM.reshape(shape)
 
 
-def collate(record: dict[str, np.ndarray], ids: np.ndarray) -> Batch:
-    """Torch batch of the rows `record` (from `ShardCache.rows`) of the global samples `ids`."""
+def collate(record: dict[str, np.ndarray], ids: np.ndarray, tail_bucket_id: int | None = None) -> Batch:
+    """Torch batch of the rows `record` (from `ShardCache.rows`) of the global samples `ids`.
+
+    `tail_bucket_id` is the store's id for the tail bucket of sampled draws (None when draws are from the full
+    distribution); it becomes `losses.TAIL_BUCKET`.
+    """
     batch = {
         "input_ids": torch.from_numpy(record["input_ids"].astype(np.int64)),
         "attention_mask": torch.from_numpy(record["attention_mask"]),
@@ -297,6 +307,8 @@ def collate(record: dict[str, np.ndarray], ids: np.ndarray) -> Batch:
         batch["topk_ids"] = torch.from_numpy(record["topk_ids"].astype(np.int64))
     if "sampled_nunique" in record:
         ids_BLM, counts_BLM = pad_sampled(record["sampled_ids"], record["sampled_counts"], record["sampled_nunique"])
+        if tail_bucket_id is not None:
+            ids_BLM[ids_BLM == tail_bucket_id] = TAIL_BUCKET
         batch["sampled_ids"], batch["sampled_counts"] = torch.from_numpy(ids_BLM), torch.from_numpy(counts_BLM)
     return batch
 
@@ -318,10 +330,12 @@ class StoreDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = self.order.epoch_order(self.epoch)
-        cache = ShardCache(Store(self.url), self.cache_shards)
+        store = Store(self.url)
+        tail_bucket_id = tail_bucket(store.manifest.targets)
+        cache = ShardCache(store, self.cache_shards)
         for index in range(self.start_batch + worker, self.order.num_batches, num_workers):
             ids = self.order.batch(order, self.rank, index)
-            yield collate(cache.rows(ids), ids)
+            yield collate(cache.rows(ids), ids, tail_bucket_id)
 
 
 class StoreLoader:

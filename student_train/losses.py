@@ -23,6 +23,9 @@ per position, averaged over `loss_mask` positions):
   target c_i / N with N = sum of the position's counts; KD = sum_i (c_i/N) (log(c_i/N) - log q_i) with
   q = softmax(z). That is count-weighted CE minus the target's entropy: a KL estimate, whose gradient
   q - c/N is the forward-KL gradient q - p in expectation. Only T = 1 is allowed (see `LossConfig`).
+  Stores built with the vllm backend draw from the top-k plus one tail bucket (collated as id TAIL_BUCKET): for
+  that bucket q is the student's mass outside the position's top-k ids, so the estimate is unbiased for the
+  top-k + ghost-bucket KL (`topk_tail`), not for the full-vocabulary one.
 - CE: -log softmax(z)[true next token], never tempered.
 
 loss = alpha * T^2 * KD + (1 - alpha) * CE (T^2 keeps the KD gradient's scale roughly independent of T). With alpha = 0
@@ -42,6 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# Id of the tail bucket in collated sampled targets (draws the vllm backend makes from top-k + one tail bucket).
+TAIL_BUCKET = -1
+
 KDFunction = Callable[[torch.Tensor, dict[str, torch.Tensor], float], torch.Tensor]
 
 
@@ -60,12 +66,17 @@ def topk_tail_kd(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temp
     # Student tail: log-sum-exp over the ids outside the top-k, the K ids masked out. The mask is the most negative
     # finite float rather than -inf so that an empty tail (K = V) stays finite: log q_tail is then a huge negative
     # number that the teacher's p_tail = 0 multiplies away, with no inf - inf in logsumexp or its backward.
-    outside_CV = scaled_CV.scatter(-1, ids_CK, torch.finfo(scaled_CV.dtype).min)
-    logq_tail_C1 = outside_CV.logsumexp(-1, keepdim=True) - lse_C1
+    logq_tail_C1 = _outside_logmass(scaled_CV, ids_CK, lse_C1)
     logq_CJ = torch.cat([logq_CK, logq_tail_C1], -1)
     teacher_CJ = torch.cat([targets["topk_logprobs"], targets["tail_logmass"][:, None]], -1)
     logp_CJ = F.log_softmax(teacher_CJ / temperature, -1)
     return _kl(logp_CJ, logq_CJ)
+
+
+def _outside_logmass(scaled_CV: torch.Tensor, ids_CK: torch.Tensor, lse_C1: torch.Tensor) -> torch.Tensor:
+    """log of the student's mass outside the ids `ids_CK`, [C, 1]: a log-sum-exp over the other ids."""
+    outside_CV = scaled_CV.scatter(-1, ids_CK, torch.finfo(scaled_CV.dtype).min)
+    return outside_CV.logsumexp(-1, keepdim=True) - lse_C1
 
 
 def topk_renorm_kd(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
@@ -78,9 +89,13 @@ def topk_renorm_kd(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], te
 def sampled_kd(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
     """KL estimate against the empirical distribution of the teacher's draws, counts / N. Returns [C]."""
     assert temperature == 1.0, "sampled targets are draws at T = 1; LossConfig rejects other temperatures"
-    counts_CM = targets["sampled_counts"]
+    counts_CM, ids_CM = targets["sampled_counts"], targets["sampled_ids"]
     logp_CM = (counts_CM / counts_CM.sum(-1, keepdim=True)).log()  # padding (count 0) -> -inf -> no contribution
-    logq_CM = logits_CV.gather(-1, targets["sampled_ids"]) - logits_CV.logsumexp(-1, keepdim=True)
+    lse_C1 = logits_CV.logsumexp(-1, keepdim=True)
+    logq_CM = logits_CV.gather(-1, ids_CM.clamp_min(0)) - lse_C1
+    if "topk_ids" in targets:  # draws from top-k + a tail bucket (TAIL_BUCKET): the bucket is the mass outside
+        logq_tail_C1 = _outside_logmass(logits_CV, targets["topk_ids"], lse_C1)
+        logq_CM = torch.where(ids_CM == TAIL_BUCKET, logq_tail_C1, logq_CM)
     return _kl(logp_CM, logq_CM)
 
 
@@ -102,12 +117,15 @@ class LossConfig:
         alpha: weight of the KD term; 1 - alpha weights CE on the true next tokens.
         temperature: softmax temperature of the KD term (the loss is scaled by T^2); must be 1 with sampled.
         chunk_positions: positions whose student logits exist at once.
+        sampled_tail_bucket: the store's sampled draws include a tail bucket (id TAIL_BUCKET once collated), whose
+            student probability is the mass outside the position's top-k ids; the batch must hold `topk_ids`.
     """
 
     kind: str
     alpha: float = 0.5
     temperature: float = 1.0
     chunk_positions: int = 1024
+    sampled_tail_bucket: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LOSSES:
@@ -162,7 +180,8 @@ def distillation_loss(
     hidden_PH = hidden_BLH[mask_BL]
     true_P = batch["input_ids"][:, 1:].to(device)[mask_BL]
     kd_fn = LOSSES[config.kind] if config.alpha > 0 else None
-    targets_P = {} if kd_fn is None else _select_targets(batch, config.kind, mask_BL)
+    keys = TARGET_KEYS[config.kind] + (("topk_ids",) if config.kind == "sampled" and config.sampled_tail_bucket else ())
+    targets_P = {} if kd_fn is None else _select_targets(batch, keys, config.kind, mask_BL)
 
     num_positions = hidden_PH.shape[0]
     size = config.chunk_positions
@@ -188,13 +207,14 @@ def distillation_loss(
     return loss, metrics
 
 
-def _select_targets(batch: dict[str, torch.Tensor], kind: str, mask_BL: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The targets `kind` needs, at the trained positions only: [P, ...] each."""
-    missing = [key for key in TARGET_KEYS[kind] if key not in batch]
+def _select_targets(batch: dict[str, torch.Tensor], keys: tuple[str, ...], kind: str,
+                    mask_BL: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The targets `keys` of loss `kind`, at the trained positions only: [P, ...] each."""
+    missing = [key for key in keys if key not in batch]
     if missing:
         raise ValueError(
-            f"loss kind {kind!r} needs the batch records {', '.join(TARGET_KEYS[kind])}, but {', '.join(missing)} "
+            f"loss kind {kind!r} needs the batch records {', '.join(keys)}, but {', '.join(missing)} "
             f"are missing (the batch has {', '.join(sorted(batch))}). Load a store built with those targets, choose "
             "another loss kind, or set alpha to 0 for plain CE."
         )
-    return {key: batch[key].to(mask_BL.device)[mask_BL] for key in TARGET_KEYS[kind]}
+    return {key: batch[key].to(mask_BL.device)[mask_BL] for key in keys}

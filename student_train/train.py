@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from student_train.config import TrainConfig
-from student_train.loader import LoaderConfig, StoreLoader
+from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
 from student_train.losses import LossConfig, distillation_loss
 from student_train.student import load_student
 from teacher_cache.teacher import resolve_device
@@ -52,10 +52,13 @@ class Trainer:
             contextlib.nullcontext)
         kind = config.loss or default_loss(manifest.targets)
         self.loss_config = LossConfig(kind=kind, alpha=config.alpha, temperature=config.temperature,
-                                      chunk_positions=config.chunk_positions)
+                                      chunk_positions=config.chunk_positions,
+                                      sampled_tail_bucket=tail_bucket(manifest.targets) is not None)
         # Evaluation always measures KL with the same estimator, whatever the training loss, so runs compare.
-        self.eval_loss_config = LossConfig(kind=default_loss(manifest.targets), alpha=0.5, temperature=1.0,
-                                           chunk_positions=config.chunk_positions)
+        eval_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets
+        self.eval_loss_config = LossConfig(kind=default_loss(eval_targets), alpha=0.5, temperature=1.0,
+                                           chunk_positions=config.chunk_positions,
+                                           sampled_tail_bucket=tail_bucket(eval_targets) is not None)
         held_out = 0.0 if config.eval_store else config.eval_fraction
         self.train_loader = StoreLoader(LoaderConfig(
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,

@@ -22,7 +22,7 @@ from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.config import BuildConfig
 from teacher_cache.data import Rows, iter_rows, load_text_dataset
 from teacher_cache.targets import TargetSpec
-from teacher_cache.teacher import TORCH_DTYPES, TeacherBackend, TransformersTeacher
+from teacher_cache.teacher import TORCH_DTYPES, TeacherBackend, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,16 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
             "interrupted build into it, or choose a new --output."
         )
     dataset = load_text_dataset(config.dataset, split=config.split, text_field=config.text_field)
-    teacher = teacher or TransformersTeacher(config.model, device=config.device, dtype=config.dtype)
+    owned = teacher is None
+    teacher = teacher or load_teacher(config)
+    try:
+        return _build(config, output, dataset, teacher)
+    finally:
+        if owned:
+            teacher.close()
+
+
+def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBackend) -> Manifest:
     if "topk" in config.targets and config.top_k > teacher.vocab_size:
         raise ValueError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of {teacher.vocab_size} ids.")
     layers = teacher.resolve_layers(config.hidden_layers)
@@ -66,7 +75,7 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
                  "fingerprint": getattr(dataset, "_fingerprint", None)},
         build={"seq_len": config.seq_len, "pack": config.pack, "max_samples": config.max_samples,
                "batch_size": config.batch_size, "samples_per_shard": config.samples_per_shard, "seed": config.seed},
-        targets=_targets_section(config, layers, identity["hidden_size"]),
+        targets=_targets_section(config, layers, identity["hidden_size"], teacher.target_properties()),
         created_by=f"teacher-cache {_version()}",
     )
     writer = StoreWriter.open(config.output, manifest, resume=config.resume)
@@ -162,7 +171,7 @@ def _ready_event(device: torch.device):
     return event.synchronize
 
 
-def _targets_section(config: BuildConfig, layers: tuple[int, ...], hidden_size: int) -> dict:
+def _targets_section(config: BuildConfig, layers: tuple[int, ...], hidden_size: int, properties: dict) -> dict:
     targets: dict = {"entropy": {"exact": True}, "true_logprob": {}}
     if "topk" in config.targets:
         targets["topk"] = {"k": config.top_k, "logprob_dtype": "float16", "order": "ascending id",
@@ -170,6 +179,9 @@ def _targets_section(config: BuildConfig, layers: tuple[int, ...], hidden_size: 
     if "sampled" in config.targets:
         targets["sampled"] = {"num_draws": config.num_draws, "temperature": 1.0, "seed": config.seed,
                               "source": "full distribution", "replacement": True}
+    for kind, entries in properties.items():  # how the backend approximates a record
+        if kind in targets:
+            targets[kind] |= entries
     if layers:
         targets["hidden_states"] = {"layers": list(layers), "dtype": config.hidden_dtype,
                                     "hidden_size": hidden_size}

