@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import fsspec
@@ -70,7 +71,8 @@ class Location:
             self.fs.pipe_file(self._full(rel), data)
             return
         path = Path(self._full(rel))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        # Unique per host and process: workers of one build on several nodes may write the same file at once.
+        tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -84,6 +86,16 @@ class Location:
             shutil.rmtree(self._full(rel))
         else:
             self.fs.rm(self._full(rel), recursive=True)
+
+    def remove_file(self, rel: str) -> None:
+        """Delete a file; a file already gone (removed by another process) is no error."""
+        try:
+            if self.local:
+                os.remove(self._full(rel))
+            else:
+                self.fs.rm_file(self._full(rel))
+        except FileNotFoundError:
+            pass
 
     def rename(self, src: str, dst: str) -> None:
         """Move a directory into place; only used on local stores, where it is atomic."""

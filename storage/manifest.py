@@ -2,7 +2,9 @@
 
 It is the single source of truth: a shard exists for readers exactly when the manifest lists it. It carries
 the teacher's identity, the dataset and build options, the target kinds with their parameters, and per shard
-the sample and token counts, stored bytes per array and a SHA-256 of every file.
+the sample and token counts, stored bytes per array and a SHA-256 of every file. A build shared by several
+workers keeps one manifest of the same format per worker under `workers/` until they are merged
+(`storage/workers.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from storage.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 
 # Sections of the header that decide the store's content; a resumed build must match them exactly.
 CONTENT_SECTIONS = ("teacher", "dataset", "build", "targets")
+
+# Where the workers of a shared build keep their own manifests until the merge writes `manifest.json`.
+WORKERS_DIR = "workers"
 
 
 @dataclass
@@ -50,6 +55,8 @@ class Manifest:
         targets: target kinds present and their parameters.
         shards: committed shards in sample order.
         complete: true once the build finished; an incomplete store can be resumed.
+        worker: only in a worker's own manifest: {"index", "count", "stream_samples"} (samples in the whole
+            stream, known once the worker has read it to the end).
     """
 
     teacher: dict
@@ -62,6 +69,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     created_by: str = ""
     updated_at: str = ""
+    worker: dict | None = None
 
     @property
     def num_samples(self) -> int:
@@ -81,6 +89,8 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
+        if self.worker is None:
+            del data["worker"]
         data["totals"] = {"samples": self.num_samples, "positions": self.num_positions, "tokens": self.num_tokens}
         return json.dumps(data, indent=1, sort_keys=False)
 
@@ -106,32 +116,39 @@ class Manifest:
         except (KeyError, TypeError) as exc:
             raise RuntimeError(f"{source} is damaged: a required entry is missing or malformed ({exc}).") from None
 
-    def save(self, location: Location) -> None:
+    def save(self, location: Location, name: str = MANIFEST_NAME) -> None:
+        """Write atomically to `name` (the store's manifest, or a worker's) below `location`."""
         self.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        location.write_bytes_atomic(MANIFEST_NAME, self.to_json().encode())
+        location.write_bytes_atomic(name, self.to_json().encode())
 
     @classmethod
-    def load(cls, location: Location) -> Manifest:
-        if not location.exists(MANIFEST_NAME):
+    def load(cls, location: Location, name: str = MANIFEST_NAME) -> Manifest:
+        if name == MANIFEST_NAME and not location.exists(name) and location.exists(WORKERS_DIR):
             raise RuntimeError(
-                f"{location} has no {MANIFEST_NAME}: it is not a teacher-cache store "
+                f"{location} has no {MANIFEST_NAME} yet: it is built by several workers that have not all "
+                f"finished or have not been merged. `teacher-cache info {location}` shows their progress."
+            )
+        if not location.exists(name):
+            raise RuntimeError(
+                f"{location} has no {name}: it is not a teacher-cache store "
                 "(build one with `teacher-cache build`)."
             )
-        source = f"{location}/{MANIFEST_NAME}"
+        source = f"{location}/{name}"
         try:
-            text = location.read_bytes(MANIFEST_NAME).decode()
+            text = location.read_bytes(name).decode()
         except UnicodeDecodeError:
             raise RuntimeError(f"{source} is damaged: it is not UTF-8 text.") from None
         return cls.from_json(text, source=source)
 
 
-def header_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+def header_differences(old: dict, new: dict, prefix: str = "", *, old_name: str = "store",
+                       new_name: str = "this build") -> list[str]:
     """Human-readable list of the keys whose values differ between two header dicts."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += header_differences(a, b, f"{prefix}{key}.")
+            out += header_differences(a, b, f"{prefix}{key}.", old_name=old_name, new_name=new_name)
         elif a != b:
-            out.append(f"{prefix}{key}: store has {a!r}, this build has {b!r}")
+            out.append(f"{prefix}{key}: {old_name} has {a!r}, {new_name} has {b!r}")
     return out

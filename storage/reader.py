@@ -13,8 +13,9 @@ from functools import cached_property
 import numpy as np
 
 from storage.fs import Location
-from storage.layout import FLAT_ARRAYS, array_specs
+from storage.layout import FLAT_ARRAYS, MANIFEST_NAME, array_specs
 from storage.manifest import Manifest, ShardInfo
+from storage.workers import unmerged_message
 
 
 class ShardReader:
@@ -70,6 +71,8 @@ class Store:
 
     def __init__(self, url: str | os.PathLike, *, allow_incomplete: bool = False):
         self.location = Location(url)
+        if not self.location.exists(MANIFEST_NAME) and (unmerged := unmerged_message(self.location)):
+            raise RuntimeError(unmerged)
         self.manifest = Manifest.load(self.location)
         if not self.manifest.complete and not allow_incomplete:
             raise RuntimeError(

@@ -1,7 +1,8 @@
 """Writing a store: buffer whole shards, encode them with the layout's codecs, commit each atomically.
 
-`StoreWriter` owns the manifest and commits shards one at a time; `BackgroundWriter` runs it on a thread fed
-by a bounded queue so the teacher never waits on compression. Records are dicts of arrays whose leading axis
+`StoreWriter` owns the manifest (the store's, or one worker's when several share a build) and commits shards
+one at a time; `BackgroundWriter` runs it on a thread fed by a bounded queue so the teacher never waits on
+compression. Records are dicts of arrays whose leading axis
 is samples, except the flat `sampled_ids` / `sampled_counts`, whose entries follow `sampled_nunique`.
 """
 
@@ -16,8 +17,9 @@ from collections.abc import Callable
 import numpy as np
 
 from storage.fs import Location
-from storage.layout import SHARDS_DIR, ArraySpec, array_specs, chunking, codecs_for, shard_name
-from storage.manifest import Manifest, ShardInfo, header_differences
+from storage.layout import MANIFEST_NAME, SHARDS_DIR, ArraySpec, array_specs, chunking, codecs_for, shard_name
+from storage.manifest import WORKERS_DIR, Manifest, ShardInfo, header_differences
+from storage.workers import WorkerSlot, check_agreement, entry_shard, shard_index
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,17 @@ _FLUSH, _ABORT = object(), object()
 
 
 class StoreWriter:
-    """Creates or resumes a store and commits shards to it in order."""
+    """Creates or resumes a store and commits shards to it.
 
-    def __init__(self, location: Location, manifest: Manifest):
+    With `worker` set, this process is one of several that share the build: it writes only the shards that
+    worker owns and commits them to its own manifest; `storage/workers.py` merges the workers' manifests.
+    """
+
+    def __init__(self, location: Location, manifest: Manifest, worker: WorkerSlot | None = None):
         self.location = location
         self.manifest = manifest
+        self.worker = worker
+        self.manifest_name = MANIFEST_NAME if worker is None else worker.manifest_name
         self.specs = array_specs(
             vocab_size=manifest.teacher["vocab_size"],
             targets=manifest.targets,
@@ -37,29 +45,92 @@ class StoreWriter:
         )
 
     @classmethod
-    def open(cls, url: str | os.PathLike, manifest: Manifest, *, resume: bool) -> StoreWriter:
-        """Start a new store at `url`, or continue the one there when `resume` is set.
+    def check_output(cls, location: Location, *, resume: bool, worker: WorkerSlot | None = None) -> None:
+        """Refuse an output this build must not write to, before anything is loaded or written.
 
         Raises:
-            ValueError: the output holds data and `resume` is off; or `resume` is on and the store was built
-                with other options (every difference is named); or the store is complete already.
+            ValueError: without `resume`, the output holds data (for a worker: its own manifest, a finished
+                store or foreign files); with `resume`, a store of workers resumed by a single process or the
+                other way round.
+        """
+        existing = location.listdir()
+        if worker is None:
+            if existing and not resume:
+                raise ValueError(
+                    f"Output {location} already exists and is not empty ({len(existing)} entries). "
+                    "Pass --resume to continue an interrupted build into it, or choose a new --output."
+                )
+            if resume and MANIFEST_NAME not in existing and WORKERS_DIR in existing:
+                raise ValueError(
+                    f"Cannot resume {location} in one process: it is built by several workers. Resume each "
+                    "worker with its --num-workers and --worker-index (see `teacher-cache info`)."
+                )
+            return
+        if MANIFEST_NAME in existing:
+            stored = Manifest.load(location)
+            if stored.complete:
+                raise ValueError(f"{location} is already complete ({stored.num_samples} samples); nothing to "
+                                 + ("resume." if resume else "build. Choose a new --output."))
+            raise ValueError(
+                f"Output {location} holds a build started without --num-workers; resume it the way it was "
+                "started, or choose a new --output."
+            )
+        if not resume and location.exists(worker.manifest_name):
+            raise ValueError(
+                f"Worker {worker.index} of {worker.count} has already started in {location} "
+                f"({worker.manifest_name}). Pass --resume to continue it, or choose a new --output."
+            )
+        if not resume and (foreign := sorted(set(existing) - {SHARDS_DIR, WORKERS_DIR})):
+            raise ValueError(
+                f"Output {location} already exists and holds files of no teacher-cache build "
+                f"({', '.join(foreign[:5])}). Choose a new --output."
+            )
+
+    @classmethod
+    def open(cls, url: str | os.PathLike, manifest: Manifest, *, resume: bool,
+             worker: WorkerSlot | None = None) -> StoreWriter:
+        """Start a new store at `url`, or continue the one there when `resume` is set.
+
+        With `worker`, start or continue that worker's part of a store shared by several workers.
+
+        Raises:
+            ValueError: see `check_output`; or `resume` is on and the store was built with other options (every
+                difference is named); or the store is complete already; or, for a worker, another worker of
+                the store runs with another worker count or other options.
         """
         location = Location(url)
-        existing = location.listdir()
-        if existing and not resume:
-            raise ValueError(
-                f"Output {location} already exists and is not empty ({len(existing)} entries). "
-                "Pass --resume to continue an interrupted build into it, or choose a new --output."
-            )
-        if resume and existing:
+        cls.check_output(location, resume=resume, worker=worker)
+        if worker is not None:
+            return cls._open_worker(location, manifest, worker, resume=resume)
+        if resume and location.listdir():
             return cls._resume(location, manifest)
         location.makedirs(SHARDS_DIR)
         manifest.save(location)
         return cls(location, manifest)
 
     @classmethod
-    def _resume(cls, location: Location, manifest: Manifest) -> StoreWriter:
-        stored = Manifest.load(location)
+    def _open_worker(cls, location: Location, manifest: Manifest, worker: WorkerSlot, *,
+                     resume: bool) -> StoreWriter:
+        if resume and location.exists(worker.manifest_name):
+            writer = cls._resume(location, manifest, worker)
+            check_agreement(location, worker, writer.manifest)
+            return writer
+        location.makedirs(SHARDS_DIR)
+        location.makedirs(WORKERS_DIR)
+        manifest.worker = {"index": worker.index, "count": worker.count, "stream_samples": None}
+        manifest.save(location, worker.manifest_name)
+        try:
+            # After our own manifest is written: of two workers that start at once, the later one sees the other.
+            check_agreement(location, worker, manifest)
+        except ValueError:
+            location.remove_file(worker.manifest_name)
+            raise
+        return cls(location, manifest, worker)
+
+    @classmethod
+    def _resume(cls, location: Location, manifest: Manifest, worker: WorkerSlot | None = None) -> StoreWriter:
+        name = MANIFEST_NAME if worker is None else worker.manifest_name
+        stored = Manifest.load(location, name)
         diffs = header_differences(stored.header(), manifest.header())
         if diffs:
             raise ValueError(
@@ -67,29 +138,37 @@ class StoreWriter:
                 + "\n  ".join(diffs)
                 + "\nRerun with the store's options, or build into a new --output."
             )
-        if stored.complete:
+        if stored.complete and worker is None:
             raise ValueError(f"{location} is already complete ({stored.num_samples} samples); nothing to resume.")
-        writer = cls(location, stored)
+        writer = cls(location, stored, worker)
+        if stored.complete:
+            log.info("worker %d of %d already finished (%d shards)", worker.index, worker.count, len(stored.shards))
+            return writer
         writer._remove_uncommitted()
-        log.info("resuming %s after %d committed shards (%d samples)", location, len(stored.shards),
-                 stored.num_samples)
+        log.info("resuming %s after %d committed shards (%d samples)%s", location, len(stored.shards),
+                 stored.num_samples, "" if worker is None else f" of worker {worker.index} of {worker.count}")
         return writer
 
     def _remove_uncommitted(self) -> None:
-        """Delete shard directories the manifest does not list: leftovers of an interrupted commit."""
+        """Delete shard directories the manifest does not list: leftovers of an interrupted commit.
+
+        A worker deletes only those of its own shards: the others may be in flight in another worker.
+        """
         committed = {s.name for s in self.manifest.shards}
         for name in self.location.listdir(SHARDS_DIR):
-            if f"{SHARDS_DIR}/{name}" not in committed:
+            if f"{SHARDS_DIR}/{name}" in committed:
+                continue
+            if self.worker is None or ((index := entry_shard(name)) is not None and self.worker.owns(index)):
                 log.info("removing uncommitted %s/%s", SHARDS_DIR, name)
                 self.location.remove_tree(f"{SHARDS_DIR}/{name}")
 
     @property
-    def committed_samples(self) -> int:
-        return self.manifest.num_samples
+    def committed_shards(self) -> set[int]:
+        """Global indices of the shards this writer's manifest lists."""
+        return {shard_index(s) for s in self.manifest.shards}
 
-    def write_shard(self, record: dict[str, np.ndarray]) -> ShardInfo:
-        """Encode one full shard and commit it: data first, then the manifest that lists it."""
-        index = len(self.manifest.shards)
+    def write_shard(self, index: int, record: dict[str, np.ndarray]) -> ShardInfo:
+        """Encode global shard `index` and commit it: data first, then the manifest that lists it."""
         final = shard_name(index)
         staging = f"{SHARDS_DIR}/.tmp-{os.path.basename(final)}-{os.getpid()}" if self.location.local else final
         self.location.remove_tree(staging)
@@ -109,14 +188,20 @@ class StoreWriter:
             array_bytes=array_bytes,
             files=files,
         )
-        self.manifest.shards.append(info)
-        self.manifest.save(self.location)
+        self.manifest.shards = sorted([*self.manifest.shards, info], key=shard_index)
+        self.manifest.save(self.location, self.manifest_name)
         return info
 
-    def finish(self) -> Manifest:
-        """Mark the store complete."""
+    def finish(self, stream_samples: int | None = None) -> Manifest:
+        """Mark the store, or this worker's part of it, complete.
+
+        Args:
+            stream_samples: a worker's count of the samples in the whole stream, which the merge checks.
+        """
+        if self.worker is not None:
+            self.manifest.worker["stream_samples"] = stream_samples
         self.manifest.complete = True
-        self.manifest.save(self.location)
+        self.manifest.save(self.location, self.manifest_name)
         return self.manifest
 
 
@@ -154,8 +239,10 @@ class BackgroundWriter:
     """Runs a StoreWriter on a thread: `put` batch records, they are grouped into shards and committed.
 
     A batch never spans two shards (the caller cuts batches at shard boundaries), so a shard is committed as
-    soon as `samples_per_shard` samples are buffered. Errors on the thread are raised on the next `put` or at
-    `close`. `put` blocks when `max_pending` batches wait, bounding host memory.
+    soon as `samples_per_shard` samples are buffered, as global shard (first sample of its first batch) //
+    `samples_per_shard`. Shards may be skipped (committed before a resume, or another worker's), not split.
+    Errors on the thread are raised on the next `put` or at `close`. `put` blocks when `max_pending` batches
+    wait, bounding host memory.
     """
 
     def __init__(self, writer: StoreWriter, samples_per_shard: int, *, max_pending: int = 8,
@@ -168,10 +255,13 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self._thread.start()
 
-    def put(self, record: dict, ready: Callable[[], None] | None = None) -> None:
-        """Queue a batch record; `ready` is called on the thread before reading it (e.g. a CUDA event wait)."""
+    def put(self, first_row: int, record: dict, ready: Callable[[], None] | None = None) -> None:
+        """Queue the record of the batch that starts at global sample `first_row`.
+
+        `ready` is called on the thread before reading the record (e.g. a CUDA event wait).
+        """
         self._raise_if_failed()
-        self._queue.put((record, ready))
+        self._queue.put((first_row, record, ready))
 
     def close(self) -> None:
         """Flush the last, possibly partial, shard and wait for every commit."""
@@ -199,10 +289,14 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         pending: list[dict[str, np.ndarray]] = []
-        buffered = 0
+        buffered = start = 0
         try:
             while (item := self._queue.get()) not in (_FLUSH, _ABORT):
-                record, ready = item
+                first_row, record, ready = item
+                if not pending:
+                    assert first_row % self.samples_per_shard == 0, "a shard must start at its first sample"
+                    start = first_row
+                assert first_row == start + buffered, "the batches of a shard must follow each other"
                 if ready is not None:
                     ready()
                 record = {k: np.asarray(v) for k, v in record.items()}
@@ -210,16 +304,16 @@ class BackgroundWriter:
                 buffered += record["input_ids"].shape[0]
                 if buffered >= self.samples_per_shard:
                     assert buffered == self.samples_per_shard, "a batch crossed a shard boundary"
-                    self._commit(pending)
+                    self._commit(start // self.samples_per_shard, pending)
                     pending, buffered = [], 0
             if item is _FLUSH and pending:
-                self._commit(pending)
+                self._commit(start // self.samples_per_shard, pending)
         except BaseException as exc:  # surfaced to the producer by _raise_if_failed
             self._error = exc
             while self._queue.get() not in (_FLUSH, _ABORT):  # unblock a producer waiting on a full queue
                 pass
 
-    def _commit(self, records: list[dict[str, np.ndarray]]) -> None:
-        info = self.writer.write_shard(concat_records(records))
+    def _commit(self, index: int, records: list[dict[str, np.ndarray]]) -> None:
+        info = self.writer.write_shard(index, concat_records(records))
         if self.on_commit is not None:
             self.on_commit(info)

@@ -2,7 +2,9 @@
 
 Batches never cross a shard boundary and the draws of a batch come from a generator seeded by (seed, first
 sample of the batch), so the content of every shard is a pure function of the options: a resumed build
-writes exactly what an uninterrupted one would have.
+writes exactly what an uninterrupted one would have, and so do several workers that share a build. Each
+worker tokenizes the whole stream (cheap next to the teacher) but runs the teacher only on its own shards
+(`storage/workers.py`); the last one to finish merges the store.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from storage.fs import Location
 from storage.manifest import Manifest, ShardInfo
+from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.config import BuildConfig
 from teacher_cache.data import Rows, iter_rows, load_text_dataset
@@ -39,16 +42,13 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
         teacher: an already loaded backend (loaded from `config.model` when None).
 
     Returns:
-        The completed store's manifest.
+        The completed store's manifest. A worker of several (`config.num_workers` > 1) returns its own manifest
+        (with a `worker` entry) unless it finished last and merged the store.
     """
     output = Location(config.output)
     if output.local and output.root.exists() and not output.root.is_dir():
         raise ValueError(f"--output {config.output} is an existing file; give a directory for the store.")
-    if not config.resume and output.listdir():
-        raise ValueError(
-            f"Output {config.output} already exists and is not empty. Pass --resume to continue an "
-            "interrupted build into it, or choose a new --output."
-        )
+    StoreWriter.check_output(output, resume=config.resume, worker=_worker(config))
     dataset = load_text_dataset(config.dataset, split=config.split, text_field=config.text_field)
     owned = teacher is None
     teacher = teacher or load_teacher(config)
@@ -78,30 +78,52 @@ def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBacke
         targets=_targets_section(config, layers, identity["hidden_size"], teacher.target_properties()),
         created_by=f"teacher-cache {_version()}",
     )
-    writer = StoreWriter.open(config.output, manifest, resume=config.resume)
-    spec = TargetSpec(
-        top_k=config.top_k if "topk" in config.targets else None,
-        num_draws=config.num_draws if "sampled" in config.targets else None,
-        chunk_positions=config.chunk_positions or max(1, _logit_budget(teacher) // (4 * teacher.vocab_size)),
-    )
-    _run(config, teacher, writer, _chain(first, rows), spec, layers)
-    return writer.finish()
+    worker = _worker(config)
+    writer = StoreWriter.open(config.output, manifest, resume=config.resume, worker=worker)
+    if not writer.manifest.complete:  # a worker resumed after it had finished goes straight to the merge
+        spec = TargetSpec(
+            top_k=config.top_k if "topk" in config.targets else None,
+            num_draws=config.num_draws if "sampled" in config.targets else None,
+            chunk_positions=config.chunk_positions or max(1, _logit_budget(teacher) // (4 * teacher.vocab_size)),
+        )
+        stream_samples = _run(config, teacher, writer, _chain(first, rows), spec, layers)
+        writer.finish(stream_samples)
+    return writer.manifest if worker is None else _merge_if_finished(writer)
+
+
+def _worker(config: BuildConfig) -> WorkerSlot | None:
+    """This process's part of a build shared by several workers; None for a build in one process."""
+    return WorkerSlot(config.worker_index, config.num_workers) if config.num_workers > 1 else None
+
+
+def _merge_if_finished(writer: StoreWriter) -> Manifest:
+    """The merged store's manifest when this worker finished last, else its own."""
+    merged = merge_if_finished(writer.location)
+    if merged is not None:
+        return merged
+    log.info("worker %d of %d finished; the last worker to finish merges the store (or run `teacher-cache merge "
+             "%s` once all have)", writer.worker.index, writer.worker.count, writer.location)
+    return writer.manifest
 
 
 def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows: Iterator[Rows],
-         spec: TargetSpec, layers: tuple[int, ...]) -> None:
-    start = writer.committed_samples
+         spec: TargetSpec, layers: tuple[int, ...]) -> int:
+    """Compute and commit the shards this process still owes; returns the number of samples in the stream."""
+    keep = _wanted_shards(writer)
     device = getattr(teacher, "device", torch.device("cpu"))
-    bar = tqdm(total=config.max_samples and (config.max_samples - start) * config.seq_len, unit="tok",
-               unit_scale=True, desc="teacher-cache build", dynamic_ncols=True)
-    began, tokens = time.perf_counter(), 0
+    planned = _planned_samples(config.max_samples, config.samples_per_shard, keep)
+    label = "" if writer.worker is None else f" [worker {writer.worker.index}/{writer.worker.count}]"
+    bar = tqdm(total=planned and planned * config.seq_len, unit="tok", unit_scale=True,
+               desc=f"teacher-cache build{label}", dynamic_ncols=True, disable=config.worker_index != 0)
+    began, samples, tokens = time.perf_counter(), 0, 0
     entropy_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+    stream = _Tally(rows)
 
     def committed(info: ShardInfo) -> None:
         bar.set_postfix(shards=len(writer.manifest.shards), refresh=False)
 
     with bar, BackgroundWriter(writer, config.samples_per_shard, on_commit=committed) as background:
-        for first_row, batch in iter_batches(rows, config.batch_size, config.samples_per_shard, start=start,
+        for first_row, batch in iter_batches(stream, config.batch_size, config.samples_per_shard, keep=keep,
                                              stop=config.max_samples):
             generator = torch.Generator(device).manual_seed(_batch_seed(config.seed, first_row))
             record = teacher.compute(batch, spec, layers, generator, TORCH_DTYPES[config.hidden_dtype])
@@ -109,34 +131,62 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
             record = {name: value.to("cpu", non_blocking=True) for name, value in record.items()}
             record |= {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                        "loss_mask": batch.loss_mask, "segment_ids": batch.segment_ids}
-            background.put(record, ready=_ready_event(device))
-            tokens += int(batch.loss_mask.sum())
+            background.put(first_row, record, ready=_ready_event(device))
+            samples, tokens = samples + len(batch), tokens + int(batch.loss_mask.sum())
             bar.update(batch.loss_mask.size)
     elapsed = time.perf_counter() - began
-    log.info("built %d samples, %d trained tokens in %.1fs (%.0f tok/s), mean teacher entropy %.3f nats, into %s",
-             writer.committed_samples - start, tokens, elapsed, tokens / max(elapsed, 1e-9),
-             entropy_sum.item() / max(tokens, 1), writer.location)
+    log.info("built %d samples, %d trained tokens in %.1fs (%.0f tok/s), mean teacher entropy %.3f nats, into "
+             "%s%s", samples, tokens, elapsed, tokens / max(elapsed, 1e-9), entropy_sum.item() / max(tokens, 1),
+             writer.location, label)
+    return stream.samples if config.max_samples is None else min(stream.samples, config.max_samples)
 
 
-def iter_batches(rows: Iterator[Rows], batch_size: int, samples_per_shard: int, *, start: int = 0,
+def _wanted_shards(writer: StoreWriter) -> Callable[[int], bool]:
+    """Which global shards this run computes: its worker's (all without workers), less the committed ones."""
+    done, worker = writer.committed_shards, writer.worker
+    return lambda shard: shard not in done and (worker is None or worker.owns(shard))
+
+
+def _planned_samples(max_samples: int | None, samples_per_shard: int, keep: Callable[[int], bool]) -> int | None:
+    """Samples this run will compute, when --max-samples bounds the stream (for the progress bar)."""
+    if max_samples is None:
+        return None
+    shards = range(-(-max_samples // samples_per_shard))
+    return sum(min(samples_per_shard, max_samples - s * samples_per_shard) for s in shards if keep(s))
+
+
+def iter_batches(rows: Iterator[Rows], batch_size: int, samples_per_shard: int, *,
+                 keep: Callable[[int], bool] | None = None,
                  stop: int | None = None) -> Iterator[tuple[int, Rows]]:
-    """(first sample index, batch) for samples [start, stop), cut so that no batch crosses a shard boundary.
+    """(first sample index, batch) for the samples [0, stop) of the shards `keep(shard index)` accepts.
 
-    `start` is a shard boundary (a resumed build starts after its last committed shard).
+    Batches are cut so that none crosses a shard boundary. `keep` (None keeps every shard) skips the shards
+    committed before a resume, and those of other workers.
     """
-    assert start % samples_per_shard == 0, (start, samples_per_shard)
     position, pending = 0, None
     for block in _truncate(rows, stop):
         pending = block if pending is None else Rows.concat([pending, block])
         while len(pending) >= (size := _next_batch_size(position, batch_size, samples_per_shard)):
-            if position >= start:
+            if keep is None or keep(position // samples_per_shard):
                 yield position, pending[:size]
             position, pending = position + size, pending[size:]
     while pending is not None and len(pending):  # the stream ended: a last, short batch
         size = min(len(pending), _next_batch_size(position, batch_size, samples_per_shard))
-        if position >= start:
+        if keep is None or keep(position // samples_per_shard):
             yield position, pending[:size]
         position, pending = position + size, pending[size:]
+
+
+class _Tally:
+    """A stream of sample blocks that counts the samples it has yielded."""
+
+    def __init__(self, rows: Iterator[Rows]):
+        self.rows, self.samples = rows, 0
+
+    def __iter__(self) -> Iterator[Rows]:
+        for block in self.rows:
+            self.samples += len(block)
+            yield block
 
 
 def _next_batch_size(position: int, batch_size: int, samples_per_shard: int) -> int:

@@ -65,8 +65,8 @@ def incomplete_store(tmp_path_factory, llama_dir, dataset) -> Path:
     output = tmp_path_factory.mktemp("incomplete") / "store"
     original = StoreWriter.write_shard
 
-    def fail_after_first(self, record):
-        original(self, record)
+    def fail_after_first(self, index, record):
+        original(self, index, record)
         raise OSError("injected failure")
 
     with pytest.MonkeyPatch.context() as patch:

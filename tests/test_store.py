@@ -145,8 +145,8 @@ def test_resume_after_injected_failure_equals_uninterrupted(tmp_path, monkeypatc
     original = StoreWriter.write_shard
     calls = []
 
-    def failing_write_shard(self, record):
-        info = original(self, record)
+    def failing_write_shard(self, index, record):
+        info = original(self, index, record)
         calls.append(info.name)
         if len(calls) == failed_after + 1:
             raise OSError("injected failure after a commit")
@@ -536,7 +536,7 @@ def test_arrays_larger_than_an_inner_chunk_round_trip(tmp_path):
     assert set(array_specs(vocab_size=32000, targets=targets)) == set(record) | {"sampled_offsets"}
     manifest = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={}, targets=targets)
     writer = StoreWriter.open(tmp_path / "store", manifest, resume=False)
-    writer.write_shard(record)
+    writer.write_shard(0, record)
     writer.finish()
     shard = open_store(tmp_path / "store").shards[0].read()
     for name, expected in record.items():
