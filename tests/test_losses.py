@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_train.losses import LOSSES, LossConfig, distillation_loss
+from student_train.losses import LOSSES, TAIL_BUCKET, LossConfig, distillation_loss
 
 B, L, H, V, K, N = 2, 7, 16, 97, 6, 20
 
@@ -210,6 +210,34 @@ def test_ghost_bucket_over_whole_vocabulary_is_full_kl(k):
     actual = grads(loss, hidden, head)
     assert all(torch.isfinite(g).all() for g in actual)
     assert_grads_close(actual, grads(full_kl, hidden, head), rtol=1e-4, atol=1e-7)
+
+
+def test_tail_bucket_draws_match_the_dense_bucket_kl():
+    """Draws from top-k + a tail bucket (vllm stores): the bucket's student probability is its mass outside the top-k.
+
+    Reference: counts over the K + 1 buckets against the student's bucket probabilities, densely in float64.
+    """
+    hidden, head, teacher, batch = make_case(4, bias=False)
+    gen = torch.Generator().manual_seed(11)
+    p_buckets = buckets(teacher, batch["topk_ids"])  # [B, L, K + 1]
+    bucket_counts = draw_counts(p_buckets.float(), N, gen)
+    assert bucket_counts[..., -1].sum() > 0  # some draws land in the bucket
+    # The batch the loader gives: real ids for the K columns, TAIL_BUCKET for the last, ascending, padded with 0/0.
+    col_ids, counts = sampled_records(bucket_counts)
+    real_ids = torch.cat([batch["topk_ids"], torch.full((B, L, 1), TAIL_BUCKET)], -1).gather(-1, col_ids)
+    ids = torch.where(counts > 0, real_ids, 0)
+    batch = batch | {"sampled_ids": ids, "sampled_counts": counts}
+    config = LossConfig(kind="sampled", alpha=1.0, chunk_positions=4, sampled_tail_bucket=True)
+    loss, _ = distillation_loss(hidden, head, batch, config)
+
+    target = bucket_counts.double() / N
+    q_buckets = buckets(F.log_softmax(head(hidden).double(), -1), batch["topk_ids"])
+    expected = dense_kl(target.log(), q_buckets.log())[batch["loss_mask"]].mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads(loss, hidden, head), grads(expected, hidden, head), rtol=1e-4, atol=1e-7)
+    without_topk = {key: value for key, value in batch.items() if key != "topk_ids"}
+    with pytest.raises(ValueError, match="topk_ids"):
+        distillation_loss(hidden, head, without_topk, config)
 
 
 def test_sampled_gradient_is_unbiased():
