@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,10 @@ class VLLMTeacher:
         except ImportError as exc:
             raise ValueError(f"{INSTALL_HINT} (import failed: {exc})") from None
         self.path = str(local.resolve())
+        devices = local_gpus(tensor_parallel_size, os.environ)
+        if devices is not None:  # before vLLM touches CUDA: each worker of a node gets its own GPUs
+            log.info("LOCAL_RANK %s: the engine takes GPUs %s", os.environ["LOCAL_RANK"], devices)
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices
         self.top_k = top_k
         self.device = torch.device("cpu")  # where the records are made, from the engine's host-side results
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -197,6 +203,32 @@ class VLLMTeacher:
             ids[b, :n] = token_ids.reshape(n, K1)
             logps[b, :n] = values.reshape(n, K1)
         return ids, logps
+
+
+def local_gpus(tensor_parallel_size: int, environ: Mapping[str, str]) -> str | None:
+    """Under torchrun (LOCAL_RANK set), the CUDA_VISIBLE_DEVICES of this worker's engine, else None.
+
+    vLLM's single-process engine always takes the first visible GPU(s), so without this every worker of a node
+    would land on GPU 0. Worker r takes GPUs r * tp .. (r + 1) * tp - 1 of those visible to the node.
+    """
+    if "LOCAL_RANK" not in environ:
+        return None
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(_gpu_count())]
+    rank = int(environ["LOCAL_RANK"])
+    mine = devices[rank * tensor_parallel_size: (rank + 1) * tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise ValueError(
+            f"LOCAL_RANK {rank} with --tensor-parallel-size {tensor_parallel_size} needs GPUs "
+            f"{rank * tensor_parallel_size}..{(rank + 1) * tensor_parallel_size - 1}, but this node has "
+            f"{len(devices)} visible ({visible or 'all'}). Start --nproc-per-node = GPUs / tensor-parallel-size "
+            "workers per node."
+        )
+    return ",".join(mine)
+
+
+def _gpu_count() -> int:
+    return torch.cuda.device_count()  # counts through NVML where it can, without creating a CUDA context
 
 
 def records_from_topk(top_ids_PK: torch.Tensor, top_logp_PK: torch.Tensor, true_logp_P: torch.Tensor,

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from storage import open_store
 from teacher_cache import BuildConfig, build_cache
-from teacher_cache.vllm_backend import TAIL_FLOOR, _flat, vllm_available
+from teacher_cache.vllm_backend import TAIL_FLOOR, _flat, local_gpus, vllm_available
 
 if not vllm_available():
     if os.environ.get("TEACHER_CACHE_REQUIRE_VLLM") == "1":
@@ -191,6 +191,14 @@ def test_student_trains_on_either_store(built, tmp_path, teacher_dir):
 def test_hidden_states_are_refused_with_the_fix(teacher_dir, corpus_jsonl, tmp_path):
     with pytest.raises(ValueError, match="--backend transformers"):
         _config(teacher_dir, corpus_jsonl, tmp_path / "s", "vllm", hidden_layers=(-1,))
+
+
+def test_each_torchrun_worker_takes_its_own_gpus():
+    assert local_gpus(1, {}) is None
+    assert local_gpus(1, {"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}) == "3"
+    assert local_gpus(2, {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == "6,7"
+    with pytest.raises(ValueError, match="nproc-per-node"):
+        local_gpus(4, {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
 
 
 def test_list_container_of_older_releases_gives_the_flat_layout():
