@@ -66,12 +66,16 @@ def shard_index(info: ShardInfo) -> int:
 
 
 def load_workers(location: Location) -> dict[WorkerSlot, Manifest]:
-    """Every worker manifest of the store, by worker."""
+    """Every worker manifest of the store, by worker (one that a merge removes meanwhile is left out)."""
     out = {}
     for name in location.listdir(WORKERS_DIR):
         if match := _WORKER_MANIFEST.fullmatch(name):
             slot = WorkerSlot(int(match[1]), int(match[2]))
-            out[slot] = Manifest.load(location, slot.manifest_name)
+            try:
+                data = location.read_bytes(slot.manifest_name)
+            except FileNotFoundError:
+                continue
+            out[slot] = Manifest.from_json(data.decode(errors="replace"), source=f"{location}/{slot.manifest_name}")
     return out
 
 
@@ -137,14 +141,10 @@ def merge_if_finished(location: Location) -> Manifest | None:
     """
     merged = _merged(location)
     if merged is None:
-        try:
-            workers = load_workers(location)
-        except FileNotFoundError:
-            workers = {}
-        if not workers:  # a worker that finished at the same time merged and removed them meanwhile
+        workers = load_workers(location)
+        if not workers or _waiting(workers):
+            # None, unless a worker that finished at the same time merged (and removed manifests) meanwhile.
             return _merged(location)
-        if _waiting(workers):
-            return None
         merged = _merge(location, workers)
     _remove_worker_manifests(location)
     return merged
