@@ -1,20 +1,32 @@
 """`teacher-cache`: build a store of teacher targets, then inspect, verify and export it.
 
-The commands only parse options and call the library (`build_cache`, `Store`, `export_parquet`).
+The commands only parse options and call the library (`build_cache`, `merge_workers`, `Store`,
+`export_parquet`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
 
 from storage.export import export_parquet
+from storage.fs import Location
+from storage.layout import MANIFEST_NAME
 from storage.reader import Store
+from storage.workers import WorkerProgress, merge_workers, worker_progress
 from teacher_cache.build import build_cache
-from teacher_cache.config import BACKENDS, TARGET_KINDS, BuildConfig, parse_int_list
+from teacher_cache.config import (
+    BACKENDS,
+    TARGET_KINDS,
+    BuildConfig,
+    parse_int_list,
+    resolve_workers,
+    worker_device,
+)
 
 log = logging.getLogger("teacher_cache")
 
@@ -81,6 +93,12 @@ def main(verbose: bool) -> None:
               help="vllm: tokens per engine step. Prompt log-probs materialise [tokens, vocab] fp32 logits outside "
                    "vLLM's memory accounting (8192 tokens x 152k vocab = 5 GiB): lower this if the build runs out "
                    "of memory. Default: 256 MiB of such logits, at least one sample.")
+@click.option("--num-workers", type=int,
+              help="Processes sharing this build (one per GPU or node), each computing its own shards into the same "
+                   "--output; the last to finish merges the store. Default: from torchrun (WORLD_SIZE) or SLURM "
+                   "(srun tasks x array tasks), else 1.")
+@click.option("--worker-index", type=int,
+              help="Which of the --num-workers this process is, from 0. Default: torchrun's RANK, or SLURM's task.")
 def build(**options) -> None:
     """Run the teacher over a dataset and write its targets to a new store.
 
@@ -92,14 +110,27 @@ def build(**options) -> None:
     The store keeps, per position: top-k log-probs with the exact tail mass outside them, ids and counts of
     --samples draws from the full distribution, the entropy and the true token's log-prob. Shards commit
     atomically: if the build stops, run the same command with --resume to continue where it left off.
+
+    Several workers (--num-workers/--worker-index, or torchrun/SLURM) share one build: each computes every
+    num-workers-th shard and resumes on its own; the last one to finish writes the store's manifest.
     """
     options["targets"] = tuple(t.strip() for t in options["targets"].split(",") if t.strip())
     try:
         options["hidden_layers"] = parse_int_list(options["hidden_layers"])
+        options["num_workers"], options["worker_index"] = resolve_workers(
+            options["num_workers"], options["worker_index"], os.environ)
+        options["device"] = worker_device(options["device"], options["backend"], os.environ)
         config = BuildConfig(**options)
         manifest = build_cache(config)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if manifest.worker is not None:
+        click.echo(
+            f"Worker {config.worker_index} of {config.num_workers} wrote {manifest.num_samples} samples, "
+            f"{manifest.num_tokens} trained tokens in {len(manifest.shards)} shards to {config.output}. The last "
+            f"worker to finish merges the store (or run `teacher-cache merge {config.output}` once all have)."
+        )
+        return
     bytes_per_token = Store(config.output).bytes_per_token()["total"]
     click.echo(
         f"Wrote {manifest.num_samples} samples, {manifest.num_tokens} trained tokens in {len(manifest.shards)} shards "
@@ -118,7 +149,11 @@ def _open(store: str, **kwargs) -> Store:
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(store: str, as_json: bool) -> None:
-    """Samples, tokens, teacher, targets and bytes/token per array of STORE."""
+    """Samples, tokens, teacher, targets and bytes/token per array of STORE (worker progress before a merge)."""
+    location = Location(store)
+    if not location.exists(MANIFEST_NAME) and (progress := worker_progress(location)):
+        _workers_info(location, progress, as_json)
+        return
     opened = _open(store, allow_incomplete=True)
     manifest = opened.manifest
     report = {
@@ -149,6 +184,42 @@ def info(store: str, as_json: bool) -> None:
     click.echo("bytes/token")
     for name, value in report["bytes_per_token"].items():
         click.echo(f"  {name:<22}{value:10.2f}")
+
+
+def _workers_info(location: Location, progress: list[WorkerProgress], as_json: bool) -> None:
+    rows = [{"worker": p.slot.index, "of": p.slot.count, "state": p.state, "shards": p.shards,
+             "samples": p.samples, "tokens": p.tokens} for p in progress]
+    if as_json:
+        click.echo(json.dumps({"store": str(location), "complete": False, "workers": rows}, indent=1))
+        return
+    done = sum(p.state == "finished" for p in progress)
+    click.echo(f"store      {location}  (INCOMPLETE: built by workers, {done} of {len(progress)} finished, "
+               "not merged)")
+    for row in rows:
+        click.echo(f"worker {row['worker']:<4}{row['state']:<13}{row['shards']} shards, {row['samples']:,} samples, "
+                   f"{row['tokens']:,} trained tokens")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--output", help="Concatenate several finished stores into this new store (not supported yet).")
+def merge(stores: tuple[str, ...], output: str | None) -> None:
+    """`merge STORE`: finish a store built by several workers: check their shards, write its manifest.json.
+
+    The last worker to finish does this itself; run it when that did not happen (the worker was stopped
+    between its last shard and the merge), or to see what is still missing.
+    """
+    if len(stores) != 1 or output is not None:
+        raise click.UsageError(
+            "merging several stores into --output is not supported yet; `teacher-cache merge STORE` finishes one "
+            "store built by several workers."
+        )
+    try:
+        manifest = merge_workers(Location(stores[0]))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{stores[0]} is complete: {manifest.num_samples} samples, {manifest.num_tokens} trained tokens in "
+               f"{len(manifest.shards)} shards.")
 
 
 @main.command()

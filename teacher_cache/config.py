@@ -1,8 +1,18 @@
-"""`BuildConfig`: every option of `teacher-cache build`, checked where it is made."""
+"""`BuildConfig`: every option of `teacher-cache build`, checked where it is made.
+
+Also where a build shared by several workers learns its worker count and index when the options do not give
+them: from the environment torchrun or SLURM sets up (`resolve_workers`).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
 
 TARGET_KINDS = ("topk", "sampled")
 BACKENDS = ("transformers", "vllm")
@@ -44,7 +54,8 @@ class BuildConfig:
         max_num_batched_tokens: vLLM: tokens scheduled per engine step. Prompt log-probs materialise
             [tokens, vocab] fp32 logits outside vLLM's memory profiler, so this caps that peak; None picks
             what fits 256 MiB of such logits (at least one sample).
-        num_workers: processes that share this build, each writing its own shards into `output`.
+        num_workers: processes that share this build, each writing its own shards into `output`; worker I
+            computes the shards s with s % num_workers == I, and the last to finish merges the store.
         worker_index: which of them this process is, in [0, num_workers).
     """
 
@@ -140,3 +151,74 @@ def parse_int_list(text: str | None) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ValueError(f"expected comma-separated integers such as '8,16,-1', got {text!r}.") from None
+
+
+def resolve_workers(num_workers: int | None, worker_index: int | None,
+                    environ: Mapping[str, str]) -> tuple[int, int]:
+    """(num_workers, worker_index) from the options, else from the launcher's environment, else (1, 0).
+
+    The first source that applies wins:
+      - --num-workers and --worker-index (--num-workers 1 alone: one process, whatever the environment);
+      - torchrun: WORLD_SIZE, RANK;
+      - SLURM: the tasks of an srun step (SLURM_NTASKS, SLURM_PROCID; only inside a step, where
+        SLURM_STEP_NUM_TASKS is set, since a batch script itself sees SLURM_NTASKS too) times the tasks of a
+        job array (SLURM_ARRAY_TASK_COUNT; task (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+        SLURM_ARRAY_TASK_STEP); array task a, step task t is worker a * SLURM_NTASKS + t.
+
+    Raises:
+        ValueError: only one of the two options, a variable that is no integer, or an index out of range.
+    """
+    if num_workers is not None or worker_index is not None:
+        if worker_index is None and num_workers == 1:
+            worker_index = 0
+        if num_workers is None or worker_index is None:
+            raise ValueError(
+                "--num-workers and --worker-index go together: give both (e.g. --num-workers 4 --worker-index 0), "
+                "or neither to read them from torchrun's or SLURM's environment."
+            )
+        return num_workers, worker_index
+    if "WORLD_SIZE" in environ and "RANK" in environ:
+        return _from_env(_env_int(environ, "WORLD_SIZE"), _env_int(environ, "RANK"), "torchrun (WORLD_SIZE, RANK)")
+    count, index, sources = 1, 0, []
+    if all(name in environ for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_PROCID")):
+        count, index = _env_int(environ, "SLURM_NTASKS"), _env_int(environ, "SLURM_PROCID")
+        sources.append("an srun step (SLURM_NTASKS, SLURM_PROCID)")
+    if "SLURM_ARRAY_TASK_COUNT" in environ:
+        tasks = _env_int(environ, "SLURM_ARRAY_TASK_COUNT")
+        offset = _env_int(environ, "SLURM_ARRAY_TASK_ID") - _env_int(environ, "SLURM_ARRAY_TASK_MIN")
+        step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
+        if offset % step or not 0 <= offset // step < tasks:
+            raise ValueError(
+                f"SLURM array task {environ['SLURM_ARRAY_TASK_ID']} is not one of {tasks} evenly spaced tasks from "
+                f"{environ['SLURM_ARRAY_TASK_MIN']}: submit the array as --array=0-{tasks - 1}, or pass "
+                "--num-workers and --worker-index."
+            )
+        count, index = tasks * count, offset // step * count + index
+        sources.append("a job array (SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_ID)")
+    if sources:
+        return _from_env(count, index, "SLURM: " + " x ".join(sources))
+    return 1, 0
+
+
+def _from_env(count: int, index: int, source: str) -> tuple[int, int]:
+    if not 0 <= index < count:
+        raise ValueError(f"{source}: worker {index} is outside [0, {count}); check the launcher's environment.")
+    log.info("worker %d of %d, from %s", index, count, source)
+    return count, index
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={environ[name]!r}: expected an integer.") from None
+
+
+def worker_device(device: str, backend: str, environ: Mapping[str, str]) -> str:
+    """This process's device: under torchrun, "auto" is its own GPU, cuda:LOCAL_RANK (transformers backend).
+
+    Otherwise every worker of a node would load the teacher onto cuda:0.
+    """
+    if device != "auto" or backend != "transformers" or "LOCAL_RANK" not in environ or not torch.cuda.is_available():
+        return device
+    return f"cuda:{_env_int(environ, 'LOCAL_RANK')}"
