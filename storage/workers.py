@@ -106,7 +106,10 @@ def check_agreement(location: Location, slot: WorkerSlot, manifest: Manifest) ->
 
 def worker_progress(location: Location) -> list[WorkerProgress]:
     """One entry per worker of the build(s) found under `workers/`; empty when there is none."""
-    workers = load_workers(location)
+    return _progress(load_workers(location))
+
+
+def _progress(workers: dict[WorkerSlot, Manifest]) -> list[WorkerProgress]:
     out = []
     for count in sorted({slot.count for slot in workers}):
         for index in range(count):
@@ -185,17 +188,9 @@ def _merged(location: Location) -> Manifest | None:
 
 
 def _waiting(workers: dict[WorkerSlot, Manifest]) -> list[WorkerProgress]:
-    """The workers (of the first worker count found) without a finished manifest."""
+    """The workers (of the smallest worker count found, when several are mixed) that have not finished."""
     count = min(slot.count for slot in workers)
-    out = []
-    for index in range(count):
-        manifest = workers.get(WorkerSlot(index, count))
-        if manifest is None:
-            out.append(WorkerProgress(WorkerSlot(index, count), "not started", 0, 0, 0))
-        elif not manifest.complete:
-            out.append(WorkerProgress(WorkerSlot(index, count), "unfinished", len(manifest.shards),
-                                      manifest.num_samples, manifest.num_tokens))
-    return out
+    return [p for p in _progress(workers) if p.slot.count == count and p.state != "finished"]
 
 
 def _describe_waiting(waiting: list[WorkerProgress]) -> str:
