@@ -135,8 +135,9 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
             samples, tokens = samples + len(batch), tokens + int(batch.loss_mask.sum())
             bar.update(batch.loss_mask.size)
     elapsed = time.perf_counter() - began
-    log.info("built %d samples, %d trained tokens in %.1fs (%.0f tok/s), mean teacher entropy %.3f nats, into "
-             "%s%s", samples, tokens, elapsed, tokens / max(elapsed, 1e-9), entropy_sum.item() / max(tokens, 1),
+    bound = "" if writer.manifest.targets["entropy"].get("exact", True) else " (a lower bound)"
+    log.info("built %d samples, %d trained tokens in %.1fs (%.0f tok/s), mean teacher entropy%s %.3f nats, into "
+             "%s%s", samples, tokens, elapsed, tokens / max(elapsed, 1e-9), bound, entropy_sum.item() / max(tokens, 1),
              writer.location, label)
     return stream.samples if config.max_samples is None else min(stream.samples, config.max_samples)
 

@@ -73,7 +73,8 @@ def main(verbose: bool) -> None:
               help="Hidden states to store, e.g. '-1' or '8,16,-1' (0 = embeddings, -1 = last).")
 @click.option("--hidden-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Dtype of stored hidden states.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per teacher forward.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Samples per teacher forward (per vLLM generate call: use 64-256 there to keep the engine busy).")
 @click.option("--samples-per-shard", type=int, help="Samples per shard. Default: about 1M positions per shard.")
 @click.option("--chunk-positions", type=int,
               help="Positions whose fp32 logits exist at once. Default: 32 MiB worth on CPU, 256 MiB on CUDA.")
