@@ -10,11 +10,13 @@ import logging
 from pathlib import Path
 
 import click
+import yaml
 from transformers import AutoConfig
 
 from storage.fs import Location
 from storage.manifest import Manifest
-from student_train.config import PRECISIONS, TrainConfig
+from student_train.config import DEFAULT_ALPHA, LOSS_NAMES, PRECISIONS, TrainConfig
+from student_train.losses import REPRESENTATIONS, SCHEDULES
 from student_train.student import compatibility_problems, load_tokenizer
 
 TRAIN_OPTIONS = [
@@ -22,13 +24,28 @@ TRAIN_OPTIONS = [
     click.option("--student", help="Student: a local HF model directory (weights are the init) or an HF config "
                                    "(config.json, or a directory with only one) for a random init."),
     click.option("--output", help="Run directory: checkpoints, metrics.jsonl and the final student."),
-    click.option("--loss", type=click.Choice(["topk_tail", "topk_renorm", "sampled"]),
-                 help="Distillation loss. Default: topk_tail (top-k plus a tail bucket) when the store has top-k "
-                      "targets, else sampled. topk_renorm is biased and offered for comparison."),
-    click.option("--alpha", type=float, default=0.9, show_default=True,
-                 help="Weight of the distillation loss; 1 - alpha weights CE on true tokens. 0 trains with CE only."),
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                 help="YAML file of options (names as in train_config.json, e.g. `loss: [jsd=0.9, ce=0.1]`); "
+                      "options given on the command line win."),
+    click.option("--loss", multiple=True, metavar="NAME=WEIGHT",
+                 help=f"A loss term, repeatable; NAME is one of {', '.join(LOSS_NAMES)} (the menu above). "
+                      f"Default: forward_kl=ALPHA ce=1-ALPHA. A bare {'/'.join(REPRESENTATIONS)} is --targets-from."),
+    click.option("--targets-from", type=click.Choice(list(REPRESENTATIONS)),
+                 help="What the divergences compare with. Default: topk_tail (top-k plus a tail bucket) when the "
+                      "store has top-k targets, else sampled. topk_renorm is biased, offered for comparison."),
+    click.option("--alpha", type=float,
+                 help=f"KD weight of the default loss when --loss gives no weights (default {DEFAULT_ALPHA}): "
+                      "forward_kl=ALPHA ce=1-ALPHA; 0 trains with CE only."),
     click.option("--temperature", type=float, default=1.0, show_default=True,
-                 help="Softening of both distributions, with the T^2 factor (must be 1 for sampled targets)."),
+                 help="Softening of both distributions in the divergences, with the T^2 factor (must be 1 for "
+                      "sampled targets)."),
+    click.option("--jsd-beta", type=float, default=0.5, show_default=True,
+                 help="jsd's beta in (0, 1): the teacher's share of the mixture."),
+    click.option("--skew-alpha", type=float, default=0.1, show_default=True,
+                 help="skew_kl's and skew_rkl's alpha in (0, 1)."),
+    click.option("--kd-schedule", default="constant", show_default=True, metavar="SCHEDULE",
+                 help=f"Factor on the divergences by step: {', '.join(SCHEDULES)} (0 -> 1 over STEPS; 1 -> 0 over "
+                      "STEPS). CE is not scheduled."),
     click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per micro-batch."),
     click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
     click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW)."),
@@ -71,10 +88,27 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     \b
     Example:
       student-train --store /cache/run1 --student ./student-config.json --output runs/kd --max-steps 2000
+      student-train ... --loss forward_kl=0.7 --loss ce=0.3 --targets-from topk_tail
+
+    \b
+    Loss: s(step) * T^2 * sum of WEIGHT * divergence(teacher p, student q) + WEIGHT * ce, each a mean over tokens
+      forward_kl  KL(p || q)                          mean-seeking; unbiased gradient with sampled targets
+      reverse_kl  KL(q || p)                          mode-seeking; not with sampled targets (infinite)
+      jsd         b KL(p || m) + (1-b) KL(q || m)     m = b p + (1-b) q, b = --jsd-beta
+      tv          sum |p - q| / 2                     total variation, in [0, 1]
+      skew_kl     KL(p || a p + (1-a) q)              DistiLLM's skew KL, a = --skew-alpha
+      skew_rkl    KL(q || a q + (1-a) p)              skew reverse KL
+      ce          -log q(true next token)             never tempered nor scheduled
+    p and q are compared over the buckets of --targets-from: topk_tail = the k stored ids + one bucket for the
+    rest of the vocabulary; topk_renorm = the k ids, both renormalised; sampled = the teacher's draws (counts / N)
+    + one bucket for the student's mass elsewhere, temperature 1 only. s(step) is --kd-schedule.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand is not None:
         return
+    config_file = options.pop("config_file")
+    if config_file:
+        options = _with_config_file(ctx, options, config_file)
     missing = [f"--{name}" for name in ("store", "student", "output") if not options[name]]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (see student-train --help).")
@@ -87,6 +121,20 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Student saved to {options['output']}; held-out: {json.dumps(evaluation)}")
+
+
+def _with_config_file(ctx: click.Context, options: dict, path: str) -> dict:
+    """`options` with the values of a YAML file of options, except those given on the command line."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise click.UsageError(f"--config {path}: expected a mapping of option names to values, got "
+                               f"{type(values).__name__}.")
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise click.UsageError(f"--config {path}: unknown option(s) {', '.join(map(str, unknown))}; the options are "
+                               f"{', '.join(sorted(options))}.")
+    given = {name for name in options if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    return options | {name: value for name, value in values.items() if name not in given}
 
 
 @main.command()

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from student_train.losses import CE, DIVERGENCES, REPRESENTATIONS, LossConfig
+
 PRECISIONS = ("auto", "bf16", "fp32")
+LOSS_NAMES = (*DIVERGENCES, CE)
+DEFAULT_ALPHA = 0.9
 
 
 @dataclass(kw_only=True)
@@ -18,10 +23,18 @@ class TrainConfig:
         student: a local HF model directory (its weights are the init) or an HF config (a config.json file, or a
             directory holding only one) for a random init.
         output: run directory: checkpoints, metrics and the final student.
-        loss: "topk_tail", "topk_renorm" or "sampled"; None picks topk_tail when the store has top-k targets,
-            else sampled.
-        alpha: weight of the distillation loss; 1 - alpha weights cross-entropy on the true tokens (0 = CE only).
-        temperature: softening of teacher and student distributions (see student_train/losses.py).
+        loss: the loss terms, "NAME=WEIGHT" each, NAME a divergence (forward_kl, reverse_kl, jsd, tv, skew_kl,
+            skew_rkl) or ce; see student_train/losses.py. Empty: forward_kl=alpha, ce=1-alpha. A bare
+            representation name ("topk_tail", ...) is the same as `targets_from`. Resolved on creation to the
+            weighted terms alone, zero weights dropped.
+        targets_from: target representation of the divergences: "topk_tail", "topk_renorm" or "sampled"; None
+            picks topk_tail when the store has top-k targets, else sampled.
+        alpha: KD weight of the default mix when `loss` gives no weights (None: 0.9); resolved into `loss`.
+        temperature: softening of teacher and student distributions (see student_train/divergences.py).
+        jsd_beta: beta of the jsd divergence, in (0, 1).
+        skew_alpha: alpha of the skew_kl and skew_rkl divergences, in (0, 1).
+        kd_schedule: factor on the divergences' weights by step: constant, linear_warmup:STEPS or
+            cosine_decay:STEPS.
         batch_size: samples per micro-batch.
         grad_accum: micro-batches per optimizer step.
         lr: peak learning rate (AdamW).
@@ -49,9 +62,13 @@ class TrainConfig:
     store: str
     student: str
     output: str
-    loss: str | None = None
-    alpha: float = 0.9
+    loss: list[str] | str = field(default_factory=list)
+    targets_from: str | None = None
+    alpha: float | None = None
     temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    kd_schedule: str = "constant"
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
@@ -76,8 +93,9 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"--alpha: must be within [0, 1], got {self.alpha}.")
+        terms = [self.loss] if isinstance(self.loss, str) else list(self.loss)  # one term may come as a string
+        self.loss, self.targets_from = _resolve_loss(terms, self.alpha, self.targets_from)
+        self.alpha = None
         if self.temperature <= 0:
             raise ValueError(f"--temperature: must be positive, got {self.temperature}.")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_checkpoints",
@@ -95,7 +113,56 @@ class TrainConfig:
             raise ValueError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}.")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be at least 0, got {self.num_workers}.")
+        # The checks that need no store; the trainer's call adds those of the store's default targets.
+        self.loss_config(self.targets_from or "topk_tail")
 
     def save(self, path: Path) -> None:
         """Write the resolved config as JSON."""
         path.write_text(json.dumps(asdict(self), indent=1))
+
+    def loss_config(self, targets: str, sampled_tail_bucket: bool = False) -> LossConfig:
+        """The loss of this run, its divergences over `targets` (the store's default unless `targets_from`)."""
+        weights = {name: float(weight) for name, _, weight in (term.partition("=") for term in self.loss)}
+        return LossConfig(weights=weights, targets=targets, temperature=self.temperature, jsd_beta=self.jsd_beta,
+                          skew_alpha=self.skew_alpha, kd_schedule=self.kd_schedule,
+                          chunk_positions=self.chunk_positions, sampled_tail_bucket=sampled_tail_bucket)
+
+
+def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | None) -> tuple[list[str], str | None]:
+    """(the weighted terms "NAME=WEIGHT", zero weights dropped; the target representation) from --loss and --alpha."""
+    weights: dict[str, float] = {}
+    for term in terms:
+        name, equals, value = term.partition("=")
+        if not equals and name in REPRESENTATIONS:  # `--loss topk_tail`, the form before the menu
+            if targets_from not in (None, name):
+                raise ValueError(f"--loss {name} and --targets-from {targets_from} name different targets; "
+                                 "give one of them.")
+            targets_from = name
+            continue
+        if name not in LOSS_NAMES:
+            raise ValueError(f"--loss {term}: {name!r} is not a loss; the losses are {', '.join(LOSS_NAMES)}, "
+                             "each as NAME=WEIGHT, e.g. --loss forward_kl=0.9 --loss ce=0.1 (see --help).")
+        try:
+            weight = float(value) if equals else math.nan
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ValueError(f"--loss {term}: expected NAME=WEIGHT with a number as weight, e.g. {name}=0.5.")
+        if weight < 0:
+            raise ValueError(f"--loss {term}: weights must be >= 0 (leave a term out to drop it).")
+        if name in weights:
+            raise ValueError(f"--loss: {name} is given twice ({name}={weights[name]!r} and {term}); give it once.")
+        weights[name] = weight
+    if weights and alpha is not None:
+        raise ValueError(f"--alpha {alpha}: only sets the default mix forward_kl=ALPHA, ce=1-ALPHA; with NAME=WEIGHT "
+                         "terms in --loss, weight ce there instead (e.g. --loss ce=0.1).")
+    if not weights:
+        alpha = DEFAULT_ALPHA if alpha is None else alpha
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--alpha: must be within [0, 1], got {alpha}.")
+        weights = {"forward_kl": alpha, CE: round(1.0 - alpha, 12)}
+    if not any(weights.values()):
+        raise ValueError(f"--loss: every weight is 0 ({', '.join(terms)}); give at least one term a positive weight.")
+    if targets_from is not None and targets_from not in REPRESENTATIONS:
+        raise ValueError(f"--targets-from: {targets_from!r} is not one of {', '.join(REPRESENTATIONS)}.")
+    return [f"{name}={weight!r}" for name, weight in weights.items() if weight > 0], targets_from

@@ -30,8 +30,8 @@ from teacher_cache.teacher import resolve_device
 log = logging.getLogger(__name__)
 
 
-def default_loss(targets: dict) -> str:
-    """topk_tail when the store has top-k targets, else sampled."""
+def default_targets(targets: dict) -> str:
+    """The target representation of a store's divergences: topk_tail when it has top-k targets, else sampled."""
     return "topk_tail" if "topk" in targets else "sampled"
 
 
@@ -50,13 +50,12 @@ class Trainer:
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else (
             contextlib.nullcontext)
-        kind = config.loss or default_loss(manifest.targets)
-        self.loss_config = LossConfig(kind=kind, alpha=config.alpha, temperature=config.temperature,
-                                      chunk_positions=config.chunk_positions,
-                                      sampled_tail_bucket=tail_bucket(manifest.targets) is not None)
-        # Evaluation always measures KL with the same estimator, whatever the training loss, so runs compare.
+        self.loss_config = config.loss_config(config.targets_from or default_targets(manifest.targets),
+                                              sampled_tail_bucket=tail_bucket(manifest.targets) is not None)
+        # Evaluation always measures KL with the same estimator (forward KL over the store's default targets, at
+        # T = 1), whatever the training loss, so runs compare.
         eval_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets
-        self.eval_loss_config = LossConfig(kind=default_loss(eval_targets), alpha=0.5, temperature=1.0,
+        self.eval_loss_config = LossConfig(weights={"forward_kl": 1.0}, targets=default_targets(eval_targets),
                                            chunk_positions=config.chunk_positions,
                                            sampled_tail_bucket=tail_bucket(eval_targets) is not None)
         held_out = 0.0 if config.eval_store else config.eval_fraction
@@ -95,8 +94,9 @@ class Trainer:
             self.step = state["step"]
             self.train_loader.load_state_dict(state["loader"])
             _truncate_metrics(self.output / "metrics.jsonl", self.step)
-        log.info("training %s for %d steps on %s (%s, alpha %.2f, T %.2f) on %s", config.student, self.total_steps,
-                 config.store, self.loss_config.kind, config.alpha, config.temperature, self.device)
+        log.info("training %s for %d steps on %s (loss %s over %s targets, T %.2f, KD schedule %s) on %s",
+                 config.student, self.total_steps, config.store, " + ".join(config.loss), self.loss_config.targets,
+                 config.temperature, config.kd_schedule, self.device)
         batches = self._batches()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="student-train", dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
@@ -141,11 +141,12 @@ class Trainer:
             batch = _to_device(next(batches), self.device)
             with self.autocast():
                 hidden_BLH = self._hidden(batch)
-            loss, parts = distillation_loss(hidden_BLH, self.head, batch, self.loss_config)
+            loss, parts = distillation_loss(hidden_BLH, self.head, batch, self.loss_config, step=self.step)
             (loss / self.config.grad_accum).backward()
             totals["loss"] += loss.item() / self.config.grad_accum
-            for name in ("kd", "ce"):
-                totals[name] += float(parts[name]) / self.config.grad_accum
+            for name, value in parts.items():  # kd, ce, kd_scale and each divergence of the mix
+                if name != "tokens":
+                    totals[name] = totals.get(name, 0.0) + float(value) / self.config.grad_accum
             totals["tokens"] += int(parts["tokens"])
         if self.config.clip_grad > 0:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad))

@@ -167,3 +167,21 @@ def test_resuming_a_finished_run_keeps_its_evaluation(tmp_path, store, student_c
     again = train(_config(store, student_config, tmp_path / "run", max_steps=2, resume=True))
     assert again["step"] == 2 and again["lm_loss"] == pytest.approx(first["lm_loss"], rel=1e-6)
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["lm_loss"] == again["lm_loss"]
+
+
+def test_loss_mix_and_kd_schedule_reach_the_loss(tmp_path, store, student_config):
+    """The trainer passes its step to the KD schedule; the held-out KL stays forward KL over the store's default
+    targets, whatever the training loss, so runs compare."""
+    config = _config(store, student_config, tmp_path / "run", max_steps=4, loss=["jsd=0.5", "skew_rkl=0.3", "ce=0.2"],
+                     targets_from="topk_renorm", kd_schedule="linear_warmup:4")
+    trainer = Trainer(config)
+    assert (trainer.eval_loss_config.weights, trainer.eval_loss_config.targets) == ({"forward_kl": 1.0}, "topk_tail")
+    trainer.run()
+    records = _train_records(tmp_path / "run")
+    assert [r["kd_scale"] for r in records] == [0.25, 0.5, 0.75, 1.0]
+    for r in records:
+        expected = r["kd_scale"] * (0.5 * r["jsd"] + 0.3 * r["skew_rkl"]) + 0.2 * r["ce"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert r["kd"] == pytest.approx((0.5 * r["jsd"] + 0.3 * r["skew_rkl"]) / 0.8, rel=1e-5)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["loss"] == ["jsd=0.5", "skew_rkl=0.3", "ce=0.2"] and TrainConfig(**saved) == config

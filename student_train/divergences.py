@@ -1,0 +1,168 @@
+"""The math of one chunk of positions: teacher and student as distributions over the same buckets, and divergences.
+
+Used by `student_train.losses`, which applies the student's head a chunk of positions at a time and calls these on
+that chunk's [C, V] logits. Nothing here sees more than one chunk, and no dense teacher distribution exists: the
+teacher is whatever the store kept (top-k + tail mass, or sampled draws).
+
+A *target representation* turns the student's logits and the stored targets into two distributions over J buckets,
+log p (teacher) and log q (student), each summing to 1. A *divergence* D(p, q) is then computed over those buckets.
+p may be exactly 0 (log p = -inf) in a bucket; the student's log q is always finite (a bucket it must not hold is
+the most negative float, so exp gives 0), which keeps every gradient finite. 0 log 0 counts as 0.
+
+Representations (T the temperature, z the student's logits):
+- `topk_tail`: J = K + 1, the K stored ids plus a "ghost" bucket for the rest of the vocabulary. Teacher:
+  log-softmax over the K + 1 buckets of (stored log-prob, `tail_logmass`) / T. Tempering the tail as one bucket is
+  an approximation (the exact tempered tail is sum over tail ids of p_v^(1/T), which the store cannot give); it is
+  exact at T = 1, where the renormalisation only removes the fp16 rounding of the stored log-probs. Student:
+  q = softmax(z / T) over the whole vocabulary, read at the K ids; its bucket is its mass on the other ids, a
+  log-sum-exp over them (exact, no 1 - sum q cancellation when the tail is tiny).
+- `topk_renorm`: J = K, teacher log-softmax(log p_k / T) and student log-softmax(z_k / T), both renormalised over
+  the K ids. Biased: the student is pushed to put nothing on the tail (over-confident); offered for comparison.
+- `sampled`: N draws from the teacher at T = 1, stored as distinct ids + counts. Teacher: the empirical
+  distribution c_i / N, zero off the drawn ids. Student: q = softmax(z) at the drawn ids, plus one bucket holding
+  its mass on every id not drawn (where the empirical target is 0). For the divergences below, summing the undrawn
+  ids into one bucket changes nothing (p and q have a constant ratio, 0 or 1/(1 - a), across them), so each is
+  exactly D(counts / N, q) over the whole vocabulary: a plug-in estimate from the draws. Only T = 1 (draws from a
+  tempered teacher cannot be recovered). Stores built with the vllm backend draw from the top-k plus a tail bucket
+  (collated as id TAIL_BUCKET); that bucket's q is the student's mass outside the position's top-k, so the
+  estimate is of the K + 1-bucket divergence (as `topk_tail`), not the full-vocabulary one.
+
+Divergences (p teacher, q student over the buckets; all >= 0 and 0 when p = q):
+- `forward_kl`: KL(p || q) = sum p log(p / q). Mean-seeking. With `sampled` its gradient q - c/N is the full
+  forward KL's gradient q - p in expectation (random-sampling KD, unbiased); its value is biased by the empirical
+  entropy, a constant for the student.
+- `reverse_kl`: KL(q || p) = sum q log(q / p). Mode-seeking. Infinite wherever p = 0 < q, hence refused with
+  `sampled` (the empirical target is 0 on every undrawn id).
+- `jsd`: generalised Jensen-Shannon with beta in (0, 1): beta KL(p || m) + (1 - beta) KL(q || m), with
+  m = beta p + (1 - beta) q (the GKD definition; beta = 0.5 is the symmetric JSD). Bounded by log 2 at beta = 0.5.
+- `tv`: total variation, sum |p - q| / 2, in [0, 1].
+- `skew_kl`: skew forward KL of DistiLLM, KL(p || a p + (1 - a) q) with a = skew_alpha in (0, 1); a -> 0 gives
+  KL(p || q). Bounded by log(1/a), so its gradients stay tame where q is tiny.
+- `skew_rkl`: skew reverse KL, KL(q || a q + (1 - a) p).
+With `sampled`, every divergence except forward KL is a biased estimate of the divergence to the teacher (for
+example E TV(counts / N, q) >= TV(p, q)), with a bias that shrinks as the number of draws grows; the draws are
+still useful as a target, but the estimate is not the teacher's divergence.
+
+Legend: C positions in a chunk, V vocabulary, K top-k ids, M sampled entries per position (padding: id 0, count
+0), J buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Id of the tail bucket in collated sampled targets (draws the vllm backend makes from top-k + one tail bucket).
+TAIL_BUCKET = -1
+
+# (logits [C, V] fp32, targets of the chunk, temperature) -> (log p, log q), each [C, J].
+Representation = Callable[[torch.Tensor, dict[str, torch.Tensor], float], tuple[torch.Tensor, torch.Tensor]]
+# (log p [C, J], log q [C, J], parameter) -> [C]; the parameter is jsd's beta or the skew alpha, else unused.
+Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def topk_tail(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+    """The K stored ids plus a ghost bucket for the rest of the vocabulary, J = K + 1."""
+    ids_CK = targets["topk_ids"]
+    scaled_CV = logits_CV / temperature
+    lse_C1 = scaled_CV.logsumexp(-1, keepdim=True)
+    logq_CK = scaled_CV.gather(-1, ids_CK) - lse_C1
+    logq_CJ = torch.cat([logq_CK, _outside_logmass(scaled_CV, ids_CK, lse_C1)], -1)
+    teacher_CJ = torch.cat([targets["topk_logprobs"], targets["tail_logmass"][:, None]], -1)
+    return F.log_softmax(teacher_CJ / temperature, -1), logq_CJ
+
+
+def topk_renorm(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+    """Teacher and student both renormalised over the K stored ids, J = K (biased)."""
+    logq_CK = F.log_softmax(logits_CV.gather(-1, targets["topk_ids"]) / temperature, -1)
+    return F.log_softmax(targets["topk_logprobs"] / temperature, -1), logq_CK
+
+
+def sampled(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+    """The empirical distribution of the draws over the drawn entries plus one bucket for the rest, J = M + 1."""
+    assert temperature == 1.0, "sampled targets are draws at T = 1; LossConfig rejects other temperatures"
+    counts_CM, ids_CM = targets["sampled_counts"], targets["sampled_ids"]
+    drawn_CM = counts_CM > 0
+    logp_CM = (counts_CM / counts_CM.sum(-1, keepdim=True)).log()  # padding (count 0) -> -inf
+    lse_C1 = logits_CV.logsumexp(-1, keepdim=True)
+    logq_CM = logits_CV.gather(-1, ids_CM.clamp_min(0)) - lse_C1
+    real_CM = drawn_CM & (ids_CM != TAIL_BUCKET)
+    # Ids the drawn entries cover; padding entries (id 0, count 0) add nothing.
+    covered_CV = torch.zeros_like(logits_CV).scatter_add_(-1, ids_CM.clamp_min(0), real_CM.float()) > 0
+    if "topk_ids" in targets:  # draws from top-k + a tail bucket: the bucket is the mass outside the top-k
+        ids_CK = targets["topk_ids"]
+        logq_CM = torch.where(ids_CM == TAIL_BUCKET, _outside_logmass(logits_CV, ids_CK, lse_C1), logq_CM)
+        bucket_drawn_C1 = (drawn_CM & ~real_CM).any(-1, keepdim=True)
+        outside_topk_CV = torch.ones_like(covered_CV).scatter_(-1, ids_CK, False)
+        covered_CV |= bucket_drawn_C1 & outside_topk_CV
+    tiny = torch.finfo(logits_CV.dtype).min
+    logq_CM = torch.where(drawn_CM, logq_CM, tiny)  # a padding entry is an empty bucket for the student too
+    logq_rest_C1 = logits_CV.masked_fill(covered_CV, tiny).logsumexp(-1, keepdim=True) - lse_C1
+    logp_rest_C1 = torch.full_like(logq_rest_C1, -math.inf)
+    return torch.cat([logp_CM, logp_rest_C1], -1), torch.cat([logq_CM, logq_rest_C1], -1)
+
+
+def _outside_logmass(scaled_CV: torch.Tensor, ids_CK: torch.Tensor, lse_C1: torch.Tensor) -> torch.Tensor:
+    """log of the student's mass outside the ids `ids_CK`, [C, 1]: a log-sum-exp over the other ids.
+
+    The K ids are masked with the most negative finite float rather than -inf so that an empty tail (K = V) stays
+    finite: log q_tail is then a huge negative number that p_tail = 0 multiplies away, with no inf - inf in
+    logsumexp or its backward.
+    """
+    outside_CV = scaled_CV.scatter(-1, ids_CK, torch.finfo(scaled_CV.dtype).min)
+    return outside_CV.logsumexp(-1, keepdim=True) - lse_C1
+
+
+def _kl(logx_CJ: torch.Tensor, logy_CJ: torch.Tensor) -> torch.Tensor:
+    """sum x log(x / y) over the last axis, [C]; buckets with x = 0 contribute 0, with a finite gradient."""
+    x_CJ = logx_CJ.exp()
+    held_CJ = x_CJ > 0
+    # Zero both logs where x = 0 before the product: 0 * (-inf) there would make the gradient NaN, not 0.
+    logx_CJ, logy_CJ = torch.where(held_CJ, logx_CJ, 0.0), torch.where(held_CJ, logy_CJ, 0.0)
+    return (x_CJ * (logx_CJ - logy_CJ)).sum(-1)
+
+
+def _log_mix(loga_CJ: torch.Tensor, logb_CJ: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight a + (1 - weight) b), in log space; finite wherever either is."""
+    return torch.logaddexp(loga_CJ + math.log(weight), logb_CJ + math.log1p(-weight))
+
+
+def forward_kl(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, _: float) -> torch.Tensor:
+    return _kl(logp_CJ, logq_CJ)
+
+
+def reverse_kl(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, _: float) -> torch.Tensor:
+    return _kl(logq_CJ, logp_CJ)
+
+
+def jsd(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, beta: float) -> torch.Tensor:
+    logm_CJ = _log_mix(logp_CJ, logq_CJ, beta)
+    return beta * _kl(logp_CJ, logm_CJ) + (1 - beta) * _kl(logq_CJ, logm_CJ)
+
+
+def tv(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, _: float) -> torch.Tensor:
+    return 0.5 * (logp_CJ.exp() - logq_CJ.exp()).abs().sum(-1)
+
+
+def skew_kl(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, alpha: float) -> torch.Tensor:
+    return _kl(logp_CJ, _log_mix(logp_CJ, logq_CJ, alpha))
+
+
+def skew_rkl(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, alpha: float) -> torch.Tensor:
+    return _kl(logq_CJ, _log_mix(logq_CJ, logp_CJ, alpha))
+
+
+REPRESENTATIONS: dict[str, Representation] = {"topk_tail": topk_tail, "topk_renorm": topk_renorm, "sampled": sampled}
+# The batch records each representation reads (`sampled` also reads topk_ids when its draws have a tail bucket).
+TARGET_KEYS: dict[str, tuple[str, ...]] = {
+    "topk_tail": ("topk_ids", "topk_logprobs", "tail_logmass"),
+    "topk_renorm": ("topk_ids", "topk_logprobs"),
+    "sampled": ("sampled_ids", "sampled_counts"),
+}
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tv": tv, "skew_kl": skew_kl,
+    "skew_rkl": skew_rkl,
+}
