@@ -1,6 +1,7 @@
-"""`student-train`: train a student on a teacher-cache store; `student-train check` tests compatibility first.
+"""`student-train`: train a student on a teacher-cache store; `student-train check` tests compatibility first;
+`student-train eval` compares the trained student with its teacher.
 
-The commands only parse options, build a `TrainConfig` and call `train`.
+The commands only parse options, build a config (`TrainConfig`, `EvalConfig`) and call one function.
 """
 
 from __future__ import annotations
@@ -154,3 +155,47 @@ def check(store: str, student: str) -> None:
     if problems:
         raise click.ClickException("\n".join(problems))
     click.echo(f"{student} can train on {store}: same tokenizer, vocabulary {manifest.teacher['vocab_size']}.")
+
+
+@main.command("eval")
+@click.option("--teacher", required=True, help="The teacher's local HF model directory.")
+@click.option("--student", required=True, help="The student's model directory (weights and tokenizer), e.g. a "
+                                               "student-train --output.")
+@click.option("--store", help="Store written by `teacher-cache build`: its held-out tail is evaluated.")
+@click.option("--data", help="Instead of --store: text (jsonl/json/parquet/csv/txt, a folder, a saved dataset), "
+                             "tokenized with the teacher's tokenizer and packed; every row is evaluated.")
+@click.option("--text-field", default="text", show_default=True, help="Column of --data holding the text.")
+@click.option("--split", default="train", show_default=True, help="Split of --data.")
+@click.option("--seq-len", type=int, help="Positions per row with --data. Default: 512.")
+@click.option("--samples", type=int, help="Evaluate at most this many rows (the first of the held-out part).")
+@click.option("--held-out-fraction", type=float,
+              help="Evaluate the store's last samples, the share training held out with the same --eval-fraction. "
+                   "Default: 0.05, training's default.")
+@click.option("--all", "all_samples", is_flag=True, help="Evaluate every sample of --store (a held-out store).")
+@click.option("--output", help="Directory of report.json, report.md and report.png. Default: STUDENT/eval.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Weights of both models; auto = bfloat16 on CUDA, float32 on CPU.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per forward.")
+@click.option("--chunk-positions", type=int, default=256, show_default=True,
+              help="Positions whose logits exist at once, per model (memory vs speed).")
+def eval_(**options) -> None:
+    """Compare the teacher and the student on held-out text: LM loss, perplexity, KL(teacher || student), top-1
+    agreement, calibration error, parameters, size on disk, speed and peak memory.
+
+    \b
+    Example:
+      student-train eval --teacher /models/teacher --student runs/kd --store /cache/run1
+    """
+    from student_train.eval_report import markdown
+    from student_train.evaluate import EvalConfig, evaluate
+
+    try:
+        report = evaluate(EvalConfig(**options))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(markdown(report))
+    click.echo(f"Report written to {options['output'] or Path(options['student']) / 'eval'} "
+               "(report.json, report.md, report.png).")
