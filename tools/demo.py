@@ -69,16 +69,16 @@ def write_student_config(teacher: Path, path: Path) -> Path:
 
 
 def train_student(store: Path, eval_store: Path, student: Path, output: Path, *, alpha: float, steps: int,
-                  loss: str = "sampled") -> dict:
+                  targets: str = "sampled") -> dict:
     """Train one student (about a minute); reuse its result when the teacher, alpha and steps are unchanged."""
     final = output / "final_metrics.json"
-    stamp = json.dumps([Store(store).manifest.teacher["weights_sha256"], alpha, steps, loss])
+    stamp = json.dumps([Store(store).manifest.teacher["weights_sha256"], alpha, steps, targets])
     if final.exists() and (output / ".demo-stamp").exists() and (output / ".demo-stamp").read_text() == stamp:
         return json.loads(final.read_text())
     shutil.rmtree(output, ignore_errors=True)
     _run(_cli("student-train"), "--store", str(store), "--eval-store", str(eval_store), "--student", str(student),
-         "--output", str(output), "--loss", loss, "--alpha", str(alpha), "--max-steps", str(steps), "--batch-size", "8",
-         "--lr", "2e-3", "--eval-every", str(steps), "--save-every", str(steps))
+         "--output", str(output), "--targets-from", targets, "--alpha", str(alpha), "--max-steps", str(steps),
+         "--batch-size", "8", "--lr", "2e-3", "--eval-every", str(steps), "--save-every", str(steps))
     (output / ".demo-stamp").write_text(stamp)
     return json.loads(final.read_text())
 
@@ -114,7 +114,7 @@ def main(root: Path, teacher_seconds: float, train_samples: int, steps: int) -> 
     student = write_student_config(teacher, root / "student-config")
     kd = train_student(train_store, eval_store, student, root / "student-kd", alpha=0.9, steps=steps)
     topk = train_student(train_store, eval_store, student, root / "student-kd-topk", alpha=0.9, steps=steps,
-                         loss="topk_tail")
+                         targets="topk_tail")
     ce = train_student(train_store, eval_store, student, root / "student-ce", alpha=0.0, steps=steps)
     size = parameters(root / "student-kd")
     rows = [(f"teacher ({parameters(teacher)})", teacher_heldout_loss(eval_store), None, None),
