@@ -70,6 +70,12 @@ TRAIN_OPTIONS = [
     click.option("--num-workers", type=int, default=0, show_default=True, help="Loader worker processes."),
     click.option("--selection", help="Train on exactly the sample ids of this JSON file, in its order."),
     click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output."),
+    click.option("--init-from-teacher", help="Instead of --student: a local HF teacher directory (same tokenizer as "
+                                             "the store) whose layers --keep-layers, with its embeddings, final norm "
+                                             "and head, are the student (the DistilBERT recipe)."),
+    click.option("--keep-layers", metavar="I,J,...",
+                 help="The teacher's layers kept by --init-from-teacher, e.g. 0,2,4 or 0,-1 (negative: from the "
+                      "end). Default: every other layer from 0."),
 ]
 
 
@@ -110,7 +116,9 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     config_file = options.pop("config_file")
     if config_file:
         options = _with_config_file(ctx, options, config_file)
-    missing = [f"--{name}" for name in ("store", "student", "output") if not options[name]]
+    student = options["student"] or options["init_from_teacher"]
+    given = {"--store": options["store"], "--student (or --init-from-teacher)": student, "--output": options["output"]}
+    missing = [name for name, value in given.items() if not value]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (see student-train --help).")
     from student_train.train import train

@@ -21,7 +21,7 @@ class TrainConfig:
     Attributes:
         store: store written by `teacher-cache build`.
         student: a local HF model directory (its weights are the init) or an HF config (a config.json file, or a
-            directory holding only one) for a random init.
+            directory holding only one) for a random init. Not with `init_from_teacher`.
         output: run directory: checkpoints, metrics and the final student.
         loss: the loss terms, "NAME=WEIGHT" each, NAME a divergence (forward_kl, reverse_kl, jsd, tv, skew_kl,
             skew_rkl) or ce; see student_train/losses.py. Empty: forward_kl=alpha, ce=1-alpha. A bare
@@ -57,10 +57,14 @@ class TrainConfig:
         chunk_positions: positions whose student logits exist at once in the loss.
         selection: a selection file (sample ids) to train on, in its order.
         resume: continue from the newest checkpoint in `output`.
+        init_from_teacher: instead of `student`, a local HF teacher directory whose layers `keep_layers` (with its
+            embeddings, final norm and head) are the student; see student_train/init_student.py.
+        keep_layers: the teacher's layers to keep, "0,2,4" or a list; negative indices count from the end. None:
+            every other layer from 0.
     """
 
     store: str
-    student: str
+    student: str | None = None
     output: str
     loss: list[str] | str = field(default_factory=list)
     targets_from: str | None = None
@@ -91,6 +95,8 @@ class TrainConfig:
     chunk_positions: int = 256
     selection: str | None = None
     resume: bool = False
+    init_from_teacher: str | None = None
+    keep_layers: list[int] | str | None = None
 
     def __post_init__(self) -> None:
         terms = [self.loss] if isinstance(self.loss, str) else list(self.loss)  # one term may come as a string
@@ -113,6 +119,7 @@ class TrainConfig:
             raise ValueError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}.")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be at least 0, got {self.num_workers}.")
+        self.keep_layers = _check_init(self.student, self.init_from_teacher, self.keep_layers)
         # The checks that need no store; the trainer's call adds those of the store's default targets.
         self.loss_config(self.targets_from or "topk_tail")
 
@@ -166,3 +173,23 @@ def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | Non
     if targets_from is not None and targets_from not in REPRESENTATIONS:
         raise ValueError(f"--targets-from: {targets_from!r} is not one of {', '.join(REPRESENTATIONS)}.")
     return [f"{name}={weight!r}" for name, weight in weights.items() if weight > 0], targets_from
+
+
+def _check_init(student: str | None, teacher: str | None, keep_layers: list[int] | str | None) -> list[int] | None:
+    """The layers to keep as a list, once the student's init is named exactly once."""
+    if student and teacher:
+        raise ValueError(f"--student {student} and --init-from-teacher {teacher} both give the student's init; give "
+                         "one: a model or config as --student, or a teacher whose layers become the student.")
+    if not student and not teacher:
+        raise ValueError("no student: give --student (a model or config) or --init-from-teacher (a teacher whose "
+                         "layers become the student).")
+    if keep_layers is None:
+        return None
+    if not teacher:
+        raise ValueError(f"--keep-layers {keep_layers}: selects layers of --init-from-teacher, which is not given.")
+    items = keep_layers.split(",") if isinstance(keep_layers, str) else keep_layers
+    try:
+        return [int(item) for item in items]
+    except ValueError:
+        raise ValueError(f"--keep-layers {keep_layers}: expected layer indices separated by commas, "
+                         "e.g. 0,2,4 or 0,-1.") from None

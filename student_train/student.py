@@ -1,4 +1,5 @@
-"""Loading the student: a local model (its weights are the init) or a config (random init), plus its tokenizer.
+"""Loading the student: a local model (its weights are the init), a config (random init) or some of a teacher's
+layers (`--init-from-teacher`), plus its tokenizer.
 
 The tokenizer must be the teacher's: the store's targets are token ids. A config-only student takes the tokenizer
 from the teacher directory named in the store's manifest; either way the fingerprints are compared before
@@ -9,12 +10,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from storage.identity import tokenizer_fingerprint
 from storage.manifest import Manifest
+from student_train.checkpoint import latest_checkpoint
+from student_train.init_student import select_layers
+
+if TYPE_CHECKING:
+    from student_train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +29,51 @@ log = logging.getLogger(__name__)
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+
+
+def build_student(config: TrainConfig, manifest: Manifest):
+    """(model in fp32, tokenizer) a run starts from: `--student`, or layers of `--init-from-teacher`.
+
+    A resumed run of the latter takes its student from the newest checkpoint, whose weights replace the init anyway:
+    the teacher's weights are not read again, only its tokenizer (or the store's teacher's, if it is gone).
+    """
+    if config.init_from_teacher is None:
+        return load_student(config.student, manifest, seed=config.seed)
+    if not config.resume:
+        return init_from_teacher(config.init_from_teacher, config.keep_layers, manifest)
+    model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(Path(config.output)) / "model", dtype=torch.float32)
+    tokenizer = load_tokenizer(Path(config.init_from_teacher).expanduser(), manifest)
+    _check(model, tokenizer, manifest, config.init_from_teacher)
+    return model, tokenizer
+
+
+def init_from_teacher(teacher: str, keep_layers: list[int] | None, manifest: Manifest):
+    """(model in fp32, tokenizer): the teacher's layers `keep_layers` (None: 0, 2, 4, ...), checked against the store.
+
+    Raises:
+        ValueError: no teacher directory, a tokenizer other than the store's, an unsupported architecture or a bad
+            list of layers.
+    """
+    path = Path(teacher).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"--init-from-teacher {teacher}: no such directory; pass the teacher's local HF model "
+                         "directory.")
+    tokenizer = load_tokenizer(path, manifest)
+    problems = compatibility_problems(tokenizer, AutoConfig.from_pretrained(path).vocab_size, manifest, teacher)
+    if problems:  # before reading the teacher's weights
+        raise ValueError("\n".join(problems))
+    layers = "every other" if keep_layers is None else ",".join(map(str, keep_layers))
+    teacher_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")  # only the kept part becomes fp32
+    try:
+        model = select_layers(teacher_model, keep_layers).float()
+    except ValueError as exc:
+        raise ValueError(f"--init-from-teacher {teacher} --keep-layers {layers}: {exc}") from None
+    _check(model, tokenizer, manifest, teacher)
+    before, after = teacher_model.num_parameters(), model.num_parameters()
+    log.info("student: layers %s of %s, %d of its %d; %.2fM of its %.2fM parameters, %.2fx smaller", layers, teacher,
+             model.config.num_hidden_layers, teacher_model.config.num_hidden_layers, after / 1e6, before / 1e6,
+             before / after)
+    return model, tokenizer
 
 
 def load_student(student: str, manifest: Manifest, *, seed: int):

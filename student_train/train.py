@@ -24,7 +24,7 @@ from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from student_train.config import TrainConfig
 from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
 from student_train.losses import LossConfig, distillation_loss
-from student_train.student import load_student
+from student_train.student import build_student
 from teacher_cache.teacher import resolve_device
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Trainer:
         self.output = Path(config.output)
         self._check_output()
         manifest = Store(config.store).manifest
-        self.model, self.tokenizer = load_student(config.student, manifest, seed=config.seed)
+        self.model, self.tokenizer = build_student(config, manifest)
         self.device = resolve_device(config.device)
         self.model.to(self.device)
         self.head = self.model.get_output_embeddings()
@@ -94,8 +94,9 @@ class Trainer:
             self.step = state["step"]
             self.train_loader.load_state_dict(state["loader"])
             _truncate_metrics(self.output / "metrics.jsonl", self.step)
+        student = config.student or f"layers of {config.init_from_teacher}"
         log.info("training %s for %d steps on %s (loss %s over %s targets, T %.2f, KD schedule %s) on %s",
-                 config.student, self.total_steps, config.store, " + ".join(config.loss), self.loss_config.targets,
+                 student, self.total_steps, config.store, " + ".join(config.loss), self.loss_config.targets,
                  config.temperature, config.kd_schedule, self.device)
         batches = self._batches()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="student-train", dynamic_ncols=True)
