@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 
 import click
-import yaml
 from transformers import AutoConfig
 
 from storage.fs import Location
 from storage.manifest import Manifest
 from student_train.config import DEFAULT_ALPHA, LOSS_NAMES, PRECISIONS, TrainConfig
+from student_train.config_file import resolve_options, with_sources
 from student_train.losses import REPRESENTATIONS, SCHEDULES
 from student_train.student import compatibility_problems, load_tokenizer
 
@@ -26,8 +26,8 @@ TRAIN_OPTIONS = [
                                    "(config.json, or a directory with only one) for a random init."),
     click.option("--output", help="Run directory: checkpoints, metrics.jsonl and the final student."),
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                 help="YAML file of options (names as in train_config.json, e.g. `loss: [jsd=0.9, ce=0.1]`); "
-                      "options given on the command line win."),
+                 help="A YAML file of options, named as here with _ for - (max_steps: 2000, loss: [jsd=0.9, ce=0.1]); "
+                      "see examples/. KEY=VALUE arguments override it, and options given here override both."),
     click.option("--loss", multiple=True, metavar="NAME=WEIGHT",
                  help=f"A loss term, repeatable; NAME is one of {', '.join(LOSS_NAMES)} (the menu above). "
                       f"Default: forward_kl=ALPHA ce=1-ALPHA. A bare {'/'.join(REPRESENTATIONS)} is --targets-from."),
@@ -85,7 +85,20 @@ def _train_options(function):
     return function
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+class _TrainGroup(click.Group):
+    """The group of `student-train`: its own run (training) takes KEY=VALUE overrides where a group takes the name of
+    a subcommand, and options before, among and after them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _, positional, _ = self.make_parser(ctx).parse_args(args=list(args))
+        if not positional or "=" not in positional[0]:  # a subcommand (check, eval), or no argument at all
+            return super().parse_args(ctx, args)
+        ctx.allow_interspersed_args = ctx.allow_extra_args = True
+        return click.Command.parse_args(self, ctx, args)  # the overrides are left in ctx.args
+
+
+@click.group(cls=_TrainGroup, invoke_without_command=True, subcommand_metavar="[KEY=VALUE]... | COMMAND [ARGS]...",
+             context_settings={"help_option_names": ["-h", "--help"]})
 @_train_options
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
@@ -96,6 +109,15 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     Example:
       student-train --store /cache/run1 --student ./student-config.json --output runs/kd --max-steps 2000
       student-train ... --loss forward_kl=0.7 --loss ce=0.3 --targets-from topk_tail
+
+    \b
+    Config files:
+      student-train --config examples/kd-topk-tail.yaml store=/cache/run1 output=runs/kd lr=3e-4 --max-steps 2000
+    --config reads a YAML file of options, named as the options below with _ for - (max_steps: 2000). KEY=VALUE
+    arguments, their values read as YAML (loss=[jsd=0.9,ce=0.1], eval_store= for none), override the file, and
+    options given on the command line override both. Unknown names and values of the wrong type are refused. The
+    resolved options are saved as OUTPUT/resolved_config.yaml, which --config reads again (add --resume to continue
+    the run: a resumed run may change only its length and how it runs, not what it learns).
 
     \b
     Loss: s(step) * T^2 * sum of WEIGHT * divergence(teacher p, student q) + WEIGHT * ce, each a mean over tokens
@@ -113,9 +135,12 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand is not None:
         return
-    config_file = options.pop("config_file")
-    if config_file:
-        options = _with_config_file(ctx, options, config_file)
+    command_line = {name: value for name, value in options.items()
+                    if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+    try:
+        options, sources = resolve_options(command_line.pop("config_file", None), ctx.args, command_line)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     student = options["student"] or options["init_from_teacher"]
     given = {"--store": options["store"], "--student (or --init-from-teacher)": student, "--output": options["output"]}
     missing = [name for name, value in given.items() if not value]
@@ -126,24 +151,10 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     try:
         evaluation = train(TrainConfig(**options))
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(with_sources(str(exc), sources)) from None
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Student saved to {options['output']}; held-out: {json.dumps(evaluation)}")
-
-
-def _with_config_file(ctx: click.Context, options: dict, path: str) -> dict:
-    """`options` with the values of a YAML file of options, except those given on the command line."""
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(values, dict):
-        raise click.UsageError(f"--config {path}: expected a mapping of option names to values, got "
-                               f"{type(values).__name__}.")
-    unknown = sorted(set(values) - set(options))
-    if unknown:
-        raise click.UsageError(f"--config {path}: unknown option(s) {', '.join(map(str, unknown))}; the options are "
-                               f"{', '.join(sorted(options))}.")
-    given = {name for name in options if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
-    return options | {name: value for name, value in values.items() if name not in given}
 
 
 @main.command()

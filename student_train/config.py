@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from student_train.losses import CE, DIVERGENCES, REPRESENTATIONS, LossConfig
 
@@ -122,10 +120,6 @@ class TrainConfig:
         self.keep_layers = _check_init(self.student, self.init_from_teacher, self.keep_layers)
         # The checks that need no store; the trainer's call adds those of the store's default targets.
         self.loss_config(self.targets_from or "topk_tail")
-
-    def save(self, path: Path) -> None:
-        """Write the resolved config as JSON."""
-        path.write_text(json.dumps(asdict(self), indent=1))
 
     def loss_config(self, targets: str, sampled_tail_bucket: bool = False) -> LossConfig:
         """The loss of this run, its divergences over `targets` (the store's default unless `targets_from`)."""

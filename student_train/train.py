@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from student_train.config import TrainConfig
+from student_train.config_file import refuse_changed_config, save_run_config
 from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
 from student_train.losses import LossConfig, distillation_loss
 from student_train.student import build_student
@@ -80,6 +81,8 @@ class Trainer:
         has_checkpoints = latest_checkpoint(self.output) is not None
         if self.config.resume and not has_checkpoints:
             raise ValueError(f"--resume: {self.output} holds no checkpoint to resume from.")
+        if self.config.resume:
+            refuse_changed_config(self.config, self.output)
         if not self.config.resume and self.output.exists() and any(self.output.iterdir()):
             raise ValueError(f"--output {self.output} already exists and is not empty; pass --resume to continue "
                              "the run in it, or choose a new --output.")
@@ -87,7 +90,7 @@ class Trainer:
     def run(self) -> dict:
         config = self.config
         self.output.mkdir(parents=True, exist_ok=True)
-        config.save(self.output / "train_config.json")
+        save_run_config(config, self.output)
         if config.resume:
             state = load_checkpoint(latest_checkpoint(self.output), model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler)
