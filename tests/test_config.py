@@ -1,6 +1,6 @@
 """Config files of `student-train`: precedence (command line > KEY=VALUE > file > defaults), unknown keys and wrong
 types refused with the fix, TrainConfig's own errors traced to the file or override that set the value, the resolved
-config saved beside the outputs, a resume with other options refused."""
+config saved beside the outputs, a resume with other options refused, and every file in examples/ trains."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import REPO, write_jsonl
 from transformers import AutoTokenizer, LlamaConfig
 
 import student_train.train
@@ -22,6 +22,7 @@ from student_train.config_file import resolve_options
 from student_train.train import train
 from teacher_cache import BuildConfig, build_cache
 
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 REQUIRED = ["store=s", "student=t", "output=o"]
 
 
@@ -60,6 +61,12 @@ def _yaml(tmp_path: Path, text: str) -> str:
 
 def _run(*args: str):
     return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def _short(store: Path, student: Path, output: Path) -> list[str]:
+    """Overrides that make any config a two-step run on the tiny store."""
+    return [f"store={store}", f"student={student}", f"output={output}", "max_steps=2", "batch_size=4", "grad_accum=1",
+            "warmup_steps=1", "eval_fraction=0.2", "eval_every=2", "save_every=2", "device=cpu"]
 
 
 # --- precedence and forms -------------------------------------------------------------------------------------------
@@ -179,7 +186,7 @@ def test_help_explains_config_files():
         assert text in result.output, text
 
 
-# --- saved config and resume ----------------------------------------------------------------------------------------
+# --- saved config, resume, examples ---------------------------------------------------------------------------------
 
 
 def test_resolved_config_is_saved_as_requested(tmp_path, store, student):
@@ -220,3 +227,24 @@ def test_resume_with_other_options_is_refused_by_name(tmp_path, store, student):
     evaluation = train(TrainConfig(**{**options, "max_steps": 3, "eval_every": 3, "log_every": 1, "resume": True}))
     assert evaluation["step"] == 3
     assert json.loads((output / "train_config.json").read_text())["max_steps"] == 3
+
+
+def test_there_are_examples():
+    assert {path.name for path in EXAMPLES} >= {"kd-topk-tail.yaml", "kd-sampled.yaml", "kd-mixed-divergences.yaml",
+                                                "ce-baseline.yaml"}
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_every_example_trains(tmp_path, store, student, example):
+    overrides = _short(store, student, tmp_path / "run")
+    result = _run("--config", example, *overrides)
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
+    written = yaml.safe_load(example.read_text())
+    overridden = {item.partition("=")[0] for item in overrides}
+    expected_loss = TrainConfig(store="s", student="t", output="o", loss=written["loss"]).loss
+    assert resolved["loss"] == expected_loss
+    for key, value in written.items():
+        if key not in overridden and key != "loss":
+            assert resolved[key] == value, key
+    assert (tmp_path / "run" / "final_metrics.json").exists()
