@@ -17,6 +17,7 @@ from storage.fs import Location
 from storage.manifest import Manifest
 from student_train.config import DEFAULT_ALPHA, LOSS_NAMES, PRECISIONS, TrainConfig
 from student_train.config_file import resolve_options, with_sources
+from student_train.features import FEATURE_LOSSES, PROJECTIONS
 from student_train.losses import REPRESENTATIONS, SCHEDULES
 from student_train.student import compatibility_problems, load_tokenizer
 
@@ -47,6 +48,17 @@ TRAIN_OPTIONS = [
     click.option("--kd-schedule", default="constant", show_default=True, metavar="SCHEDULE",
                  help=f"Factor on the divergences by step: {', '.join(SCHEDULES)} (0 -> 1 over STEPS; 1 -> 0 over "
                       "STEPS). CE is not scheduled."),
+    click.option("--feature-loss", type=click.Choice(list(FEATURE_LOSSES)),
+                 help="Also pull the student's hidden states towards the teacher's stored by `teacher-cache build "
+                      "--hidden-layers`: mse or cosine (1 - cos). Default: off."),
+    click.option("--feature-weight", type=float, default=1.0, show_default=True,
+                 help="Weight of --feature-loss in the total (not scheduled)."),
+    click.option("--feature-layers", metavar="S:T,...",
+                 help="Student hidden-state index : teacher index as stored (0 = embeddings, -1 = last), e.g. 2:4,4:8. "
+                      "Default: each stored teacher layer with the student layer at the same relative depth."),
+    click.option("--feature-projection", type=click.Choice(list(PROJECTIONS)), default="auto", show_default=True,
+                 help="A learned linear map from each student layer to the teacher's width: auto = when the widths "
+                      "differ. It trains with the student and is kept in checkpoints, not in the saved student."),
     click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per micro-batch."),
     click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
     click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW)."),
@@ -131,6 +143,7 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     p and q are compared over the buckets of --targets-from: topk_tail = the k stored ids + one bucket for the
     rest of the vocabulary; topk_renorm = the k ids, both renormalised; sampled = the teacher's draws (counts / N)
     + one bucket for the student's mass elsewhere, temperature 1 only. s(step) is --kd-schedule.
+    --feature-loss adds --feature-weight * (mse or 1 - cos) between student and stored teacher hidden states.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.losses import CE, DIVERGENCES, REPRESENTATIONS, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -59,6 +60,13 @@ class TrainConfig:
             embeddings, final norm and head) are the student; see student_train/init_student.py.
         keep_layers: the teacher's layers to keep, "0,2,4" or a list; negative indices count from the end. None:
             every other layer from 0.
+        feature_loss: "mse" or "cosine" between mapped student and stored teacher hidden states (the store must be
+            built with --hidden-layers); None: no feature loss. See student_train/features.py.
+        feature_weight: weight of the feature loss in the total (not scaled by the KD schedule).
+        feature_layers: the layer map, "S:T,S:T" (student hidden-state index : teacher index as stored; 0 =
+            embeddings, -1 = last) or a list of pairs; resolved to pairs. None: every stored teacher layer, each
+            with the student layer at the same relative depth.
+        feature_projection: "auto" (a learned linear projection per pair when the widths differ) or "always".
     """
 
     store: str
@@ -95,6 +103,10 @@ class TrainConfig:
     resume: bool = False
     init_from_teacher: str | None = None
     keep_layers: list[int] | str | None = None
+    feature_loss: str | None = None
+    feature_weight: float = 1.0
+    feature_layers: list[list[int]] | str | None = None
+    feature_projection: str = "auto"
 
     def __post_init__(self) -> None:
         terms = [self.loss] if isinstance(self.loss, str) else list(self.loss)  # one term may come as a string
@@ -118,8 +130,26 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be at least 0, got {self.num_workers}.")
         self.keep_layers = _check_init(self.student, self.init_from_teacher, self.keep_layers)
+        self._check_features()
         # The checks that need no store; the trainer's call adds those of the store's default targets.
         self.loss_config(self.targets_from or "topk_tail")
+
+    def _check_features(self) -> None:
+        if self.feature_loss is None:
+            if self.feature_layers is not None or self.feature_projection != "auto":
+                raise ValueError("--feature-layers and --feature-projection: they shape the feature loss, which is "
+                                 "off; add --feature-loss mse or --feature-loss cosine.")
+            return
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise ValueError(f"--feature-loss: {self.feature_loss!r} is not one of {', '.join(FEATURE_LOSSES)}.")
+        if not (math.isfinite(self.feature_weight) and self.feature_weight > 0):
+            raise ValueError(f"--feature-weight: must be positive, got {self.feature_weight}; to train without it, "
+                             "leave --feature-loss out.")
+        if self.feature_projection not in PROJECTIONS:
+            raise ValueError(f"--feature-projection: {self.feature_projection!r} is not one of "
+                             f"{', '.join(PROJECTIONS)}.")
+        if self.feature_layers is not None:
+            self.feature_layers = [list(pair) for pair in parse_layer_map(self.feature_layers)]
 
     def loss_config(self, targets: str, sampled_tail_bucket: bool = False) -> LossConfig:
         """The loss of this run, its divergences over `targets` (the store's default unless `targets_from`)."""

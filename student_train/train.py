@@ -23,6 +23,7 @@ from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from student_train.config import TrainConfig
 from student_train.config_file import refuse_changed_config, save_run_config
+from student_train.features import build_feature_head
 from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
 from student_train.losses import LossConfig, distillation_loss
 from student_train.student import build_student
@@ -71,7 +72,16 @@ class Trainer:
             raise ValueError(f"an epoch has {len(self.train_loader)} micro-batches, fewer than --grad-accum "
                              f"{config.grad_accum}; lower --grad-accum or --batch-size, or set --max-steps.")
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-        self.optimizer = _adamw(self.model, config)
+        # The feature projections (None without --feature-loss): trained with the student, saved in checkpoints only.
+        self.feature_head = None
+        if config.feature_loss:
+            self.feature_head = build_feature_head(
+                manifest, self.model.config, kind=config.feature_loss, layer_map=config.feature_layers,
+                project=config.feature_projection, seed=config.seed).to(self.device)
+            log.info("feature loss: %s x %g over the (student, teacher) hidden states %s, %d projection parameters",
+                     config.feature_loss, config.feature_weight, self.feature_head.layer_map,
+                     sum(p.numel() for p in self.feature_head.parameters()))
+        self.optimizer = _adamw(self.model, config, self.feature_head)
         warmup = config.warmup_steps if config.warmup_steps is not None else min(100, self.total_steps // 10)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _warmup_cosine(warmup, self.total_steps, config.min_lr_fraction))
@@ -93,7 +103,7 @@ class Trainer:
         save_run_config(config, self.output)
         if config.resume:
             state = load_checkpoint(latest_checkpoint(self.output), model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler)
+                                    scheduler=self.scheduler, feature_head=self.feature_head)
             self.step = state["step"]
             self.train_loader.load_state_dict(state["loader"])
             _truncate_metrics(self.output / "metrics.jsonl", self.step)
@@ -127,7 +137,7 @@ class Trainer:
                 if self.step % config.save_every == 0 or self.step == self.total_steps:
                     save_checkpoint(self.output, self.step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, loader_state=self.train_loader.state_dict(),
-                                    keep=config.keep_checkpoints)
+                                    keep=config.keep_checkpoints, feature_head=self.feature_head)
         if not evaluation:  # resumed from a checkpoint at the last step: nothing trained, evaluate it anyway
             evaluation = {"step": self.step, **self.evaluate()}
         self._save_final(evaluation)
@@ -144,24 +154,34 @@ class Trainer:
         for _ in range(self.config.grad_accum):
             batch = _to_device(next(batches), self.device)
             with self.autocast():
-                hidden_BLH = self._hidden(batch)
-            loss, parts = distillation_loss(hidden_BLH, self.head, batch, self.loss_config, step=self.step)
+                out = self._forward(batch, output_hidden_states=self.feature_head is not None)
+            loss, parts = distillation_loss(out.last_hidden_state, self.head, batch, self.loss_config, step=self.step)
+            if self.feature_head is not None:  # outside autocast: fp32
+                feature = self.feature_head(out.hidden_states, batch)
+                loss = loss + self.config.feature_weight * feature
+                parts["feature"] = feature.detach()
             (loss / self.config.grad_accum).backward()
             totals["loss"] += loss.item() / self.config.grad_accum
-            for name, value in parts.items():  # kd, ce, kd_scale and each divergence of the mix
+            for name, value in parts.items():  # kd, ce, kd_scale, each divergence of the mix, feature
                 if name != "tokens":
                     totals[name] = totals.get(name, 0.0) + float(value) / self.config.grad_accum
             totals["tokens"] += int(parts["tokens"])
         if self.config.clip_grad > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad))
+            trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trained, self.config.clip_grad))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
-    def _hidden(self, batch: dict) -> torch.Tensor:
+    def _forward(self, batch: dict, output_hidden_states: bool = False):
+        """The student's base model output; every layer's hidden states only when asked (the feature loss)."""
         return self.model.base_model(input_ids=batch["input_ids"][:, :-1],
-                                     attention_mask=batch["attention_mask"][:, :-1].long()).last_hidden_state
+                                     attention_mask=batch["attention_mask"][:, :-1].long(),
+                                     output_hidden_states=output_hidden_states)
+
+    def _hidden(self, batch: dict) -> torch.Tensor:
+        return self._forward(batch).last_hidden_state
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -219,9 +239,10 @@ def _top1_agreement(hidden_BLH, head, batch, chunk: int) -> float:
     return float((student_P == teacher_P).sum())
 
 
-def _adamw(model, config: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+def _adamw(model, config: TrainConfig, feature_head: torch.nn.Module | None = None) -> torch.optim.AdamW:
+    parameters = [*model.parameters(), *(feature_head.parameters() if feature_head is not None else ())]
+    decay = [p for p in parameters if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in parameters if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 

@@ -1,12 +1,25 @@
-"""Feature distillation: the loss against a hand computation with and without a projection, its gradients, and the
-layer map with its errors."""
+"""Feature distillation: the loss against a hand computation with and without a projection, its gradients, the
+layer map, and a training run on a store of teacher hidden states (loss falls, projections live in checkpoints and
+not in the saved student, resume is exact, bad maps are clear errors)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import write_jsonl
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from student_train.checkpoint import FEATURE_HEAD, latest_checkpoint, load_checkpoint
+from student_train.cli import main
+from student_train.config import TrainConfig
 from student_train.features import FeatureProjector, parse_layer_map, resolve_layer_map, uniform_layer_map
+from student_train.train import Trainer, train
+from teacher_cache import BuildConfig, build_cache
 
 B, L = 3, 7
 
@@ -91,3 +104,143 @@ def test_layer_maps_given_and_their_errors():
         resolve_layer_map([(3, 4)], stored=[4], teacher_depth=4, student_depth=2)
     with pytest.raises(ValueError, match="no teacher hidden states.*--hidden-layers"):
         resolve_layer_map(None, stored=[], teacher_depth=4, student_depth=2)
+
+
+def test_config_checks_the_feature_options(tmp_path):
+    base = dict(store="s", student="m", output=str(tmp_path))
+    assert TrainConfig(**base, feature_loss="cosine", feature_layers="1:2,2:-1").feature_layers == [[1, 2], [2, -1]]
+    with pytest.raises(ValueError, match="--feature-loss mse"):
+        TrainConfig(**base, feature_layers="1:2")
+    with pytest.raises(ValueError, match="--feature-weight"):
+        TrainConfig(**base, feature_loss="mse", feature_weight=0.0)
+    with pytest.raises(ValueError, match="--feature-loss: 'l1'"):
+        TrainConfig(**base, feature_loss="l1")
+
+
+# --- training on a store of hidden states ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, llama_dir, corpus_texts) -> Path:
+    """The tiny teacher (2 blocks, width 64) with its hidden states after block 1 and after the final norm."""
+    root = tmp_path_factory.mktemp("feature-store")
+    data = write_jsonl(root / "docs.jsonl", corpus_texts[:40])
+    output = root / "store"
+    build_cache(BuildConfig(model=str(llama_dir), dataset=str(data), output=str(output), seq_len=32, batch_size=4,
+                            samples_per_shard=8, top_k=8, hidden_layers=(1, -1), device="cpu", dtype="float32"))
+    return output
+
+
+@pytest.fixture(scope="module")
+def narrow_student(tmp_path_factory, llama_dir) -> Path:
+    """A random student half the teacher's width (32), with its tokenizer."""
+    path = tmp_path_factory.mktemp("narrow-student")
+    LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False).save_pretrained(path)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    return path
+
+
+def _config(store: Path, student: Path, output: Path, **overrides) -> TrainConfig:
+    options = dict(store=str(store), student=str(student), output=str(output), batch_size=4, max_steps=8, lr=1e-2,
+                   eval_fraction=0.2, eval_every=100, save_every=4, log_every=1, device="cpu", seed=3,
+                   feature_loss="mse")
+    return TrainConfig(**{**options, **overrides})
+
+
+def _train_records(output: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "eval" not in r]
+
+
+def test_feature_loss_trains_projections_kept_out_of_the_student(tmp_path, store, narrow_student):
+    trainer = Trainer(_config(store, narrow_student, tmp_path / "run", feature_weight=0.5))
+    assert trainer.feature_head.layer_map == [(1, 1), (2, 2)]  # uniform: the same depths
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in trainer.feature_head.parameters())
+    trainer.run()
+
+    records = _train_records(tmp_path / "run")
+    feature = [r["feature"] for r in records]
+    assert len(feature) == 8 and sum(feature[-3:]) < 0.85 * sum(feature[:3]), feature
+    for r in records:
+        assert r["loss"] == pytest.approx(0.9 * r["kd"] + 0.1 * r["ce"] + 0.5 * r["feature"], rel=1e-5)
+
+    saved = torch.load(latest_checkpoint(tmp_path / "run") / FEATURE_HEAD, weights_only=True)
+    assert {name: tuple(value.shape) for name, value in saved.items() if name != "_extra_state"} == {
+        "projections.0.weight": (64, 32), "projections.0.bias": (64,),
+        "projections.1.weight": (64, 32), "projections.1.bias": (64,)}
+    assert saved["_extra_state"] == {"layer_map": [[1, 1], [2, 2]], "kind": "mse"}
+
+    with safe_open(tmp_path / "run" / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    assert names and not [name for name in names if "projection" in name]
+    assert not list((tmp_path / "run").glob("*feature*"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    fresh = AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(narrow_student))
+    assert model.num_parameters() == fresh.num_parameters() and model.config.hidden_size == 32
+
+
+def test_resume_with_feature_loss_continues_exactly(tmp_path, store, narrow_student, monkeypatch):
+    """Stop after the step-3 checkpoint; the resumed run's steps 4-6 equal an uninterrupted run's, projections too."""
+    options = dict(feature_loss="cosine", feature_layers="2:2,1:1,0:1", feature_projection="always", max_steps=6,
+                   save_every=3)
+    train(_config(store, narrow_student, tmp_path / "full", **options))
+    full = _train_records(tmp_path / "full")
+
+    original = Trainer._train_step
+    calls = {"n": 0}
+
+    def failing_step(self, batches):
+        if calls["n"] == 4:  # step 5 starts; step 4 ran after the step-3 checkpoint and is lost
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "_train_step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(store, narrow_student, tmp_path / "cut", **options))
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    train(_config(store, narrow_student, tmp_path / "cut", resume=True, **options))
+    resumed = _train_records(tmp_path / "cut")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed, strict=True):
+        for key in ("loss", "kd", "ce", "feature", "grad_norm", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    heads = [torch.load(latest_checkpoint(tmp_path / run) / FEATURE_HEAD, weights_only=True) for run in ("full", "cut")]
+    assert heads[0].keys() == heads[1].keys()
+    for name, value in heads[0].items():
+        if name != "_extra_state":
+            torch.testing.assert_close(heads[1][name], value, rtol=1e-5, atol=1e-6)
+    final_a = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    final_b = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").state_dict()
+    for name, value in final_a.items():
+        torch.testing.assert_close(final_b[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_refuses_other_feature_options(tmp_path, store, narrow_student):
+    """A checkpoint with projections needs them to load into, of the same layer map and loss; and the other way."""
+    train(_config(store, narrow_student, tmp_path / "run", max_steps=1))
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    with pytest.raises(ValueError, match="written with a feature loss and this run is without one"):
+        load_checkpoint(checkpoint, model=None, optimizer=None, scheduler=None)
+    other = FeatureProjector([(2, 2)], kind="mse", student_width=32, teacher_width=64)
+    with pytest.raises(ValueError, match=r"layer map \(student, teacher\) \[\[1, 1\], \[2, 2\]\], this run's is "
+                                         r"mse over \[\[2, 2\]\]"):
+        other.load_state_dict(torch.load(checkpoint / FEATURE_HEAD, weights_only=True))
+    (checkpoint / FEATURE_HEAD).unlink()
+    with pytest.raises(ValueError, match="written without a feature loss and this run is with one"):
+        load_checkpoint(checkpoint, model=None, optimizer=None, scheduler=None, feature_head=other)
+
+
+def test_cli_feature_options_and_a_layer_the_store_lacks(tmp_path, store, narrow_student):
+    args = ["--store", str(store), "--student", str(narrow_student), "--max-steps", "1", "--batch-size", "4",
+            "--device", "cpu", "--feature-loss", "cosine", "--feature-weight", "2"]
+    result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "run"), "--feature-layers", "2:-1"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (saved["feature_loss"], saved["feature_weight"], saved["feature_layers"]) == ("cosine", 2.0, [[2, -1]])
+    result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "bad"), "--feature-layers", "1:0"])
+    assert result.exit_code == 2
+    assert "teacher layer(s) 0 are not in the store, which holds layers 1, 2" in result.output
+    assert "--hidden-layers 0,1,2" in result.output
