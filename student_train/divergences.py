@@ -21,11 +21,12 @@ Representations (T the temperature, z the student's logits):
 - `sampled`: N draws from the teacher at T = 1, stored as distinct ids + counts. Teacher: the empirical
   distribution c_i / N, zero off the drawn ids. Student: q = softmax(z) at the drawn ids, plus one bucket holding
   its mass on every id not drawn (where the empirical target is 0). For the divergences below, summing the undrawn
-  ids into one bucket changes nothing (p and q have a constant ratio, 0 or 1/(1 - a), across them), so each is
-  exactly D(counts / N, q) over the whole vocabulary: a plug-in estimate from the draws. Only T = 1 (draws from a
-  tempered teacher cannot be recovered). Stores built with the vllm backend draw from the top-k plus a tail bucket
-  (collated as id TAIL_BUCKET); that bucket's q is the student's mass outside the position's top-k, so the
-  estimate is of the K + 1-bucket divergence (as `topk_tail`), not the full-vocabulary one.
+  ids into one bucket changes nothing (with p = 0, each one's term is linear in q there: q / 2 for tv,
+  q (1 - beta) log(1 / (1 - beta)) for jsd, ...), so each is exactly D(counts / N, q) over the whole vocabulary: a
+  plug-in estimate from the draws. Only T = 1 (draws from a tempered teacher cannot be recovered). Stores built
+  with the vllm backend draw from the top-k plus a tail bucket (collated as id TAIL_BUCKET); that bucket's q is the
+  student's mass outside the position's top-k, so the estimate is of the K + 1-bucket divergence (as `topk_tail`),
+  not the full-vocabulary one.
 
 Divergences (p teacher, q student over the buckets; all >= 0 and 0 when p = q):
 - `forward_kl`: KL(p || q) = sum p log(p / q). Mean-seeking. With `sampled` its gradient q - c/N is the full
@@ -67,7 +68,7 @@ Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 def topk_tail(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
     """The K stored ids plus a ghost bucket for the rest of the vocabulary, J = K + 1."""
     ids_CK = targets["topk_ids"]
-    scaled_CV = logits_CV / temperature
+    scaled_CV = logits_CV if temperature == 1.0 else logits_CV / temperature  # no [C, V] copy at T = 1
     lse_C1 = scaled_CV.logsumexp(-1, keepdim=True)
     logq_CK = scaled_CV.gather(-1, ids_CK) - lse_C1
     logq_CJ = torch.cat([logq_CK, _outside_logmass(scaled_CV, ids_CK, lse_C1)], -1)
