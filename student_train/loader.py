@@ -14,6 +14,9 @@ r gets its r-th B-sized part; so the samples of a step do not depend on the worl
 Batches of a rank are numbered b = 0, 1, ...; DataLoader worker w of N produces the batches b = w (mod N), which
 torch's round-robin collection returns in the order 0, 1, 2, ... whatever N is.
 
+An evaluation shared by ranks wants every sample exactly once rather than equal batches on every rank:
+`StoreLoader(..., interleave=True)` gives rank r the batches r, r + W, r + 2W, ... of the single-rank order.
+
 Legend: B samples in a batch, L positions per sample (`seq_len`), K top-k entries, M sampled ids per position
 (padded to the batch's maximum), H hidden size, E flat sampled entries, P = B*L positions.
 """
@@ -317,14 +320,17 @@ def collate(record: dict[str, np.ndarray], ids: np.ndarray, tail_bucket_id: int 
 
 
 class StoreDataset(IterableDataset):
-    """Batches of one rank in one epoch, from batch `start_batch` on; wrap it in DataLoader(batch_size=None).
+    """Batches of one rank in one epoch, from batch `start_batch` on, every `stride`-th; wrap it in
+    DataLoader(batch_size=None).
 
-    Worker w of N yields the batches b = w (mod N); each worker opens the store itself and caches its own shards.
+    Worker w of N yields the w-th of every N of those batches; each worker opens the store itself and caches its own
+    shards.
     """
 
-    def __init__(self, url: str, order: SampleOrder, *, rank: int, epoch: int, start_batch: int, cache_shards: int):
+    def __init__(self, url: str, order: SampleOrder, *, rank: int, epoch: int, start_batch: int, cache_shards: int,
+                 stride: int = 1):
         self.url, self.order, self.rank, self.epoch = url, order, rank, epoch
-        self.start_batch, self.cache_shards = start_batch, cache_shards
+        self.start_batch, self.cache_shards, self.stride = start_batch, cache_shards, stride
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -333,7 +339,7 @@ class StoreDataset(IterableDataset):
         store = Store(self.url)
         tail_bucket_id = tail_bucket(store.manifest.targets)
         cache = ShardCache(store, self.cache_shards)
-        for index in range(self.start_batch + worker, self.order.num_batches, num_workers):
+        for index in range(self.start_batch + worker * self.stride, self.order.num_batches, num_workers * self.stride):
             ids = self.order.batch(order, self.rank, index)
             yield collate(cache.rows(ids), ids, tail_bucket_id)
 
@@ -345,13 +351,16 @@ class StoreLoader:
         config: loader options.
         rank: this process's rank.
         world_size: number of ranks.
+        interleave: rank r reads the batches r, r + world_size, ... of the single-rank order, so the ranks read every
+            sample exactly once but may get one batch fewer than others (an evaluation shared by ranks). Otherwise
+            each step's block of world_size batches is split among the ranks (see the module docstring).
 
     Iterating yields the current epoch's batches from the current position and advances the state; once an epoch
     is exhausted the next iteration starts the following one. All ranks hold the same state (they consume equal
     batches), so one rank's `state_dict` resumes them all.
     """
 
-    def __init__(self, config: LoaderConfig, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, config: LoaderConfig, *, rank: int = 0, world_size: int = 1, interleave: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}.")
         self.config = config
@@ -362,7 +371,7 @@ class StoreLoader:
         self.order = SampleOrder(
             shard_sizes=tuple(s.num_samples for s in store.manifest.shards), seed=config.seed, shuffle=config.shuffle,
             shuffle_window=config.shuffle_window, id_range=held_out_range(num_samples, config), selection=selection,
-            batch_size=config.batch_size, world_size=world_size, drop_last=config.drop_last,
+            batch_size=config.batch_size, world_size=1 if interleave else world_size, drop_last=config.drop_last,
         )
         if self.order.num_batches == 0:
             per_rank = self.order.num_samples // world_size
@@ -372,14 +381,16 @@ class StoreLoader:
                 "held-out split); lower batch_size or set drop_last=False."
             )
         self.rank, self.world_size = rank, world_size
+        # Batch b of this rank is batch first + b * stride of the order, read as the order's rank `order_rank`.
+        self._first, self._stride, self._order_rank = (rank, world_size, 0) if interleave else (0, 1, rank)
         self.epoch, self.samples_consumed = 0, 0
         if rank == 0:
-            dropped = self.order.num_samples - world_size * self.order.rank_samples
+            dropped = self.order.num_samples - self.order.world_size * self.order.rank_samples
             logger.info("loader: %d samples, %d batches of %d per rank and epoch, %d dropped per epoch",
                         self.order.num_samples, len(self), config.batch_size, dropped)
 
     def __len__(self) -> int:
-        return self.order.num_batches
+        return len(range(self._first, self.order.num_batches, self._stride))
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning; a no-op for the current epoch, so a resumed position is kept."""
@@ -409,9 +420,9 @@ class StoreLoader:
 
     def dataset(self) -> StoreDataset:
         """This rank's remaining batches of the current epoch, for a DataLoader(batch_size=None) of your own."""
-        return StoreDataset(self.config.store, self.order, rank=self.rank, epoch=self.epoch,
-                            start_batch=self.samples_consumed // self.order.batch_size,
-                            cache_shards=self.config.shuffle_window)
+        start = self._first + self._stride * (self.samples_consumed // self.order.batch_size)
+        return StoreDataset(self.config.store, self.order, rank=self._order_rank, epoch=self.epoch, start_batch=start,
+                            cache_shards=self.config.shuffle_window, stride=self._stride)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.samples_consumed >= self.order.rank_samples:
