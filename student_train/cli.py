@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -15,7 +16,7 @@ from transformers import AutoConfig
 
 from storage.fs import Location
 from storage.manifest import Manifest
-from student_train.config import DEFAULT_ALPHA, LOSS_NAMES, PRECISIONS, TrainConfig
+from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, LOSS_NAMES, PRECISIONS, TrainConfig
 from student_train.config_file import resolve_options, with_sources
 from student_train.features import FEATURE_LOSSES, PROJECTIONS
 from student_train.losses import REPRESENTATIONS, SCHEDULES
@@ -59,7 +60,8 @@ TRAIN_OPTIONS = [
     click.option("--feature-projection", type=click.Choice(list(PROJECTIONS)), default="auto", show_default=True,
                  help="A learned linear map from each student layer to the teacher's width: auto = when the widths "
                       "differ. It trains with the student and is kept in checkpoints, not in the saved student."),
-    click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per micro-batch."),
+    click.option("--batch-size", type=int, default=8, show_default=True,
+                 help="Samples per micro-batch (per process under torchrun)."),
     click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
     click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW)."),
     click.option("--weight-decay", type=float, default=0.1, show_default=True),
@@ -80,6 +82,9 @@ TRAIN_OPTIONS = [
                  help="Positions whose student logits exist at once in the loss (memory vs speed)."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--num-workers", type=int, default=0, show_default=True, help="Loader worker processes."),
+    click.option("--distributed", type=click.Choice(list(DISTRIBUTED)), default="ddp", show_default=True,
+                 help="Under torchrun: ddp (each GPU holds the whole student) or fsdp (FSDP2: parameters, gradients "
+                      "and optimizer states sharded over the GPUs)."),
     click.option("--selection", help="Train on exactly the sample ids of this JSON file, in its order."),
     click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output."),
     click.option("--init-from-teacher", help="Instead of --student: a local HF teacher directory (same tokenizer as "
@@ -145,7 +150,9 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
     + one bucket for the student's mass elsewhere, temperature 1 only. s(step) is --kd-schedule.
     --feature-loss adds --feature-weight * (mse or 1 - cos) between student and stored teacher hidden states.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 logs and reports
+    level = (logging.DEBUG if verbose else logging.INFO) if main_rank else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand is not None:
         return
     command_line = {name: value for name, value in options.items()
@@ -167,7 +174,8 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
         raise click.UsageError(with_sources(str(exc), sources)) from None
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"Student saved to {options['output']}; held-out: {json.dumps(evaluation)}")
+    if main_rank:
+        click.echo(f"Student saved to {options['output']}; held-out: {json.dumps(evaluation)}")
 
 
 @main.command()
@@ -231,3 +239,7 @@ def eval_(**options) -> None:
     click.echo(markdown(report))
     click.echo(f"Report written to {options['output'] or Path(options['student']) / 'eval'} "
                "(report.json, report.md, report.png).")
+
+
+if __name__ == "__main__":  # torchrun ... -m student_train.cli
+    main()

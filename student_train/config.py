@@ -9,6 +9,7 @@ from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.losses import CE, DIVERGENCES, REPRESENTATIONS, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
+DISTRIBUTED = ("ddp", "fsdp")
 LOSS_NAMES = (*DIVERGENCES, CE)
 DEFAULT_ALPHA = 0.9
 
@@ -34,7 +35,7 @@ class TrainConfig:
         skew_alpha: alpha of the skew_kl and skew_rkl divergences, in (0, 1).
         kd_schedule: factor on the divergences' weights by step: constant, linear_warmup:STEPS or
             cosine_decay:STEPS.
-        batch_size: samples per micro-batch.
+        batch_size: samples per micro-batch, per rank under torchrun.
         grad_accum: micro-batches per optimizer step.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay.
@@ -53,6 +54,8 @@ class TrainConfig:
         keep_checkpoints: most recent checkpoints kept.
         seed: seed of the data order and of a random student init.
         num_workers: DataLoader workers reading the store.
+        distributed: under torchrun, "ddp" (each rank holds the whole student) or "fsdp" (FSDP2: parameters,
+            gradients and optimizer states sharded over the ranks); unused in a single process.
         chunk_positions: positions whose student logits exist at once in the loss.
         selection: a selection file (sample ids) to train on, in its order.
         resume: continue from the newest checkpoint in `output`.
@@ -98,6 +101,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     num_workers: int = 0
+    distributed: str = "ddp"
     chunk_positions: int = 256
     selection: str | None = None
     resume: bool = False
@@ -129,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}.")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be at least 0, got {self.num_workers}.")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"--distributed: {self.distributed!r} is not one of {', '.join(DISTRIBUTED)}.")
         self.keep_layers = _check_init(self.student, self.init_from_teacher, self.keep_layers)
         self._check_features()
         # The checks that need no store; the trainer's call adds those of the store's default targets.

@@ -4,6 +4,10 @@ The teacher is never loaded: its targets stream from the store. Each optimizer s
 micro-batches; the loss is computed from the student's final hidden states a chunk of positions at a time (see
 `student_train.losses`). Checkpoints hold everything needed to continue exactly, loader position included.
 
+Under torchrun each rank trains on its own part of every global batch (see `student_train.distributed`): the global
+batch is batch_size x grad_accum x world_size samples, and the ranks' gradients average to the single-process
+gradient of that batch. Only rank 0 logs, writes metrics, checkpoints and the final student.
+
 Legend: B batch, L positions, H hidden size, V vocabulary.
 """
 
@@ -13,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from student_train.config import TrainConfig
 from student_train.config_file import refuse_changed_config, save_run_config
+from student_train.distributed import TrainedModules, World, launch
 from student_train.features import build_feature_head
 from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
 from student_train.losses import LossConfig, distillation_loss
@@ -38,15 +44,22 @@ def default_targets(targets: dict) -> str:
 
 
 class Trainer:
-    """One training run; `run()` trains to the end and returns the final evaluation."""
+    """One training run; `run()` trains to the end and returns the final evaluation.
 
-    def __init__(self, config: TrainConfig):
+    Args:
+        config: the run's options.
+        world: this process's rank among the run's (see `student_train.distributed.launch`); None: a single
+            process on `config.device`.
+    """
+
+    def __init__(self, config: TrainConfig, world: World | None = None):
         self.config = config
+        self.world = world or World(device=resolve_device(config.device))
         self.output = Path(config.output)
         self._check_output()
         manifest = Store(config.store).manifest
         self.model, self.tokenizer = build_student(config, manifest)
-        self.device = resolve_device(config.device)
+        self.device = self.world.device
         self.model.to(self.device)
         self.head = self.model.get_output_embeddings()
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
@@ -63,13 +76,15 @@ class Trainer:
         held_out = 0.0 if config.eval_store else config.eval_fraction
         self.train_loader = StoreLoader(LoaderConfig(
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
-            selection=config.selection, exclude_fraction_from_end=held_out))
+            selection=config.selection, exclude_fraction_from_end=held_out),
+            rank=self.world.rank, world_size=self.world.world_size)
         self.eval_loader_config = LoaderConfig(
             store=config.eval_store or config.store, batch_size=config.batch_size, shuffle=False, drop_last=False,
             only_fraction_from_end=held_out)
         per_epoch = len(self.train_loader) // config.grad_accum
         if per_epoch < 1 and config.max_steps is None:
-            raise ValueError(f"an epoch has {len(self.train_loader)} micro-batches, fewer than --grad-accum "
+            ranks = f" on each of {self.world.world_size} ranks" if self.world.world_size > 1 else ""
+            raise ValueError(f"an epoch has {len(self.train_loader)} micro-batches{ranks}, fewer than --grad-accum "
                              f"{config.grad_accum}; lower --grad-accum or --batch-size, or set --max-steps.")
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
         # The feature projections (None without --feature-loss): trained with the student, saved in checkpoints only.
@@ -81,6 +96,9 @@ class Trainer:
             log.info("feature loss: %s x %g over the (student, teacher) hidden states %s, %d projection parameters",
                      config.feature_loss, config.feature_weight, self.feature_head.layer_map,
                      sum(p.numel() for p in self.feature_head.parameters()))
+        # What DDP or FSDP wraps (all of it, so the gradients of the head and the projections are reduced too); the
+        # optimizer comes after, as FSDP replaces the parameters with their shards.
+        self.replica = self.world.wrap(TrainedModules(self.model, self.feature_head))
         self.optimizer = _adamw(self.model, config, self.feature_head)
         warmup = config.warmup_steps if config.warmup_steps is not None else min(100, self.total_steps // 10)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -96,26 +114,45 @@ class Trainer:
         if not self.config.resume and self.output.exists() and any(self.output.iterdir()):
             raise ValueError(f"--output {self.output} already exists and is not empty; pass --resume to continue "
                              "the run in it, or choose a new --output.")
+        if self.config.resume:
+            self._check_world_size(latest_checkpoint(self.output))
+
+    def _check_world_size(self, checkpoint: Path) -> None:
+        """Refuse to resume on another number of processes: the global batch, and each rank's samples, would change."""
+        saved = json.loads((checkpoint / "state.json").read_text())["loader"]["world_size"]
+        if saved != self.world.world_size:
+            raise ValueError(f"--resume: {checkpoint} was written by a run on {saved} process(es) and this run has "
+                             f"{self.world.world_size}; resume on {saved} (e.g. torchrun --nproc-per-node {saved}), "
+                             "or start a new --output.")
 
     def run(self) -> dict:
         config = self.config
-        self.output.mkdir(parents=True, exist_ok=True)
-        save_run_config(config, self.output)
+        main = self.world.is_main
+        self.world.barrier()  # every rank has checked --output before rank 0 writes to it
+        if main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_run_config(config, self.output)
         if config.resume:
-            state = load_checkpoint(latest_checkpoint(self.output), model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, feature_head=self.feature_head)
+            with self.world.loading():
+                state = load_checkpoint(latest_checkpoint(self.output), model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, feature_head=self.feature_head)
+            self.world.shard_optimizer_state(self.optimizer)
             self.step = state["step"]
             self.train_loader.load_state_dict(state["loader"])
-            _truncate_metrics(self.output / "metrics.jsonl", self.step)
+            if main:
+                _truncate_metrics(self.output / "metrics.jsonl", self.step)
         student = config.student or f"layers of {config.init_from_teacher}"
         log.info("training %s for %d steps on %s (loss %s over %s targets, T %.2f, KD schedule %s) on %s",
                  student, self.total_steps, config.store, " + ".join(config.loss), self.loss_config.targets,
                  config.temperature, config.kd_schedule, self.device)
         batches = self._batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="student-train", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="student-train", dynamic_ncols=True,
+                   disable=not main)
         window_tokens, window_start = 0, time.perf_counter()
         evaluation = {}
-        with bar, open(self.output / "metrics.jsonl", "a") as metrics:
+        # The other ranks hold the same global metrics and write them nowhere.
+        metrics_path = self.output / "metrics.jsonl" if main else Path(os.devnull)
+        with bar, open(metrics_path, "a") as metrics:
             while self.step < self.total_steps:
                 stats = self._train_step(batches)
                 self.step += 1
@@ -135,12 +172,16 @@ class Trainer:
                     metrics.flush()
                     log.info("step %d: eval %s", self.step, _fmt(evaluation))
                 if self.step % config.save_every == 0 or self.step == self.total_steps:
-                    save_checkpoint(self.output, self.step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, loader_state=self.train_loader.state_dict(),
-                                    keep=config.keep_checkpoints, feature_head=self.feature_head)
+                    whole = self.world.whole(self.replica, self.optimizer)  # every rank: FSDP gathers the shards
+                    if main:
+                        save_checkpoint(self.output, self.step, model=whole.model, optimizer=whole.optimizer,
+                                        scheduler=self.scheduler, loader_state=self.train_loader.state_dict(),
+                                        keep=config.keep_checkpoints, feature_head=whole.feature_head)
+                    self.world.barrier()  # a rank that fails from here on leaves a complete checkpoint behind
         if not evaluation:  # resumed from a checkpoint at the last step: nothing trained, evaluate it anyway
             evaluation = {"step": self.step, **self.evaluate()}
         self._save_final(evaluation)
+        self.world.barrier()  # the final student is written when train() returns, on every rank
         return evaluation
 
     def _batches(self):
@@ -150,45 +191,63 @@ class Trainer:
 
     def _train_step(self, batches) -> dict:
         self.model.train()
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0}
-        for _ in range(self.config.grad_accum):
-            batch = _to_device(next(batches), self.device)
-            with self.autocast():
-                out = self._forward(batch, output_hidden_states=self.feature_head is not None)
-            loss, parts = distillation_loss(out.last_hidden_state, self.head, batch, self.loss_config, step=self.step)
-            if self.feature_head is not None:  # outside autocast: fp32
-                feature = self.feature_head(out.hidden_states, batch)
-                loss = loss + self.config.feature_weight * feature
-                parts["feature"] = feature.detach()
-            (loss / self.config.grad_accum).backward()
-            totals["loss"] += loss.item() / self.config.grad_accum
+        accum, ranks = self.config.grad_accum, self.world.world_size
+        micro = [next(batches) for _ in range(accum)]
+        # Each loss term is a mean over a micro-batch's loss-mask tokens. Over the ranks, the global micro-batch's
+        # mean is sum_r share_r * mean_r, share_r = n_r / N (N = sum_r n_r tokens); DDP and FSDP average the ranks'
+        # gradients, so rank r backpropagates ranks * share_r * mean_r. In a single process that factor is 1.
+        tokens_A = torch.tensor([int(batch["loss_mask"].sum()) for batch in micro])
+        total_A = self.world.sum(tokens_A)
+        share_A = torch.where(total_A > 0, tokens_A / total_A.clamp(min=1), 1 / ranks).tolist()
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        for index, batch in enumerate(micro):
+            batch, share = _to_device(batch, self.device), share_A[index]
+            with self.world.gradient_sync(self.replica, sync=index == accum - 1):
+                with self.autocast():
+                    out = self._forward(batch, output_hidden_states=self.feature_head is not None)
+                loss, parts = distillation_loss(out.last_hidden_state, self.head, batch, self.loss_config,
+                                                step=self.step)
+                if self.feature_head is not None:  # outside autocast: fp32
+                    feature = self.feature_head(out.hidden_states, batch)
+                    loss = loss + self.config.feature_weight * feature
+                    parts["feature"] = feature.detach()
+                (loss * (ranks * share) / accum).backward()
+            totals["loss"] += loss.item() * share / accum
             for name, value in parts.items():  # kd, ce, kd_scale, each divergence of the mix, feature
                 if name != "tokens":
-                    totals[name] = totals.get(name, 0.0) + float(value) / self.config.grad_accum
-            totals["tokens"] += int(parts["tokens"])
+                    totals[name] = totals.get(name, 0.0) + float(value) * share / accum
+        totals = dict(zip(totals, self.world.sum(list(totals.values())).tolist(), strict=True))
+        totals["tokens"] = int(total_A.sum())
         if self.config.clip_grad > 0:
             trained = [p for group in self.optimizer.param_groups for p in group["params"]]
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trained, self.config.clip_grad))
+            totals["grad_norm"] = self.world.clip_grad_norm(trained, self.config.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
-    def _forward(self, batch: dict, output_hidden_states: bool = False):
-        """The student's base model output; every layer's hidden states only when asked (the feature loss)."""
-        return self.model.base_model(input_ids=batch["input_ids"][:, :-1],
-                                     attention_mask=batch["attention_mask"][:, :-1].long(),
-                                     output_hidden_states=output_hidden_states)
+    def _forward(self, batch: dict, output_hidden_states: bool = False, module: torch.nn.Module | None = None):
+        """The student's base model output (through DDP or FSDP unless another `module` is given); every layer's
+        hidden states only when asked (the feature loss)."""
+        return (module or self.replica)(input_ids=batch["input_ids"][:, :-1],
+                                        attention_mask=batch["attention_mask"][:, :-1].long(),
+                                        output_hidden_states=output_hidden_states)
 
     def _hidden(self, batch: dict) -> torch.Tensor:
-        return self._forward(batch).last_hidden_state
+        """Final hidden states for evaluation, outside DDP's gradient synchronisation."""
+        return self._forward(batch, module=self.world.unwrapped(self.replica)).last_hidden_state
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out LM loss on true tokens, KL(teacher || student) on stored targets, top-1 agreement."""
+        """Held-out LM loss on true tokens, KL(teacher || student) on stored targets, top-1 agreement.
+
+        The ranks share the held-out batches (rank r takes batches r, r + world_size, ...) and sum their results.
+        """
         self.model.eval()
         tokens, ce, kl, agree = 0, 0.0, 0.0, 0.0
-        for batch in StoreLoader(self.eval_loader_config):
+        loader = StoreLoader(self.eval_loader_config, rank=self.world.rank, world_size=self.world.world_size,
+                             interleave=True)
+        for batch in loader:
             batch = _to_device(batch, self.device)
             with self.autocast():
                 hidden_BLH = self._hidden(batch)
@@ -198,18 +257,28 @@ class Trainer:
             ce += float(parts["ce"]) * n
             kl += float(parts["kd"]) * n
             agree += _top1_agreement(hidden_BLH, self.head, batch, self.config.chunk_positions)
+        if self.world.sharded:  # FSDP gathers shards in every forward: a rank with a batch fewer joins once more
+            for _ in range(len(loader), -(-loader.order.num_batches // self.world.world_size)):
+                self.replica(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
+        tokens, ce, kl, agree = self.world.sum([tokens, ce, kl, agree]).tolist()
+        tokens = int(tokens)
         n = max(tokens, 1)
         return {"lm_loss": ce / n, "kl": kl / n, "top1_agreement": agree / n, "tokens": tokens}
 
     def _save_final(self, evaluation: dict) -> None:
-        self.model.save_pretrained(self.output)
+        whole = self.world.whole(self.replica, self.optimizer)
+        if not self.world.is_main:
+            return
+        whole.model.save_pretrained(self.output)
         self.tokenizer.save_pretrained(self.output)
         (self.output / "final_metrics.json").write_text(json.dumps(evaluation, indent=1))
 
 
 def train(config: TrainConfig) -> dict:
-    """Train a student as configured; returns the final held-out evaluation."""
-    return Trainer(config).run()
+    """Train a student as configured, on the processes torchrun started if it did; returns the final held-out
+    evaluation (on every rank)."""
+    with launch(config.distributed, config.device) as world:
+        return Trainer(config, world).run()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
