@@ -16,10 +16,10 @@ from transformers import AutoConfig
 
 from storage.fs import Location
 from storage.manifest import Manifest
-from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, LOSS_NAMES, PRECISIONS, TrainConfig
+from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, PRECISIONS, TrainConfig
 from student_train.config_file import resolve_options, with_sources
 from student_train.features import FEATURE_LOSSES, PROJECTIONS
-from student_train.losses import REPRESENTATIONS, SCHEDULES
+from student_train.losses import LOSS_NAMES, REPRESENTATIONS, SCHEDULES
 from student_train.student import compatibility_problems, load_tokenizer
 
 TRAIN_OPTIONS = [

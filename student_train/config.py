@@ -6,11 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
-from student_train.losses import CE, DIVERGENCES, REPRESENTATIONS, LossConfig
+from student_train.losses import CE, LOSS_NAMES, REPRESENTATIONS, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
-LOSS_NAMES = (*DIVERGENCES, CE)
 DEFAULT_ALPHA = 0.9
 
 

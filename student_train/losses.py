@@ -34,10 +34,11 @@ from torch.utils.checkpoint import checkpoint
 
 from student_train.divergences import DIVERGENCES, REPRESENTATIONS, TAIL_BUCKET, TARGET_KEYS
 
-__all__ = ["CE", "DIVERGENCES", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET", "LossConfig", "distillation_loss",
-           "kd_scale"]
+__all__ = ["CE", "DIVERGENCES", "LOSS_NAMES", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET", "LossConfig",
+           "distillation_loss", "kd_scale"]
 
 CE = "ce"
+LOSS_NAMES = (*DIVERGENCES, CE)  # the terms a loss mixes
 # KD schedules: STEPS is a number of optimizer steps.
 SCHEDULES = ("constant", "linear_warmup:STEPS", "cosine_decay:STEPS")
 
@@ -90,10 +91,9 @@ class LossConfig:
     sampled_tail_bucket: bool = False
 
     def __post_init__(self) -> None:
-        names = (*DIVERGENCES, CE)
-        unknown = [name for name in self.weights if name not in names]
+        unknown = [name for name in self.weights if name not in LOSS_NAMES]
         if unknown:
-            raise ValueError(f"loss {unknown[0]!r} is not one of {', '.join(names)}.")
+            raise ValueError(f"loss {unknown[0]!r} is not one of {', '.join(LOSS_NAMES)}.")
         bad = {name: weight for name, weight in self.weights.items() if not (math.isfinite(weight) and weight >= 0)}
         if bad:
             raise ValueError(f"loss weights: expected finite weights >= 0, got {bad}.")
