@@ -81,3 +81,23 @@ def corpus_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def corpus_jsonl(tmp_path_factory, corpus_texts) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "corpus.jsonl", corpus_texts)
+
+
+def make_small_store(root: Path, teacher_dir: Path, texts: list[str], **options) -> Path:
+    """`root`/store: short samples (seq_len 32, shards of 8) of `texts`, built by `build_cache` from `teacher_dir`."""
+    from teacher_cache import BuildConfig, build_cache
+
+    data = write_jsonl(root / "docs.jsonl", texts)
+    config = dict(model=str(teacher_dir), dataset=str(data), output=str(root / "store"), seq_len=32, batch_size=4,
+                  samples_per_shard=8, top_k=8, num_draws=16, device="cpu", dtype="float32")
+    build_cache(BuildConfig(**(config | options)))
+    return root / "store"
+
+
+def make_student_config(path: Path, tokenizer_dir: Path, *, layers: int = 1, max_positions: int = 128) -> Path:
+    """A config-only student (random init, width 32) with the tokenizer of `tokenizer_dir`."""
+    LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
+                tie_word_embeddings=False).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path

@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, write_jsonl
-from transformers import AutoTokenizer, LlamaConfig
+from conftest import REPO, make_small_store, make_student_config
 
 import student_train.train
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.config_file import resolve_options
 from student_train.train import train
-from teacher_cache import BuildConfig, build_cache
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 REQUIRED = ["store=s", "student=t", "output=o"]
@@ -30,18 +28,13 @@ REQUIRED = ["store=s", "student=t", "output=o"]
 def store(tmp_path_factory, llama_dir, corpus_texts) -> Path:
     """Top-k and sampled targets, so that every example finds its targets."""
     root = tmp_path_factory.mktemp("config-store")
-    data = write_jsonl(root / "docs.jsonl", corpus_texts[:24])
-    build_cache(BuildConfig(model=str(llama_dir), dataset=str(data), output=str(root / "store"), seq_len=32,
-                            batch_size=4, samples_per_shard=8, top_k=8, num_draws=16, device="cpu", dtype="float32"))
-    return root / "store"
+    return make_small_store(root, llama_dir, corpus_texts[:24])
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, llama_dir) -> Path:
     path = tmp_path_factory.mktemp("config-student")
-    LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False).save_pretrained(path)
-    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    make_student_config(path, llama_dir, max_positions=64)
     return path
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from conftest import make_small_store, make_student_config
+from transformers import AutoModelForCausalLM
 
 from student_train.cli import main
 from student_train.config import TrainConfig
@@ -32,25 +33,15 @@ TOLERANCE = dict(rel=1e-4, abs=1e-6)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, llama_dir, corpus_texts) -> Path:
-    from conftest import write_jsonl
-
-    from teacher_cache import BuildConfig, build_cache
-
     root = tmp_path_factory.mktemp("dist-store")
-    data = write_jsonl(root / "docs.jsonl", corpus_texts[:48])
-    output = root / "store"
     # One padded document per sample: the ranks' batches hold different numbers of trained tokens.
-    build_cache(BuildConfig(model=str(llama_dir), dataset=str(data), output=str(output), seq_len=32, batch_size=4,
-                            samples_per_shard=8, top_k=8, num_draws=16, device="cpu", dtype="float32", pack=False))
-    return output
+    return make_small_store(root, llama_dir, corpus_texts[:48], pack=False)
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, llama_dir) -> Path:
     path = tmp_path_factory.mktemp("dist-student")
-    LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False).save_pretrained(path)
-    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    make_student_config(path, llama_dir, layers=2)
     return path
 
 

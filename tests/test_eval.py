@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import make_small_store, write_jsonl
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -30,7 +30,6 @@ from student_train.eval_metrics import (
 )
 from student_train.eval_speed import measure
 from student_train.evaluate import read_rows, score
-from teacher_cache import BuildConfig, build_cache
 from teacher_cache.data import Rows
 from teacher_cache.teacher import TransformersTeacher
 
@@ -42,10 +41,7 @@ STUDENT = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidde
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, llama_dir, corpus_texts) -> Path:
     root = tmp_path_factory.mktemp("eval-store")
-    data = write_jsonl(root / "docs.jsonl", corpus_texts[:24])
-    build_cache(BuildConfig(model=str(llama_dir), dataset=str(data), output=str(root / "store"), seq_len=32,
-                            batch_size=4, samples_per_shard=8, top_k=4, num_draws=4, device="cpu", dtype="float32"))
-    return root / "store"
+    return make_small_store(root, llama_dir, corpus_texts[:24], top_k=4, num_draws=4)
 
 
 @pytest.fixture(scope="module")

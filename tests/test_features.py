@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import make_small_store, make_student_config
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from student_train.checkpoint import FEATURE_HEAD, latest_checkpoint, load_checkpoint
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.features import FeatureProjector, parse_layer_map, resolve_layer_map, uniform_layer_map
 from student_train.train import Trainer, train
-from teacher_cache import BuildConfig, build_cache
 
 B, L = 3, 7
 
@@ -124,20 +123,14 @@ def test_config_checks_the_feature_options(tmp_path):
 def store(tmp_path_factory, llama_dir, corpus_texts) -> Path:
     """The tiny teacher (2 blocks, width 64) with its hidden states after block 1 and after the final norm."""
     root = tmp_path_factory.mktemp("feature-store")
-    data = write_jsonl(root / "docs.jsonl", corpus_texts[:40])
-    output = root / "store"
-    build_cache(BuildConfig(model=str(llama_dir), dataset=str(data), output=str(output), seq_len=32, batch_size=4,
-                            samples_per_shard=8, top_k=8, hidden_layers=(1, -1), device="cpu", dtype="float32"))
-    return output
+    return make_small_store(root, llama_dir, corpus_texts[:40], hidden_layers=(1, -1))
 
 
 @pytest.fixture(scope="module")
 def narrow_student(tmp_path_factory, llama_dir) -> Path:
     """A random student half the teacher's width (32), with its tokenizer."""
     path = tmp_path_factory.mktemp("narrow-student")
-    LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False).save_pretrained(path)
-    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    make_student_config(path, llama_dir, layers=2)
     return path
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TOKENIZER_DIR, write_jsonl
+from conftest import TOKENIZER_DIR, make_small_store
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -30,7 +30,6 @@ from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.init_student import every_other_layer, resolve_layers, select_layers
 from student_train.train import Trainer, train
-from teacher_cache import BuildConfig, build_cache
 
 
 def _llama(layers: int = 4, vocab_size: int = 128, **overrides) -> LlamaForCausalLM:
@@ -151,11 +150,7 @@ def test_unsupported_architectures_are_refused():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, llama_dir, corpus_texts) -> Path:
     root = tmp_path_factory.mktemp("init-store")
-    data = write_jsonl(root / "docs.jsonl", corpus_texts[:24])
-    output = root / "store"
-    build_cache(BuildConfig(model=str(llama_dir), dataset=str(data), output=str(output), seq_len=32, batch_size=4,
-                            samples_per_shard=8, top_k=8, num_draws=8, device="cpu", dtype="float32"))
-    return output
+    return make_small_store(root, llama_dir, corpus_texts[:24], num_draws=8)
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_llama, write_jsonl
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from conftest import make_llama, make_small_store, make_student_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.train import Trainer, train
-from teacher_cache import BuildConfig, build_cache
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, llama_dir, corpus_texts) -> Path:
     root = tmp_path_factory.mktemp("train-store")
-    data = write_jsonl(root / "docs.jsonl", corpus_texts[:40])
-    output = root / "store"
-    build_cache(BuildConfig(model=str(llama_dir), dataset=str(data), output=str(output), seq_len=32, batch_size=4,
-                            samples_per_shard=8, top_k=8, num_draws=16, device="cpu", dtype="float32"))
-    return output
+    return make_small_store(root, llama_dir, corpus_texts[:40])
 
 
 @pytest.fixture(scope="module")
 def student_config(tmp_path_factory, llama_dir) -> Path:
     """A config-only student (random init) with the teacher's tokenizer."""
     path = tmp_path_factory.mktemp("student-config")
-    LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False).save_pretrained(path)
-    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    make_student_config(path, llama_dir)
     return path
 
 

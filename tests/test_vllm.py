@@ -18,7 +18,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama
+from conftest import make_llama, make_student_config
 from transformers import AutoModelForCausalLM
 
 from storage import open_store
@@ -161,15 +161,12 @@ def test_draws_come_from_topk_plus_tail_bucket(stores, reference):
 
 
 def test_student_trains_on_either_store(built, tmp_path, teacher_dir):
-    from transformers import AutoTokenizer, LlamaConfig
 
     from student_train.config import TrainConfig
     from student_train.train import train
 
     student = tmp_path / "student"
-    LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False).save_pretrained(student)
-    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(student)
+    make_student_config(student, teacher_dir)
     finals = {}
     stores = built(True)
     for name, store in zip(("vllm", "hf"), stores, strict=True):
