@@ -17,10 +17,16 @@ with the 32k Llama-2 vocabulary; a larger one on CUDA). Throughput depends on th
 weights, so a trained teacher of the same shape gives the same figures; `make demo`'s .demo/teacher has that
 width and depth but a 4k vocabulary, so `--model .demo/teacher` measures a cheaper output head. On CPU the
 teacher runs in float32 (bfloat16 is slower on CPUs without AMX) and vLLM's gpu_memory_utilization is its share of
-host memory; on CUDA, bfloat16.
+host memory; on CUDA, bfloat16. vLLM on CPU keeps one core for its scheduler process and computes on the
+others (one of two on a 2-core machine); VLLM_CPU_NUM_OF_RESERVED_CPU=0 gives it every core.
 
-    /tmp/vt/bin/python benchmarks/capture_throughput.py [--model DIR] [--samples 256] [--seq-len 512] \\
-        [--batch-size 8] [--backends forward,transformers,vllm] [--json benchmarks/results/capture_throughput.json]
+    python benchmarks/capture_throughput.py [--model DIR] [--dataset FILE] [--samples 256] [--seq-len 512] \\
+        [--batch-size 8] [--device auto] [--backends forward,transformers,vllm] [--json OUT]
+
+The figures reported were measured with the defaults (about 5 minutes on 2 CPU cores), as
+`python benchmarks/capture_throughput.py` and `VLLM_CPU_NUM_OF_RESERVED_CPU=0 python benchmarks/capture_throughput.py`;
+`--samples 32 --seq-len 256` is a quick check. vLLM comes with `make install`; without it the vllm rows are
+skipped. The JSON goes to benchmarks/results/ unless --json says otherwise.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ SHAPES = {
     "cuda": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16},
 }
 DEFAULT_SAMPLES = {"cpu": 256, "cuda": 512}  # 1-3 minutes per path on 2 CPU cores
+# Variables that change how many cores each path computes on; recorded with the results when set.
+THREAD_ENV = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 SETTINGS = {"cpu": {"dtype": "float32", "gpu_memory_utilization": 0.3},
             "cuda": {"dtype": "bfloat16", "gpu_memory_utilization": 0.9}}
 
@@ -165,7 +173,8 @@ def machine(device: torch.device) -> dict:
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.exists() else []
     info = {"cpu": names[0] if names else platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "vllm": None, "gpu": None}
+            "torch": torch.__version__, "transformers": transformers.__version__, "vllm": None, "gpu": None,
+            "env": {name: os.environ[name] for name in THREAD_ENV if name in os.environ}}
     if vllm_available():
         import vllm
 
