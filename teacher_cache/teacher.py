@@ -53,6 +53,36 @@ class TeacherBackend(Protocol):
         """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name."""
 
 
+def model_directory(path: str) -> str:
+    """The absolute path of the local model directory `path`; a ValueError naming the fix when there is none."""
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        raise ValueError(
+            f"--model {path}: no such directory. Pass the local directory of a Hugging Face model "
+            "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
+        )
+    return str(local.resolve())
+
+
+def teacher_identity(path: str, backend: str, config, tokenizer, vocab_size: int, dtype, architecture: str) -> dict:
+    """The manifest's `teacher` section, the same for every backend; `architecture` names models without one."""
+    return {
+        "model": path,
+        "backend": backend,
+        "architecture": (config.architectures or [architecture])[0],
+        "config_sha256": config_fingerprint(config.to_dict()),
+        "weights_sha256": weights_fingerprint(path),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "vocab_size": int(vocab_size),
+        "tokenizer_vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "hidden_size": int(config.hidden_size),
+    }
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,13 +99,7 @@ class TransformersTeacher:
     """
 
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto"):
-        local = Path(path).expanduser()
-        if not local.is_dir():
-            raise ValueError(
-                f"--model {path}: no such directory. Pass the local directory of a Hugging Face model "
-                "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
-            )
-        self.path = str(local.resolve())
+        self.path = model_directory(path)
         self.device = resolve_device(device)
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else "auto"
@@ -89,22 +113,8 @@ class TransformersTeacher:
         self._check_head()
 
     def identity(self) -> dict:
-        config = self.model.config
-        return {
-            "model": self.path,
-            "backend": "transformers",
-            "architecture": (config.architectures or [type(self.model).__name__])[0],
-            "config_sha256": config_fingerprint(config.to_dict()),
-            "weights_sha256": weights_fingerprint(self.path),
-            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
-            "vocab_size": int(self.vocab_size),
-            "tokenizer_vocab_size": len(self.tokenizer),
-            "eos_token_id": self.tokenizer.eos_token_id,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "dtype": str(self.model.dtype).removeprefix("torch."),
-            "num_hidden_layers": int(config.num_hidden_layers),
-            "hidden_size": int(config.hidden_size),
-        }
+        return teacher_identity(self.path, "transformers", self.model.config, self.tokenizer, self.vocab_size,
+                                self.model.dtype, type(self.model).__name__)
 
     def target_properties(self) -> dict:
         return {}  # every record exact

@@ -26,16 +26,14 @@ import gc
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from storage.identity import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from teacher_cache.data import Rows
 from teacher_cache.targets import TargetSpec, encode_draws
-from teacher_cache.teacher import dense_record
+from teacher_cache.teacher import dense_record, model_directory, teacher_identity
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +76,11 @@ class VLLMTeacher:
 
     def __init__(self, path: str, *, top_k: int, seq_len: int, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int | None = None, seed: int = 0):
-        local = Path(path).expanduser()
-        if not local.is_dir():
-            raise ValueError(
-                f"--model {path}: no such directory. Pass the local directory of a Hugging Face model "
-                "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
-            )
+        self.path = model_directory(path)
         try:
             from vllm import LLM, SamplingParams
         except ImportError as exc:
             raise ValueError(f"{INSTALL_HINT} (import failed: {exc})") from None
-        self.path = str(local.resolve())
         devices = local_gpus(tensor_parallel_size, os.environ)
         if devices is not None:  # before vLLM touches CUDA: each worker of a node gets its own GPUs
             log.info("LOCAL_RANK %s: the engine takes GPUs %s", os.environ["LOCAL_RANK"], devices)
@@ -120,22 +112,9 @@ class VLLMTeacher:
     def identity(self) -> dict:
         import vllm
 
-        return {
-            "model": self.path,
-            "backend": "vllm",
-            "backend_version": vllm.__version__,
-            "architecture": (self.config.architectures or [type(self.config).__name__])[0],
-            "config_sha256": config_fingerprint(self.config.to_dict()),
-            "weights_sha256": weights_fingerprint(self.path),
-            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
-            "vocab_size": self.vocab_size,
-            "tokenizer_vocab_size": len(self.tokenizer),
-            "eos_token_id": self.tokenizer.eos_token_id,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "dtype": self.dtype,
-            "num_hidden_layers": int(self.config.num_hidden_layers),
-            "hidden_size": int(self.config.hidden_size),
-        }
+        identity = teacher_identity(self.path, "vllm", self.config, self.tokenizer, self.vocab_size, self.dtype,
+                                    type(self.config).__name__)
+        return identity | {"backend_version": vllm.__version__}
 
     def target_properties(self) -> dict:
         """How this backend's records differ from exact ones, merged into the manifest's `targets` section."""
