@@ -26,6 +26,8 @@ def shard_table(shard: ShardReader, first_sample: int) -> pa.Table:
         if name in ("sampled_ids", "sampled_counts", "sampled_offsets"):
             continue
         columns[name] = _nested_list(values)
+    for name, values in shard.stats().items():
+        columns[name] = _nested_list(values)
     if "sampled_ids" in data:
         # Inner lists: one per position, from the per-position counts; outer lists: `positions` per sample.
         inner = np.concatenate([[0], np.cumsum(data["sampled_nunique"].reshape(-1), dtype=np.int64)])

@@ -4,7 +4,7 @@ Everything that decides how a record is laid out in Zarr lives here, so that the
 `FORMAT.md` agree by construction. Shapes use the letters of the legend below.
 
 Legend: S samples in a shard, L positions per sample (the teacher's context, `seq_len`), K top-k entries,
-E sampled (id, count) entries in a shard, H hidden size.
+E sampled (id, count) entries in a shard, H hidden size, R bins of the true token's rank (`storage/stats.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.codecs.numcodecs import Delta
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this release reads. Version 1 lacks the per-sample statistics arrays (`storage/stats.py`).
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 
@@ -98,7 +100,7 @@ def chunking(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tu
 
 
 def array_specs(
-    *, vocab_size: int, targets: dict, hidden_dtype: str = "float16"
+    *, vocab_size: int, targets: dict, hidden_dtype: str = "float16", format_version: int = FORMAT_VERSION
 ) -> dict[str, ArraySpec]:
     """Every array a shard of a store with these targets holds, keyed by name.
 
@@ -106,6 +108,7 @@ def array_specs(
         vocab_size: the teacher's output vocabulary (logit dimension).
         targets: the manifest's `targets` section (kinds present and their parameters).
         hidden_dtype: dtype of stored hidden states.
+        format_version: the store's format version; version 1 has no statistics arrays.
     """
     ids = id_dtype(vocab_size)
     specs = [
@@ -146,7 +149,28 @@ def array_specs(
     for layer in targets.get("hidden_states", {}).get("layers", []):
         specs.append(ArraySpec(hidden_array_name(layer), ("S", "L", "H"), np.dtype(hidden_dtype), "shuffle_zstd",
                                f"hidden states after block {layer} (0 = embeddings)"))
+    if format_version >= 2:
+        specs += stats_specs(targets)
     return {s.name: s for s in specs}
+
+
+def stats_specs(targets: dict) -> list[ArraySpec]:
+    """The per-sample statistics arrays (format version 2); `storage/stats.py` computes them."""
+    specs = [
+        ArraySpec("stats_num_tokens", ("S",), np.dtype(np.uint32), "zstd", "trained positions (loss mask set)"),
+        ArraySpec("stats_entropy", ("S",), np.dtype(np.float32), "shuffle_zstd",
+                  "mean teacher entropy over the trained positions (nats; NaN without any)"),
+        ArraySpec("stats_nll", ("S",), np.dtype(np.float32), "shuffle_zstd",
+                  "mean negative log-prob of the true next token over the trained positions (nats)"),
+    ]
+    if "topk" in targets:
+        specs += [
+            ArraySpec("stats_tail_mass", ("S",), np.dtype(np.float32), "shuffle_zstd",
+                      "mean probability mass outside the top-k over the trained positions"),
+            ArraySpec("stats_true_rank", ("S", "R"), np.dtype(np.uint32), "zstd",
+                      "trained positions per bin of the true token's top-k rank: 1, 2, 3-4, 5-8, ..., outside"),
+        ]
+    return specs
 
 
 def hidden_array_name(layer: int) -> str:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from storage.fs import Location
-from storage.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from storage.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS
 
 # Sections of the header that decide the store's content; a resumed build must match them exactly.
 CONTENT_SECTIONS = ("teacher", "dataset", "build", "targets")
@@ -104,10 +104,10 @@ class Manifest:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise RuntimeError(f"{source} is not a {FORMAT_NAME} manifest (format={found!r}).")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or version not in READABLE_VERSIONS:
             raise RuntimeError(
-                f"{source} has format version {version}; this release reads versions up to {FORMAT_VERSION}. "
-                "Upgrade teacher-cache to read it."
+                f"{source} has format version {version}; this release reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (up to {FORMAT_VERSION}). Upgrade teacher-cache to read it."
             )
         data.pop("totals", None)
         try:

@@ -15,16 +15,23 @@ import numpy as np
 from storage.fs import Location
 from storage.layout import FLAT_ARRAYS, MANIFEST_NAME, array_specs
 from storage.manifest import Manifest, ShardInfo
+from storage.stats import STATS_PREFIX, sample_stats, stat_names
 from storage.workers import unmerged_message
 
 
 class ShardReader:
-    """One committed shard; arrays are opened lazily and read through zarr."""
+    """One committed shard; arrays are opened lazily and read through zarr.
 
-    def __init__(self, location: Location, info: ShardInfo, array_names: list[str]):
+    `read` and `sample` return the sample arrays (`array_names`); `stats` the per-sample statistics.
+    """
+
+    def __init__(self, location: Location, info: ShardInfo, array_names: list[str], targets: dict | None = None,
+                 stored_stats: bool = True):
         self.location = location
         self.info = info
-        self.array_names = array_names
+        self.array_names = [name for name in array_names if not name.startswith(STATS_PREFIX)]
+        self.targets = targets or {}
+        self.stored_stats = stored_stats
 
     def __len__(self) -> int:
         return self.info.num_samples
@@ -55,6 +62,16 @@ class ShardReader:
                 out[name] = self._group[name][start:stop]
         return out
 
+    def stats(self) -> dict[str, np.ndarray]:
+        """The per-sample statistics arrays (`storage/stats.py`) of every row.
+
+        Read from the shard (format version 2), or computed from its targets (version 1: decodes them).
+        """
+        if self.stored_stats:
+            return {name: self._group[name][:] for name in stat_names(self.targets)}
+        needed = ["input_ids", "loss_mask", "entropy", "true_logprob", "topk_ids", "topk_logprobs", "tail_logmass"]
+        return sample_stats({name: self._group[name][:] for name in needed if name in self.array_names}, self.targets)
+
     def sample(self, row: int) -> dict[str, np.ndarray]:
         """One sample; its leading sample axis is dropped, flat sampled arrays hold its entries."""
         record = self.read(slice(row, row + 1))
@@ -84,8 +101,11 @@ class Store:
             vocab_size=self.manifest.teacher["vocab_size"],
             targets=targets,
             hidden_dtype=targets.get("hidden_states", {}).get("dtype", "float16"),
+            format_version=self.manifest.format_version,
         )
-        self.shards = [ShardReader(self.location, info, list(self.specs)) for info in self.manifest.shards]
+        self.has_stored_stats = self.manifest.format_version >= 2
+        self.shards = [ShardReader(self.location, info, list(self.specs), targets, self.has_stored_stats)
+                       for info in self.manifest.shards]
         self._starts = np.cumsum([0] + [s.num_samples for s in self.manifest.shards])
 
     def __len__(self) -> int:
@@ -111,6 +131,17 @@ class Store:
     def iter_shards(self) -> Iterator[ShardReader]:
         return iter(self.shards)
 
+    def stats(self) -> dict[str, np.ndarray]:
+        """Per-sample statistics of every sample, in global order (see `storage/stats.py`).
+
+        Reads only the statistics arrays; a version 1 store has none, and they are computed from its targets.
+        """
+        parts = [shard.stats() for shard in self.shards]
+        if not parts:
+            empty = sample_stats(_empty_record(self.manifest), self.manifest.targets)
+            return empty
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
     def bytes_per_token(self) -> dict[str, float]:
         """Stored bytes per trained token (loss-mask position) for each array, and in total."""
         tokens = max(self.manifest.num_tokens, 1)
@@ -134,6 +165,14 @@ class Store:
                     problems.append(f"{info.name}/{rel}: checksum mismatch")
             problems += [f"{info.name}/{rel}: not in the manifest" for rel in sorted(found - set(info.files))]
         return problems
+
+
+def _empty_record(manifest: Manifest) -> dict[str, np.ndarray]:
+    seq_len, k = manifest.build.get("seq_len", 1), manifest.targets.get("topk", {}).get("k", 1)
+    return {"input_ids": np.zeros((0, seq_len + 1), np.int64), "loss_mask": np.zeros((0, seq_len), bool),
+            "entropy": np.zeros((0, seq_len), np.float32), "true_logprob": np.zeros((0, seq_len), np.float32),
+            "topk_ids": np.zeros((0, seq_len, k), np.int64), "topk_logprobs": np.zeros((0, seq_len, k), np.float16),
+            "tail_logmass": np.zeros((0, seq_len), np.float32)}
 
 
 def open_store(url: str | os.PathLike, *, allow_incomplete: bool = False) -> Store:

@@ -19,6 +19,7 @@ import numpy as np
 from storage.fs import Location
 from storage.layout import MANIFEST_NAME, SHARDS_DIR, ArraySpec, array_specs, chunking, codecs_for, shard_name
 from storage.manifest import WORKERS_DIR, Manifest, ShardInfo, header_differences
+from storage.stats import sample_stats
 from storage.workers import WorkerSlot, check_agreement, entry_shard, shard_index
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class StoreWriter:
             vocab_size=manifest.teacher["vocab_size"],
             targets=manifest.targets,
             hidden_dtype=manifest.targets.get("hidden_states", {}).get("dtype", "float16"),
+            format_version=manifest.format_version,
         )
 
     @classmethod
@@ -173,6 +175,8 @@ class StoreWriter:
         staging = f"{SHARDS_DIR}/.tmp-{os.path.basename(final)}-{os.getpid()}" if self.location.local else final
         self.location.remove_tree(staging)
         record = _with_offsets(record) if "sampled_nunique" in record else record
+        if "stats_num_tokens" in self.specs and "stats_num_tokens" not in record:
+            record = {**record, **sample_stats(record, self.manifest.targets)}
         group = self.location.open_group(staging, mode="w")
         group.attrs.update({"shard_index": index, "num_samples": int(record["input_ids"].shape[0])})
         array_bytes = {name: _write_array(group, self.specs[name], record[name]) for name in self.specs}

@@ -48,6 +48,8 @@ ARRAY_NAMES = {"input_ids", "attention_mask", "loss_mask", "segment_ids", "entro
                "topk_logprobs", "tail_logmass", "sampled_nunique", "sampled_offsets", "sampled_ids",
                "sampled_counts", "hidden_states_0", "hidden_states_2"}
 FLAT = ("sampled_ids", "sampled_counts", "sampled_offsets")
+# Per-sample statistics (FORMAT.md, "Per-sample statistics"), read apart from the samples' arrays.
+STATS = {"stats_num_tokens", "stats_entropy", "stats_nll", "stats_tail_mass", "stats_true_rank"}
 
 
 def _config(model: Path, dataset: Path, output, **overrides) -> BuildConfig:
@@ -169,7 +171,8 @@ def test_resume_after_injected_failure_equals_uninterrupted(tmp_path, monkeypatc
 
     leftovers = _leave_crash_leftovers(output, committed)
     before = _file_stats(output, [s["name"] for s in manifest["shards"]])
-    assert len(before) == committed * (1 + 2 * len(ARRAY_NAMES))  # group + (zarr.json, one shard file) per array
+    # group + (zarr.json, one shard file) per array
+    assert len(before) == committed * (1 + 2 * len(ARRAY_NAMES | STATS))
 
     build_cache(_config(llama_dir, dataset, output, resume=True))
 
@@ -229,7 +232,7 @@ def read_with_zarr(root: Path) -> tuple[dict, list[dict]]:
     Each sample holds its dense arrays without the sample axis, and `sampled` = [(ids, counts)] per position.
     """
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 1
+    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 2
     samples = []
     for shard in manifest["shards"]:
         group = zarr.open_group(str(root / shard["name"]), mode="r")
@@ -251,12 +254,16 @@ def read_with_zarr(root: Path) -> tuple[dict, list[dict]]:
 def test_plain_zarr_reader_agrees_with_open_store(reference):
     manifest, samples = read_with_zarr(reference)
     store = open_store(reference)
+    stats = store.stats()
+    assert set(stats) == STATS
     assert len(samples) == len(store) == manifest["totals"]["samples"] == 40
     for i, plain in enumerate(samples):
         sample = store[i]
-        assert set(plain) - {"sampled"} == ARRAY_NAMES - set(FLAT)
+        assert set(plain) - {"sampled"} == (ARRAY_NAMES | STATS) - set(FLAT)
         for name, value in plain.items():
-            if name != "sampled":
+            if name in STATS:
+                assert np.array_equal(stats[name][i], value, equal_nan=True), (i, name)
+            elif name != "sampled":
                 assert np.array_equal(sample[name], value), (i, name)
         assert np.array_equal(sample["sampled_ids"], np.concatenate([ids for ids, _ in plain["sampled"]]))
         assert np.array_equal(sample["sampled_counts"], np.concatenate([c for _, c in plain["sampled"]]))
@@ -316,6 +323,40 @@ def test_plain_zarr_store_matches_independent_facts(reference, documents, llama_
         assert s["hidden_states_2"].shape == (SEQ_LEN, 64) and np.all(s["hidden_states_2"][~mask] == 0)
 
 
+def _brute_force_stats(sample: dict, k: int) -> dict:
+    """A sample's statistics by FORMAT.md's definitions, one position at a time."""
+    entropy, nll, tail, ranks = [], [], [], []
+    for t in range(SEQ_LEN):
+        if not sample["loss_mask"][t]:
+            continue
+        entropy.append(float(sample["entropy"][t]))
+        nll.append(-float(sample["true_logprob"][t]))
+        tail.append(math.exp(float(sample["tail_logmass"][t])))
+        ids, logprobs = sample["topk_ids"][t].tolist(), sample["topk_logprobs"][t].astype(np.float32).tolist()
+        true = int(sample["input_ids"][t + 1])
+        ranks.append(1 + sum(lp > logprobs[ids.index(true)] for lp in logprobs) if true in ids else None)
+    edges = [(1, 1)] + [(2 ** (b - 1) + 1, min(2 ** b, k)) for b in range(1, math.ceil(math.log2(k)) + 1)]
+    histogram = [sum(r is not None and low <= r <= high for r in ranks) for low, high in edges]
+    histogram.append(sum(r is None for r in ranks))
+    mean = (lambda xs: sum(xs) / len(xs)) if ranks else (lambda xs: math.nan)
+    return {"stats_num_tokens": len(ranks), "stats_entropy": mean(entropy), "stats_nll": mean(nll),
+            "stats_tail_mass": mean(tail), "stats_true_rank": histogram}
+
+
+def test_stored_statistics_equal_brute_force_over_the_stored_targets(reference):
+    manifest, samples = read_with_zarr(reference)
+    k = manifest["targets"]["topk"]["k"]
+    seen_ranks = np.zeros(math.ceil(math.log2(k)) + 2, np.int64)
+    for sample in samples:
+        expected = _brute_force_stats(sample, k)
+        assert sample["stats_num_tokens"] == expected["stats_num_tokens"] == sample["loss_mask"].sum()
+        for name in ("stats_entropy", "stats_nll", "stats_tail_mass"):
+            np.testing.assert_allclose(sample[name], expected[name], rtol=1e-5, err_msg=name)
+        assert sample["stats_true_rank"].tolist() == expected["stats_true_rank"]
+        seen_ranks += sample["stats_true_rank"]
+    assert seen_ranks.sum() == manifest["totals"]["tokens"]
+
+
 def test_topk_matches_brute_force_teacher(reference, llama_dir):
     """Stored top-k and true-token log-probs against torch.topk of the model's own full log-softmax."""
     _, samples = read_with_zarr(reference)
@@ -368,7 +409,7 @@ def test_bytes_per_token_counts_the_files_on_disk(reference, documents):
         if path.is_file() and len(parts) > 2:  # shard-N/<array>/...
             per_array[parts[1]] = per_array.get(parts[1], 0) + path.stat().st_size
     bpt = store.bytes_per_token()
-    assert set(bpt) == ARRAY_NAMES | {"total"}
+    assert set(bpt) == ARRAY_NAMES | STATS | {"total"}
     for name, size in per_array.items():
         assert bpt[name] == pytest.approx(size / tokens)
     assert bpt["total"] == pytest.approx(sum(per_array.values()) / tokens)
@@ -415,9 +456,12 @@ def test_parquet_export_rows_equal_store_samples(tmp_path, reference):
     assert parquet.metadata.num_rows == 40
     assert parquet.metadata.num_row_groups == 10  # one per shard
     table = parquet.read()
-    assert set(table.column_names) == (ARRAY_NAMES - {"sampled_offsets"}) | {"sample_index"}
+    assert set(table.column_names) == (ARRAY_NAMES - {"sampled_offsets"}) | STATS | {"sample_index"}
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     assert columns["sample_index"] == list(range(40))
+    stats = store.stats()
+    for name in STATS:
+        assert np.array_equal(np.asarray(columns[name], dtype=stats[name].dtype), stats[name], equal_nan=True), name
     for i in range(40):
         sample = store[i]
         for name in ARRAY_NAMES - set(FLAT):
@@ -533,7 +577,7 @@ def test_arrays_larger_than_an_inner_chunk_round_trip(tmp_path):
         "sampled_counts": rng.integers(1, N, size=E).astype(np.uint8),
     }
     targets = {"topk": {"k": K}, "sampled": {"num_draws": N}}
-    assert set(array_specs(vocab_size=32000, targets=targets)) == set(record) | {"sampled_offsets"}
+    assert set(array_specs(vocab_size=32000, targets=targets)) == set(record) | {"sampled_offsets"} | STATS
     manifest = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={}, targets=targets)
     writer = StoreWriter.open(tmp_path / "store", manifest, resume=False)
     writer.write_shard(0, record)
