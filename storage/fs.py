@@ -110,12 +110,25 @@ class Location:
             return sorted(p.replace(os.sep, "/") for p in out)
         return sorted(p[len(base.rstrip("/")) + 1:] for p in self.fs.find(base))
 
+    def _open(self, rel: str, mode: str):
+        return open(self._full(rel), mode) if self.local else self.fs.open(self._full(rel), mode)
+
     def sha256(self, rel: str) -> str:
         digest = hashlib.sha256()
-        opener = open if self.local else self.fs.open
-        with opener(self._full(rel), "rb") as f:
+        with self._open(rel, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
+        return digest.hexdigest()
+
+    def copy_from(self, source: Location, src: str, dst: str) -> str:
+        """Copy the file `src` of another location to `dst` here, block by block; returns the SHA-256 of its bytes."""
+        if self.local:
+            os.makedirs(os.path.dirname(self._full(dst)), exist_ok=True)
+        digest = hashlib.sha256()
+        with source._open(src, "rb") as fin, self._open(dst, "wb") as fout:
+            for block in iter(lambda: fin.read(1 << 22), b""):
+                digest.update(block)
+                fout.write(block)
         return digest.hexdigest()
 
     def size(self, rel: str) -> int:

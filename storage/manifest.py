@@ -21,6 +21,9 @@ CONTENT_SECTIONS = ("teacher", "dataset", "build", "targets")
 
 # Where the workers of a shared build keep their own manifests until the merge writes `manifest.json`.
 WORKERS_DIR = "workers"
+# The manifest of a store being made from other stores (`teacher-cache merge ... --output`) until it is finished:
+# its shards commit here, and `manifest.json` is written last, so an interrupted merge never looks like a store.
+MERGING_NAME = "merging.json"
 
 
 @dataclass
@@ -123,6 +126,11 @@ class Manifest:
 
     @classmethod
     def load(cls, location: Location, name: str = MANIFEST_NAME) -> Manifest:
+        if name == MANIFEST_NAME and not location.exists(name) and location.exists(MERGING_NAME):
+            raise RuntimeError(
+                f"{location} has no {MANIFEST_NAME}: it is an unfinished `teacher-cache merge --output` (see its "
+                f"{MERGING_NAME}). Rerun that merge with --resume to finish it, or delete {location}."
+            )
         if name == MANIFEST_NAME and not location.exists(name) and location.exists(WORKERS_DIR):
             raise RuntimeError(
                 f"{location} has no {MANIFEST_NAME} yet: it is built by several workers that have not all "

@@ -7,7 +7,7 @@ are sliced per row; sampled targets are flat, so a row's entries are found throu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -130,6 +130,21 @@ class Store:
 
     def iter_shards(self) -> Iterator[ShardReader]:
         return iter(self.shards)
+
+    def read_rows(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays `names` (default: every sample array) of the global samples [start, stop), across shards.
+
+        Dense arrays have a leading axis of stop - start rows; the flat sampled arrays hold exactly those rows'
+        entries, in order (`sampled_offsets` is not returned: `sampled_nunique` locates the entries).
+        """
+        names = [name for name in (names or self.shards[0].array_names) if name != "sampled_offsets"]
+        parts, first = [], 0
+        for shard in self.shards:
+            lo, hi = max(start - first, 0), min(stop - first, len(shard))
+            if lo < hi:
+                parts.append(ShardReader(self.location, shard.info, names).read(slice(lo, hi)))
+            first += len(shard)
+        return {name: np.concatenate([part[name] for part in parts]) for name in names}
 
     def stats(self) -> dict[str, np.ndarray]:
         """Per-sample statistics of every sample, in global order (see `storage/stats.py`).

@@ -1,9 +1,10 @@
 """Writing a store: buffer whole shards, encode them with the layout's codecs, commit each atomically.
 
-`StoreWriter` owns the manifest (the store's, or one worker's when several share a build) and commits shards
-one at a time; `BackgroundWriter` runs it on a thread fed by a bounded queue so the teacher never waits on
-compression. Records are dicts of arrays whose leading axis
-is samples, except the flat `sampled_ids` / `sampled_counts`, whose entries follow `sampled_nunique`.
+`StoreWriter` owns the manifest (the store's, one worker's when several share a build, or `merging.json` while a
+store is made from others) and commits shards one at a time, encoded from a record or copied from another store;
+`BackgroundWriter` runs it on a thread fed by a bounded queue so the teacher never waits on compression. Records
+are dicts of arrays whose leading axis is samples, except the flat `sampled_ids` / `sampled_counts`, whose entries
+follow `sampled_nunique`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from storage.fs import Location
 from storage.layout import MANIFEST_NAME, SHARDS_DIR, ArraySpec, array_specs, chunking, codecs_for, shard_name
-from storage.manifest import WORKERS_DIR, Manifest, ShardInfo, header_differences
+from storage.manifest import MERGING_NAME, WORKERS_DIR, Manifest, ShardInfo, header_differences
 from storage.stats import sample_stats
 from storage.workers import WorkerSlot, check_agreement, entry_shard, shard_index
 
@@ -31,14 +33,16 @@ class StoreWriter:
     """Creates or resumes a store and commits shards to it.
 
     With `worker` set, this process is one of several that share the build: it writes only the shards that
-    worker owns and commits them to its own manifest; `storage/workers.py` merges the workers' manifests.
+    worker owns and commits them to its own manifest; `storage/workers.py` merges the workers' manifests. A store
+    made from other stores (`open_merged`) commits its shards to `merging.json` and writes `manifest.json` last.
     """
 
-    def __init__(self, location: Location, manifest: Manifest, worker: WorkerSlot | None = None):
+    def __init__(self, location: Location, manifest: Manifest, worker: WorkerSlot | None = None, *,
+                 manifest_name: str | None = None):
         self.location = location
         self.manifest = manifest
         self.worker = worker
-        self.manifest_name = MANIFEST_NAME if worker is None else worker.manifest_name
+        self.manifest_name = manifest_name or (MANIFEST_NAME if worker is None else worker.manifest_name)
         self.specs = array_specs(
             vocab_size=manifest.teacher["vocab_size"],
             targets=manifest.targets,
@@ -87,6 +91,53 @@ class StoreWriter:
                 f"Output {location} already exists and holds files of no teacher-cache build "
                 f"({', '.join(foreign[:5])}). Choose a new --output."
             )
+
+    @classmethod
+    def check_merged_output(cls, location: Location, *, resume: bool) -> None:
+        """Refuse an output that a store made from other stores must not write to, before anything is read.
+
+        Raises:
+            ValueError: the output is a store already; or it holds data and `resume` is off; or `resume` is on and
+                it holds no unfinished merge.
+        """
+        existing = location.listdir()
+        if MANIFEST_NAME in existing:
+            raise ValueError(f"Output {location} is a store already ({MANIFEST_NAME}); choose a new --output.")
+        if resume and existing and MERGING_NAME not in existing:
+            raise ValueError(f"Cannot resume {location}: it holds no unfinished merge ({MERGING_NAME}). Choose a new "
+                             "--output, or empty it.")
+        if existing and not resume:
+            hint = (f"it holds an interrupted merge ({MERGING_NAME}): pass --resume to finish it, or delete it"
+                    if MERGING_NAME in existing else f"it holds {len(existing)} entries: choose a new --output")
+            raise ValueError(f"Output {location} already exists and is not empty; {hint}.")
+
+    @classmethod
+    def open_merged(cls, url: str | os.PathLike, manifest: Manifest, *, resume: bool) -> StoreWriter:
+        """Start a store made from other stores at `url` (or continue an interrupted one when `resume` is set).
+
+        Shards commit to `merging.json`; `finish` writes `manifest.json` last, so an interrupted merge never looks
+        like a store, and a resumed one skips the shards already committed.
+
+        Raises:
+            ValueError: see `check_merged_output`; or `resume` is on and the interrupted merge was started with
+                other inputs or options (every difference is named).
+        """
+        location = Location(url)
+        cls.check_merged_output(location, resume=resume)
+        if resume and location.exists(MERGING_NAME):
+            stored = Manifest.load(location, MERGING_NAME)
+            diffs = header_differences(stored.header(), manifest.header(), old_name="the interrupted merge",
+                                       new_name="this one")
+            if diffs:
+                raise ValueError(f"Cannot resume {location}: the interrupted merge had other inputs or options.\n  "
+                                 + "\n  ".join(diffs) + "\nRerun it as it was started, or merge into a new --output.")
+            writer = cls(location, stored, manifest_name=MERGING_NAME)
+            writer._remove_uncommitted()
+            log.info("resuming the merge into %s after %d committed shards", location, len(stored.shards))
+            return writer
+        location.makedirs(SHARDS_DIR)
+        manifest.save(location, MERGING_NAME)
+        return cls(location, manifest, manifest_name=MERGING_NAME)
 
     @classmethod
     def open(cls, url: str | os.PathLike, manifest: Manifest, *, resume: bool,
@@ -171,9 +222,7 @@ class StoreWriter:
 
     def write_shard(self, index: int, record: dict[str, np.ndarray]) -> ShardInfo:
         """Encode global shard `index` and commit it: data first, then the manifest that lists it."""
-        final = shard_name(index)
-        staging = f"{SHARDS_DIR}/.tmp-{os.path.basename(final)}-{os.getpid()}" if self.location.local else final
-        self.location.remove_tree(staging)
+        staging = self._staging(index)
         record = _with_offsets(record) if "sampled_nunique" in record else record
         if "stats_num_tokens" in self.specs and "stats_num_tokens" not in record:
             record = {**record, **sample_stats(record, self.manifest.targets)}
@@ -181,17 +230,47 @@ class StoreWriter:
         group.attrs.update({"shard_index": index, "num_samples": int(record["input_ids"].shape[0])})
         array_bytes = {name: _write_array(group, self.specs[name], record[name]) for name in self.specs}
         files = {rel: self.location.sha256(f"{staging}/{rel}") for rel in self.location.files(staging)}
-        if staging != final:
-            self.location.remove_tree(final)
-            self.location.rename(staging, final)
-        info = ShardInfo(
-            name=final,
+        return self._commit(staging, ShardInfo(
+            name=shard_name(index),
             num_samples=int(record["input_ids"].shape[0]),
             num_positions=int(record["loss_mask"].size),
             num_tokens=int(record["loss_mask"].sum()),
             array_bytes=array_bytes,
             files=files,
-        )
+        ))
+
+    def copy_shard(self, index: int, source: Location, info: ShardInfo) -> ShardInfo:
+        """Commit a copy of another store's shard (same arrays and encoding) as global shard `index`.
+
+        The files are copied as they are (each shard is a self-contained Zarr group) and checked against the
+        source manifest's SHA-256 on the way; only the group's `shard_index` attribute is rewritten.
+
+        Raises:
+            RuntimeError: a source file does not match its checksum (the source store is damaged).
+        """
+        staging = self._staging(index)
+        files = {}
+        for rel, digest in info.files.items():
+            files[rel] = self.location.copy_from(source, f"{info.name}/{rel}", f"{staging}/{rel}")
+            if files[rel] != digest:
+                raise RuntimeError(f"{source}/{info.name}/{rel} does not match its checksum: the store is damaged "
+                                   f"(`teacher-cache verify {source}` lists every damaged file).")
+        self.location.open_group(staging, mode="r+").attrs.update({"shard_index": index})
+        files["zarr.json"] = self.location.sha256(f"{staging}/zarr.json")
+        return self._commit(staging, replace(info, name=shard_name(index), files=files))
+
+    def _staging(self, index: int) -> str:
+        """An empty directory to write shard `index` into: a temporary name on local stores, the final elsewhere."""
+        final = shard_name(index)
+        staging = f"{SHARDS_DIR}/.tmp-{os.path.basename(final)}-{os.getpid()}" if self.location.local else final
+        self.location.remove_tree(staging)
+        return staging
+
+    def _commit(self, staging: str, info: ShardInfo) -> ShardInfo:
+        """Move a written shard into place, then list it in the manifest: the manifest write is the commit."""
+        if staging != info.name:
+            self.location.remove_tree(info.name)
+            self.location.rename(staging, info.name)
         self.manifest.shards = sorted([*self.manifest.shards, info], key=shard_index)
         self.manifest.save(self.location, self.manifest_name)
         return info
@@ -199,12 +278,19 @@ class StoreWriter:
     def finish(self, stream_samples: int | None = None) -> Manifest:
         """Mark the store, or this worker's part of it, complete.
 
+        A store made from others gets its `manifest.json` now (the commit point of the whole merge), and its
+        `merging.json` is removed.
+
         Args:
             stream_samples: a worker's count of the samples in the whole stream, which the merge checks.
         """
         if self.worker is not None:
             self.manifest.worker["stream_samples"] = stream_samples
         self.manifest.complete = True
+        if self.manifest_name == MERGING_NAME:
+            self.manifest.save(self.location)
+            self.location.remove_file(MERGING_NAME)
+            return self.manifest
         self.manifest.save(self.location, self.manifest_name)
         return self.manifest
 
