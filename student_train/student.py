@@ -101,10 +101,15 @@ def load_student(student: str, manifest: Manifest, *, seed: int):
 
 
 def load_tokenizer(config_dir: Path, manifest: Manifest):
-    """The student's tokenizer, or the teacher's when the student directory has none."""
+    """The student's tokenizer, or the teacher's when the student directory has none.
+
+    The teacher of an ensemble store is a list of `members` that share one tokenizer: the first member whose
+    directory exists gives it.
+    """
     if (config_dir / "tokenizer_config.json").exists() or (config_dir / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(config_dir)
-    teacher_dir = Path(manifest.teacher["model"])
+    dirs = [Path(m["model"]) for m in manifest.teacher.get("members", [])] or [Path(manifest.teacher["model"])]
+    teacher_dir = next((d for d in dirs if d.is_dir()), dirs[0])
     if not teacher_dir.is_dir():
         raise ValueError(
             f"the student at {config_dir} has no tokenizer and the store's teacher directory {teacher_dir} is gone; "
