@@ -1,6 +1,8 @@
 """The teacher-cache store: a versioned manifest plus sharded Zarr v3 arrays of teacher targets.
 
-Write with `StoreWriter`, read with `open_store`; the layout is specified in `storage/FORMAT.md`.
+Write with `StoreWriter`, read with `open_store`; the layout is specified in `storage/FORMAT.md`. New stores are
+made from finished ones by `storage.concat.concat_stores` (samples of one teacher, one after the other) and
+`storage.ensemble.ensemble_stores` (the targets of several teachers over the same samples, mixed).
 """
 
 from storage.layout import FORMAT_VERSION

@@ -1,7 +1,7 @@
 """`teacher-cache`: build a store of teacher targets, then inspect, verify and export it.
 
-The commands only parse options and call the library (`build_cache`, `merge_workers`, `Store`,
-`export_parquet`).
+The commands only parse options and call the library (`build_cache`, `merge_workers`, `concat_stores`,
+`ensemble_stores`, `Store`, `export_parquet`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from storage.concat import concat_stores
+from storage.ensemble import EnsembleConfig, ensemble_stores
 from storage.export import export_parquet
 from storage.fs import Location
 from storage.layout import MANIFEST_NAME
@@ -203,24 +205,79 @@ def _workers_info(location: Location, progress: list[WorkerProgress], as_json: b
 
 @main.command()
 @click.argument("stores", nargs=-1, required=True)
-@click.option("--output", help="Concatenate several finished stores into this new store (not supported yet).")
-def merge(stores: tuple[str, ...], output: str | None) -> None:
-    """`merge STORE`: finish a store built by several workers: check their shards, write its manifest.json.
+@click.option("--output", help="Join the finished STORES into this new store (absent or empty).")
+@click.option("--ensemble", is_flag=True,
+              help="With --output: mix stores of different teachers over the same samples instead of concatenating.")
+@click.option("--weights", help="--ensemble: a weight per store, comma-separated (e.g. 0.7,0.3), normalised to sum 1. "
+                                "Default: equal.")
+@click.option("--top-k", type=int, help="--ensemble: top-k ids kept per position. Default: the stores' largest k.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="--ensemble: seed of the draws subsampled when the weights or the stores' draw counts differ.")
+@click.option("--resume", is_flag=True, help="With --output: finish an interrupted merge (same STORES and options).")
+def merge(stores: tuple[str, ...], output: str | None, ensemble: bool, weights: str | None, top_k: int | None,
+          seed: int, resume: bool) -> None:
+    """Finish a store built by several workers, or join finished stores into a new one.
 
-    The last worker to finish does this itself; run it when that did not happen (the worker was stopped
-    between its last shard and the merge), or to see what is still missing.
+    \b
+    teacher-cache merge STORE
+      Finish a store built by several workers: check their shards and write its manifest.json. The last worker
+      to finish does this itself; run it when that did not happen, or to see what is still missing.
+    teacher-cache merge A B ... --output C
+      Concatenate stores of the same teacher, targets, --seq-len and --pack (their datasets may differ): C holds
+      the samples of A, then of B, ... Shards are copied, not re-encoded.
+    teacher-cache merge A B ... --output C --ensemble [--weights 0.7,0.3]
+      Mix stores of different teachers with one tokenizer over the same samples into one teacher: top-k
+      probabilities averaged over the union of the top-k ids (tails combined), sampled draws pooled, the true
+      token's log-prob exact, the entropy a lower bound; hidden states are dropped.
+
+    An interrupted merge into --output leaves no manifest.json (it is not a store); rerun it with --resume.
     """
-    if len(stores) != 1 or output is not None:
-        raise click.UsageError(
-            "merging several stores into --output is not supported yet; `teacher-cache merge STORE` finishes one "
-            "store built by several workers."
-        )
+    if output is None:
+        used = [name for name, value in (("--ensemble", ensemble), ("--weights", weights), ("--top-k", top_k),
+                                         ("--seed", seed), ("--resume", resume)) if value]
+        if used or len(stores) != 1:
+            raise click.UsageError(
+                (f"{', '.join(used)} need --output. " if used else f"{len(stores)} stores need --output. ")
+                + "`teacher-cache merge STORE` finishes one store built by several workers; `teacher-cache merge A B "
+                "... --output C` joins finished stores into a new one."
+            )
+        _finish_workers(stores[0])
+        return
+    if not ensemble and (weights is not None or top_k is not None):
+        raise click.UsageError("--weights and --top-k choose how --ensemble mixes stores; add --ensemble, or drop them "
+                               "to concatenate.")
     try:
-        manifest = merge_workers(Location(stores[0]))
+        if ensemble:
+            config = EnsembleConfig(inputs=stores, output=output, weights=_parse_weights(weights), top_k=top_k,
+                                    seed=seed, resume=resume)
+            manifest = ensemble_stores(config)
+        else:
+            manifest = concat_stores(stores, output, resume=resume)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{stores[0]} is complete: {manifest.num_samples} samples, {manifest.num_tokens} trained tokens in "
+    how = f"an ensemble of {len(stores)} teachers" if ensemble else f"{len(stores)} stores concatenated"
+    click.echo(f"Wrote {manifest.num_samples} samples, {manifest.num_tokens} trained tokens in {len(manifest.shards)} "
+               f"shards to {output} ({how}); targets: {', '.join(manifest.targets)}.")
+
+
+def _finish_workers(store: str) -> None:
+    try:
+        manifest = merge_workers(Location(store))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{store} is complete: {manifest.num_samples} samples, {manifest.num_tokens} trained tokens in "
                f"{len(manifest.shards)} shards.")
+
+
+def _parse_weights(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--weights: expected numbers separated by commas, e.g. 0.7,0.3; got {text!r}.") from None
 
 
 @main.command()

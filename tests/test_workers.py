@@ -274,8 +274,11 @@ def test_merge_names_what_is_missing_and_runs_by_hand(tmp_path, monkeypatch, lla
     assert again.exit_code == 0 and again.output == result.output
     assert_equals_reference(output, reference, packed_stream)
 
+    # A store of workers can be concatenated with others once merged, not before.
+    result = _cli("merge", tampered, reference, "--output", tmp_path / "joined")
+    assert result.exit_code == 2 and "build not merged" in result.output and not (tmp_path / "joined").exists()
     result = _cli("merge", output, reference, "--output", tmp_path / "joined")
-    assert result.exit_code == 2 and "not supported yet" in result.output
+    assert result.exit_code == 0 and f"Wrote {2 * NUM_SAMPLES} samples" in result.output, result.output
 
 
 def test_more_workers_than_shards(tmp_path, llama_dir, dataset, teacher):
