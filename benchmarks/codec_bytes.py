@@ -19,11 +19,11 @@ import click
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.codecs.numcodecs import Delta
+from zarr.codecs.numcodecs import Delta, FixedScaleOffset
 from zarr.storage import MemoryStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from storage.layout import chunking  # noqa: E402
+from storage.layout import LOGPROB_FLOOR, LOGPROB_SCALE, chunking, quantize_logprobs  # noqa: E402
 from storage.reader import Store  # noqa: E402
 
 
@@ -62,6 +62,16 @@ def float_variants(values: np.ndarray) -> dict[str, tuple]:
     }
 
 
+def logprob_variants(values: np.ndarray) -> dict[str, tuple]:
+    """Log-prob encodings: fp16 (format 1) and int16 steps of 1/64 nat (format 2), each with byte shuffle."""
+    step = [FixedScaleOffset(offset=0, scale=LOGPROB_SCALE, dtype="<f4", astype="<i2")]
+    return {
+        "fp16 blosc-zstd byteshuffle": (values.astype(np.float16), None, blosc("shuffle", 2)),
+        f"int16 1/{LOGPROB_SCALE} nat blosc-zstd byteshuffle": (quantize_logprobs(values), step, blosc("shuffle", 2)),
+        f"int16 1/{LOGPROB_SCALE} nat zstd": (quantize_logprobs(values), step, [ZstdCodec(level=5)]),
+    }
+
+
 def measure(store: Store, max_shards: int) -> dict:
     shards = store.shards[:max_shards]
     data = {name: np.concatenate([s.read()[name] for s in shards]) for name in store.specs
@@ -76,20 +86,23 @@ def measure(store: Store, max_shards: int) -> dict:
         rows.setdefault(record, {})[variant] = nbytes / tokens
 
     if "topk_ids" in data:
-        ids, logp = data["topk_ids"], data["topk_logprobs"]
-        order = np.argsort(ids, axis=-1, kind="stable")
-        by_id = np.take_along_axis(ids, order, -1)
-        logp_by_id = np.take_along_axis(logp, order, -1)
+        stored_ids, stored_logp = data["topk_ids"], data["topk_logprobs"]
+        order = np.argsort(stored_ids, axis=-1, kind="stable")  # the store keeps id order; make sure of it
+        by_id = np.take_along_axis(stored_ids, order, -1)
+        logp_by_id = np.take_along_axis(stored_logp, order, -1)
+        rank = np.argsort(-logp_by_id.astype(np.float32), axis=-1, kind="stable")  # most likely first
+        ids, logp = np.take_along_axis(by_id, rank, -1), np.take_along_axis(logp_by_id, rank, -1)
         for name, (f, c) in variants_for_ids(ids).items():
             if f is None:
                 add("topk_ids (rank order)", name, stored_bytes(ids, f, c))
             add("topk_ids (id order)", name, stored_bytes(by_id, f, c))
-        for name, (f, c) in float_variants(logp).items():
-            add("topk_logprobs fp16 (rank order)", name, stored_bytes(logp, f, c))
-            add("topk_logprobs fp16 (id order)", name, stored_bytes(logp_by_id, f, c))
+        for name, (values, f, c) in logprob_variants(logp).items():
+            add("topk_logprobs (rank order)", name, stored_bytes(values, f, c))
+        for name, (values, f, c) in logprob_variants(logp_by_id).items():
+            add("topk_logprobs (id order)", name, stored_bytes(values, f, c))
         k = ids.shape[-1]
         add("topk_ids (rank order)", f"baseline: {bits}-bit packed", mask.sum() * k * bits / 8)
-        add("topk_logprobs fp16 (rank order)", "baseline: raw fp16", mask.sum() * k * 2)
+        add("topk_logprobs (rank order)", "baseline: raw fp16", mask.sum() * k * 2)
     if "sampled_ids" in data:
         ids, counts = data["sampled_ids"], data["sampled_counts"]
         entries = len(ids)
@@ -100,7 +113,10 @@ def measure(store: Store, max_shards: int) -> dict:
         add("sampled_nunique", "zstd", stored_bytes(data["sampled_nunique"], None, [ZstdCodec(level=5)]))
         add("sampled (ids+counts)", "baseline: RS-KD 3 bytes/entry", 3 * entries)
         rows["sampled entries per token"] = {"mean": entries / tokens}
-    for name in ("input_ids", "entropy", "true_logprob", "tail_logmass"):
+    if "tail_logmass" in data:
+        for name, (values, f, c) in logprob_variants(np.maximum(data["tail_logmass"], LOGPROB_FLOOR)).items():
+            add("tail_logmass", name, stored_bytes(values, f, c))
+    for name in ("input_ids", "entropy", "true_logprob"):
         variants = variants_for_ids(data[name]) if name == "input_ids" else float_variants(data[name])
         for variant, (f, c) in variants.items():
             if f is None:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from storage.fs import Location
+from storage.layout import LOGPROB_SCALE
 from storage.manifest import Manifest, header_differences
 from storage.reader import Store
 from storage.writer import StoreWriter
@@ -126,9 +127,12 @@ def _teacher_key(teacher: dict) -> dict:
 
 
 def _targets_key(targets: dict) -> dict:
-    """Targets without the seed of the draws: independent draws of the same teacher may follow each other."""
+    """Targets without the seed of the draws (independent draws of the same teacher may follow each other) and
+    without how a format version encodes the log-probs (version 1 fp16, version 2 steps of 1/64 nat)."""
     key = copy.deepcopy(targets)
     key.get("sampled", {}).pop("seed", None)
+    for encoding in ("logprob_dtype", "logprob_step"):
+        key.get("topk", {}).pop(encoding, None)
     return key
 
 
@@ -142,6 +146,9 @@ def concat_manifest(stores: Sequence[Store]) -> Manifest:
         offset += len(store)
     manifests = [store.manifest for store in stores]
     targets = copy.deepcopy(first.targets)
+    if "topk" in targets:  # the output is written in this release's format
+        targets["topk"].pop("logprob_dtype", None)
+        targets["topk"]["logprob_step"] = 1 / LOGPROB_SCALE
     if "sampled" in targets:
         targets["sampled"]["seed"] = _common([m.targets["sampled"].get("seed") for m in manifests])
     return Manifest(

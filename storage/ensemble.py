@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from storage.concat import open_inputs
 from storage.fs import Location
+from storage.layout import LOGPROB_SCALE
 from storage.manifest import Manifest, header_differences
 from storage.mixture import TopkUnion, draw_split, entropy_lower_bound, mix_logprobs, pool_draws
 from storage.reader import Store
@@ -223,7 +224,7 @@ def ensemble_manifest(stores: Sequence[Store], plan: _Plan, config: EnsembleConf
     targets: dict = {"entropy": {"exact": False, "bound": "lower", "formula": f"sum_j w_j H_j{shared}"},
                      "true_logprob": {}}
     if plan.top_k is not None:
-        targets["topk"] = {"k": plan.top_k, "logprob_dtype": "float16", "order": "ascending id",
+        targets["topk"] = {"k": plan.top_k, "logprob_step": 1 / LOGPROB_SCALE, "order": "ascending id",
                            "tail": "tail_logmass",
                            "source": "ensemble: weighted sum over the union of the members' top-k ids, tails combined"}
     if plan.draws is not None:

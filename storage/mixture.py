@@ -50,7 +50,7 @@ class TopkUnion:
 
     Args:
         ids: member j's top-k ids, [P, K_j] each (distinct within a position).
-        logprobs: their log-probs, [P, K_j] each (the stored fp16 values).
+        logprobs: their log-probs, [P, K_j] each (the stored values).
         tail_logmass: member j's log tail mass, [P] each.
         weights: the members' weights, positive, summing to 1.
     """
@@ -87,7 +87,8 @@ class TopkUnion:
         the union (it does when k <= max K_j).
 
         Returns:
-            ids [P, k] (int64), log-probs [P, k] (float16), tail log-mass [P] (float32).
+            ids [P, k] (int64), log-probs [P, k] (float32; the writer rounds them to the store's steps), tail
+            log-mass [P] (float32).
         """
         valid_PR = self.size_PR > 0
         score_PR = np.where(valid_PR, self.mass_PR, -1.0)
@@ -100,7 +101,7 @@ class TopkUnion:
                                   _log(dropped_P))
         ids_Pk = np.take_along_axis(self.ids_PR, keep_Pk, 1)
         logprobs_Pk = _log(np.take_along_axis(self.mass_PR, keep_Pk, 1))
-        return ids_Pk, logprobs_Pk.astype(np.float16), log_tail_P.astype(np.float32)
+        return ids_Pk, logprobs_Pk.astype(np.float32), log_tail_P.astype(np.float32)
 
     def shared_information(self) -> np.ndarray:
         """[P] I(J; g(X)) (module docstring): the Jensen-Shannon information the ids in every top-k reveal, >= 0.
@@ -121,7 +122,7 @@ class TopkUnion:
         rest_PM = self.tail_PM + unshared_PM
         rest_P = (rest_PM * self.weights_M).sum(1)
         info_P = inside_P + (_xlogx(rest_PM) * self.weights_M).sum(1) - _xlogx(rest_P)
-        return np.maximum(info_P, 0.0)  # >= 0 in exact arithmetic; clip the rounding of the fp16 log-probs
+        return np.maximum(info_P, 0.0)  # >= 0 in exact arithmetic; clip the rounding of the stored log-probs
 
 
 def mix_logprobs(logprobs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:

@@ -19,7 +19,17 @@ from dataclasses import replace
 import numpy as np
 
 from storage.fs import Location
-from storage.layout import MANIFEST_NAME, SHARDS_DIR, ArraySpec, array_specs, chunking, codecs_for, shard_name
+from storage.layout import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    ArraySpec,
+    array_specs,
+    chunking,
+    codecs_for,
+    quantize_logprobs,
+    shard_name,
+)
 from storage.manifest import MERGING_NAME, WORKERS_DIR, Manifest, ShardInfo, header_differences
 from storage.stats import sample_stats
 from storage.workers import WorkerSlot, check_agreement, entry_shard, shard_index
@@ -184,6 +194,12 @@ class StoreWriter:
     def _resume(cls, location: Location, manifest: Manifest, worker: WorkerSlot | None = None) -> StoreWriter:
         name = MANIFEST_NAME if worker is None else worker.manifest_name
         stored = Manifest.load(location, name)
+        if stored.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"Cannot resume {location}: it was started by a release that writes store format version "
+                f"{stored.format_version}, and this one writes version {FORMAT_VERSION}. Finish it with the release "
+                "that started it, or build into a new --output; its committed shards stay readable."
+            )
         diffs = header_differences(stored.header(), manifest.header())
         if diffs:
             raise ValueError(
@@ -224,6 +240,9 @@ class StoreWriter:
         """Encode global shard `index` and commit it: data first, then the manifest that lists it."""
         staging = self._staging(index)
         record = _with_offsets(record) if "sampled_nunique" in record else record
+        # Statistics describe the stored values: quantize first (the codec's rounding, so writing is unchanged).
+        quantized = {name for name, spec in self.specs.items() if spec.codec == "logprob_shuffle_zstd"}
+        record = {name: quantize_logprobs(value) if name in quantized else value for name, value in record.items()}
         if "stats_num_tokens" in self.specs and "stats_num_tokens" not in record:
             record = {**record, **sample_stats(record, self.manifest.targets)}
         group = self.location.open_group(staging, mode="w")

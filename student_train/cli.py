@@ -19,6 +19,7 @@ from storage.manifest import Manifest
 from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, PRECISIONS, TrainConfig
 from student_train.config_file import resolve_options, with_sources
 from student_train.features import FEATURE_LOSSES, PROJECTIONS
+from student_train.liger import FUSED_CE
 from student_train.losses import LOSS_NAMES, REPRESENTATIONS, SCHEDULES
 from student_train.student import compatibility_problems, load_tokenizer
 
@@ -80,6 +81,10 @@ TRAIN_OPTIONS = [
     click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps."),
     click.option("--chunk-positions", type=int, default=256, show_default=True,
                  help="Positions whose student logits exist at once in the loss (memory vs speed)."),
+    click.option("--fused-ce", type=click.Choice(list(FUSED_CE)), default="auto", show_default=True,
+                 help="A loss of CE alone on CUDA: auto = Liger-kernel's fused linear cross-entropy when installed "
+                      "(pip install liger-kernel), else the torch path; liger = require it; torch = never. Same "
+                      "loss and gradients either way."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--num-workers", type=int, default=0, show_default=True, help="Loader worker processes."),
     click.option("--distributed", type=click.Choice(list(DISTRIBUTED)), default="ddp", show_default=True,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
+from student_train.liger import FUSED_CE
 from student_train.losses import CE, LOSS_NAMES, REPRESENTATIONS, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -56,6 +57,9 @@ class TrainConfig:
         distributed: under torchrun, "ddp" (each rank holds the whole student) or "fsdp" (FSDP2: parameters,
             gradients and optimizer states sharded over the ranks); unused in a single process.
         chunk_positions: positions whose student logits exist at once in the loss.
+        fused_ce: how a loss of CE alone is computed: "auto" (Liger-kernel's fused linear cross-entropy on CUDA when
+            liger_kernel is installed, else the torch path), "liger" (required: an error where it cannot run) or
+            "torch". Both give the same loss and gradients; see student_train/liger.py.
         selection: a selection file (sample ids) to train on, in its order.
         resume: continue from the newest checkpoint in `output`.
         init_from_teacher: instead of `student`, a local HF teacher directory whose layers `keep_layers` (with its
@@ -102,6 +106,7 @@ class TrainConfig:
     num_workers: int = 0
     distributed: str = "ddp"
     chunk_positions: int = 256
+    fused_ce: str = "auto"
     selection: str | None = None
     resume: bool = False
     init_from_teacher: str | None = None
@@ -134,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"--num-workers: must be at least 0, got {self.num_workers}.")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"--distributed: {self.distributed!r} is not one of {', '.join(DISTRIBUTED)}.")
+        if self.fused_ce not in FUSED_CE:
+            raise ValueError(f"--fused-ce: {self.fused_ce!r} is not one of {', '.join(FUSED_CE)}.")
         self.keep_layers = _check_init(self.student, self.init_from_teacher, self.keep_layers)
         self._check_features()
         # The checks that need no store; the trainer's call adds those of the store's default targets.

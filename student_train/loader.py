@@ -59,7 +59,7 @@ class LoaderConfig:
         num_workers: DataLoader worker processes; 0 collates in a background thread of the training process.
         prefetch_factor: batches prepared ahead, per worker (or by the background thread).
         selection: JSON file with {"sample_ids": [...]} or a bare list: train on exactly those ids, in that order,
-            every epoch (no shuffle).
+            every epoch (no shuffle). With exclude_fraction_from_end, the ids must lie below the held-out tail.
         exclude_fraction_from_end: hold out the last round(fraction * samples) global ids for evaluation.
         only_fraction_from_end: read only that held-out tail (for the evaluation loader).
         drop_last: drop the epoch's tail that does not fill a batch on every rank. Otherwise every rank ends with
@@ -89,9 +89,9 @@ class LoaderConfig:
         if self.exclude_fraction_from_end and self.only_fraction_from_end:
             raise ValueError("exclude_fraction_from_end and only_fraction_from_end: set at most one (the training "
                              "loader excludes the tail, the evaluation loader reads only it).")
-        if self.selection is not None and (self.exclude_fraction_from_end or self.only_fraction_from_end):
+        if self.selection is not None and self.only_fraction_from_end:
             raise ValueError("selection: a selection file names exactly the samples to read; do not combine it with "
-                             "exclude_fraction_from_end or only_fraction_from_end.")
+                             "only_fraction_from_end.")
 
 
 # --- order and partition ------------------------------------------------------------------------------------------
@@ -180,8 +180,9 @@ class SampleOrder:
         return order[first:first + self.last_batch_size]
 
 
-def read_selection(path: str, num_samples: int) -> np.ndarray:
-    """The ids of a selection file ({"sample_ids": [...]} or a bare list), checked against the store's size."""
+def read_selection(path: str, num_samples: int, held_out_from: int | None = None) -> np.ndarray:
+    """The ids of a selection file ({"sample_ids": [...]} or a bare list), checked against the store's size and,
+    given `held_out_from`, against the held-out tail (ids from there on are evaluated on, never trained on)."""
     data = json.loads(Path(path).read_text())
     ids = data["sample_ids"] if isinstance(data, dict) and "sample_ids" in data else data
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -191,6 +192,12 @@ def read_selection(path: str, num_samples: int) -> np.ndarray:
     if len(bad):
         raise ValueError(f"selection {path}: sample ids {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''} "
                          f"are out of range for a store of {num_samples} samples (ids 0..{num_samples - 1}).")
+    held = ids[ids >= held_out_from] if held_out_from is not None else ids[:0]
+    if len(held):
+        raise ValueError(f"selection {path}: sample ids {held[:10].tolist()}{' ...' if len(held) > 10 else ''} are in "
+                         f"the held-out tail (ids {held_out_from}..{num_samples - 1}) that evaluation reads; select "
+                         "below it (`teacher-cache select --held-out-fraction` equal to --eval-fraction) or evaluate "
+                         "on another store (--eval-store).")
     return ids
 
 
@@ -367,10 +374,11 @@ class StoreLoader:
         store = Store(config.store)
         self.targets: dict = store.manifest.targets
         num_samples = len(store)
-        selection = read_selection(config.selection, num_samples) if config.selection is not None else None
+        id_range = held_out_range(num_samples, config)
+        selection = None if config.selection is None else read_selection(config.selection, num_samples, id_range[1])
         self.order = SampleOrder(
             shard_sizes=tuple(s.num_samples for s in store.manifest.shards), seed=config.seed, shuffle=config.shuffle,
-            shuffle_window=config.shuffle_window, id_range=held_out_range(num_samples, config), selection=selection,
+            shuffle_window=config.shuffle_window, id_range=id_range, selection=selection,
             batch_size=config.batch_size, world_size=1 if interleave else world_size, drop_last=config.drop_last,
         )
         if self.order.num_batches == 0:

@@ -19,6 +19,9 @@ The loss of a batch, each term a mean over `loss_mask` positions:
   computed; with no divergence the batch needs no targets and the reported KD is 0.
 - s(step): the KD schedule (`kd_scale`), a factor in [0, 1] on every divergence, from the optimizer step.
 
+A loss of CE alone may instead come from Liger-kernel's fused linear cross-entropy on CUDA (`LossConfig.fused_ce`;
+see `student_train.liger`), which gives the same CE and gradients without the checkpointed chunks.
+
 Legend: B batch, L positions per row, H hidden size, V vocabulary, P trained positions (loss_mask true), C positions
 in a chunk, D divergences in the mix.
 """
@@ -33,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from student_train.divergences import DIVERGENCES, REPRESENTATIONS, TAIL_BUCKET, TARGET_KEYS
+from student_train.liger import liger_ce_sum
 
 __all__ = ["CE", "DIVERGENCES", "LOSS_NAMES", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET", "LossConfig",
            "distillation_loss", "kd_scale"]
@@ -79,6 +83,8 @@ class LossConfig:
         chunk_positions: positions whose student logits exist at once.
         sampled_tail_bucket: the store's sampled draws include a tail bucket (id TAIL_BUCKET once collated), whose
             student probability is the mass outside the position's top-k ids; the batch must hold `topk_ids`.
+        fused_ce: CE comes from Liger-kernel's fused linear cross-entropy (CUDA, liger_kernel installed; see
+            `student_train.liger.use_liger`) instead of the chunks; only for a loss of CE alone. Same numbers.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
@@ -89,6 +95,7 @@ class LossConfig:
     kd_schedule: str = "constant"
     chunk_positions: int = 1024
     sampled_tail_bucket: bool = False
+    fused_ce: bool = False
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.weights if name not in LOSS_NAMES]
@@ -111,6 +118,9 @@ class LossConfig:
             raise ValueError(f"chunk_positions: expected a positive number of positions, got {self.chunk_positions}.")
         if self.targets == "sampled" and self.kd_weights:
             self._check_sampled()
+        if self.fused_ce and self.kd_weights:
+            raise ValueError(f"fused_ce: Liger's fused kernel computes CE alone, and the loss also has "
+                             f"{', '.join(self.kd_weights)}; use the torch path for a mix.")
 
     def _check_sampled(self) -> None:
         if self.temperature != 1.0:
@@ -162,7 +172,8 @@ def distillation_loss(
         batch: collated store records: `loss_mask` [B, L], `input_ids` [B, L + 1] and the targets of
             `config.targets` (see TARGET_KEYS) when a divergence has weight. They are moved to the device of
             `hidden_BLH`.
-        config: the weighted terms, their representation, temperature, schedule and chunk size.
+        config: the weighted terms, their representation, temperature, schedule, chunk size, and whether CE is
+            Liger's fused kernel.
         step: the optimizer step, for the KD schedule.
 
     Returns:
@@ -178,18 +189,10 @@ def distillation_loss(
     targets_P = _select_targets(batch, config, mask_BL) if kd_weights else {}
 
     num_positions = hidden_PH.shape[0]
-    size = config.chunk_positions
-    kd_sum_D = ce_sum = 0.0
-    # With no trained position, one empty chunk still runs, so the loss is 0 with a graph through the head.
-    for start in range(0, max(num_positions, 1), size):
-        chunk = slice(start, start + size)
-        kd_D, ce = checkpoint(
-            _chunk_sums, hidden_PH[chunk], true_P[chunk], {key: value[chunk] for key, value in targets_P.items()},
-            head, config,
-            use_reentrant=False,
-            preserve_rng_state=False,  # nothing random inside
-        )
-        kd_sum_D, ce_sum = kd_sum_D + kd_D, ce_sum + ce
+    if config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
+        kd_sum_D, ce_sum = hidden_PH.new_zeros(0, dtype=torch.float32), liger_ce_sum(hidden_PH, head, true_P)
+    else:
+        kd_sum_D, ce_sum = _chunked_sums(hidden_PH, true_P, targets_P, head, config)
     kd_mean_D, ce_mean = kd_sum_D / max(num_positions, 1), ce_sum / max(num_positions, 1)
     weights_D = kd_mean_D.new_tensor(list(kd_weights.values()))
     scale = kd_scale(config.kd_schedule, step)
@@ -199,6 +202,27 @@ def distillation_loss(
     kd = kd_total.detach() / weights_D.sum() if kd_weights else kd_total.detach()
     metrics |= {"kd": kd, "ce": ce_mean.detach(), "kd_scale": torch.tensor(scale), "tokens": mask_BL.sum()}
     return loss, metrics
+
+
+def _chunked_sums(
+    hidden_PH: torch.Tensor, true_P: torch.Tensor, targets_P: dict[str, torch.Tensor], head: nn.Linear,
+    config: LossConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed divergences [D] and CE over all P positions, `config.chunk_positions` at a time, each chunk under
+    activation checkpointing."""
+    size = config.chunk_positions
+    kd_sum_D = ce_sum = 0.0
+    # With no trained position, one empty chunk still runs, so the loss is 0 with a graph through the head.
+    for start in range(0, max(hidden_PH.shape[0], 1), size):
+        chunk = slice(start, start + size)
+        kd_D, ce = checkpoint(
+            _chunk_sums, hidden_PH[chunk], true_P[chunk], {key: value[chunk] for key, value in targets_P.items()},
+            head, config,
+            use_reentrant=False,
+            preserve_rng_state=False,  # nothing random inside
+        )
+        kd_sum_D, ce_sum = kd_sum_D + kd_D, ce_sum + ce
+    return kd_sum_D, ce_sum
 
 
 def _select_targets(

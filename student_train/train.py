@@ -14,6 +14,7 @@ Legend: B batch, L positions, H hidden size, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from student_train.config import TrainConfig
 from student_train.config_file import refuse_changed_config, save_run_config
 from student_train.distributed import TrainedModules, World, launch
 from student_train.features import build_feature_head
+from student_train.liger import use_liger
 from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
 from student_train.losses import LossConfig, distillation_loss
 from student_train.student import build_student
@@ -58,15 +60,18 @@ class Trainer:
         self.output = Path(config.output)
         self._check_output()
         manifest = Store(config.store).manifest
-        self.model, self.tokenizer = build_student(config, manifest)
         self.device = self.world.device
+        loss_config = config.loss_config(config.targets_from or default_targets(manifest.targets),
+                                         sampled_tail_bucket=tail_bucket(manifest.targets) is not None)
+        # Decided before the student loads, so that --fused-ce liger where it cannot run fails at once.
+        self.loss_config = dataclasses.replace(loss_config,
+                                               fused_ce=use_liger(config.fused_ce, self.device, loss_config))
+        self.model, self.tokenizer = build_student(config, manifest)
         self.model.to(self.device)
         self.head = self.model.get_output_embeddings()
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else (
             contextlib.nullcontext)
-        self.loss_config = config.loss_config(config.targets_from or default_targets(manifest.targets),
-                                              sampled_tail_bucket=tail_bucket(manifest.targets) is not None)
         # Evaluation always measures KL with the same estimator (forward KL over the store's default targets, at
         # T = 1), whatever the training loss, so runs compare.
         eval_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from storage.fs import Location
+from storage.layout import LOGPROB_SCALE
 from storage.manifest import Manifest, ShardInfo
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
@@ -225,7 +226,7 @@ def _ready_event(device: torch.device):
 def _targets_section(config: BuildConfig, layers: tuple[int, ...], hidden_size: int, properties: dict) -> dict:
     targets: dict = {"entropy": {"exact": True}, "true_logprob": {}}
     if "topk" in config.targets:
-        targets["topk"] = {"k": config.top_k, "logprob_dtype": "float16", "order": "ascending id",
+        targets["topk"] = {"k": config.top_k, "logprob_step": 1 / LOGPROB_SCALE, "order": "ascending id",
                            "tail": "tail_logmass"}
     if "sampled" in config.targets:
         targets["sampled"] = {"num_draws": config.num_draws, "temperature": 1.0, "seed": config.seed,

@@ -1,7 +1,7 @@
-"""`teacher-cache`: build a store of teacher targets, then inspect, verify and export it.
+"""`teacher-cache`: build a store of teacher targets; inspect, verify, export, select from and merge stores.
 
 The commands only parse options and call the library (`build_cache`, `merge_workers`, `concat_stores`,
-`ensemble_stores`, `Store`, `export_parquet`).
+`ensemble_stores`, `Store`, `export_parquet`, `inspect_store`, `select_samples`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from teacher_cache.config import (
     resolve_workers,
     worker_device,
 )
+from tools.inspect_store import KEYS, inspect_store, plot_report
+from tools.inspect_store import format_report as format_inspection
+from tools.select_samples import ORDERS, SelectConfig, parse_band, select_samples
+from tools.select_samples import summary as selection_summary
 
 log = logging.getLogger("teacher_cache")
 
@@ -201,6 +205,89 @@ def _workers_info(location: Location, progress: list[WorkerProgress], as_json: b
     for row in rows:
         click.echo(f"worker {row['worker']:<4}{row['state']:<13}{row['shards']} shards, {row['samples']:,} samples, "
                    f"{row['tokens']:,} trained tokens")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON (every shard included).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the histograms to this PNG file.")
+@click.option("--shards", "all_shards", is_flag=True,
+              help="List every shard on its own line (by default only up to 10; more are summarised).")
+def inspect(store: str, as_json: bool, plot: str | None, all_shards: bool) -> None:
+    """Counts, bytes/token and the distributions of the teacher's per-sample statistics in STORE.
+
+    \b
+    Examples:
+      teacher-cache inspect /cache/run1
+      teacher-cache inspect /cache/run1 --plot run1.png --shards
+      teacher-cache inspect /cache/run1 --json > run1-inspect.json
+
+    \b
+    Reports, from the manifest and the stats_* arrays only (never the targets):
+      counts        samples, trained tokens, positions; per shard with bytes/token and shard means
+      bytes/token   stored bytes per trained token of each array
+      entropy, nll, tail_mass, top1, tokens
+                    quantiles (min, p1, p5, p25, p50, p75, p95, p99, max) over samples, each sample once
+                    (what `select` ranks); mean/sample, and mean/token weighing samples by their trained tokens
+                    (the store-wide mean per position)
+      rank          the true token's rank among the top-k, as shares of trained tokens (power-of-two bins, the
+                    last = outside the top-k): top-1 agreement and in-top-k share
+    A version 1 store has no statistics: they are computed from its targets, much more slowly, and the report says
+    so.
+    """
+    inspection = inspect_store(_open(store, allow_incomplete=True))
+    if plot:
+        plot_report(inspection, plot)
+    if as_json:
+        click.echo(json.dumps(inspection.report, indent=1))
+        return
+    click.echo(format_inspection(inspection.report, all_shards=all_shards))
+    if plot:
+        click.echo(f"\nHistograms written to {plot}.")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--by", "key", type=click.Choice(list(KEYS)), required=True,
+              help="The per-sample statistic ranked: " + "; ".join(f"{k} = {d}" for k, (d, _) in KEYS.items()) + ".")
+@click.option("--top", type=float, help="Keep the highest this share of the candidates, e.g. 0.3.")
+@click.option("--bottom", type=float, help="Keep the lowest this share of the candidates.")
+@click.option("--band", metavar="LOW:HIGH", help="Keep the candidates between two quantiles, e.g. 0.5:0.9.")
+@click.option("--order", type=click.Choice(ORDERS), default="shuffle", show_default=True,
+              help="Training order of the ids: shuffle (--seed), ascending or descending by the key (a curriculum; "
+                   "ascending entropy = most confident first), or store order.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --order shuffle.")
+@click.option("--min-tokens", type=int, default=1, show_default=True,
+              help="Candidates have at least this many trained tokens.")
+@click.option("--held-out-fraction", type=float, default=0.05, show_default=True,
+              help="Never select the store's last samples, which student-train holds out with the same "
+                   "--eval-fraction; 0: the whole store (then train with --eval-store).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="The selection file to write (JSON).")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+def select(store: str, band: str | None, **options) -> None:
+    """Choose samples of STORE by a per-sample statistic and write their ids for `student-train --selection`.
+
+    \b
+    Examples:
+      teacher-cache select /cache/run1 --by entropy --top 0.3 --output hard.json
+      teacher-cache select /cache/run1 --by nll --band 0.5:0.9 --min-tokens 512 --output mid.json
+      teacher-cache select /cache/run1 --by entropy --bottom 1 --order ascending --output curriculum.json
+      student-train --store /cache/run1 --selection hard.json ...
+
+    \b
+    Candidates: the samples below the held-out tail (--held-out-fraction) with at least --min-tokens trained
+    tokens; samples without trained tokens have no statistics and are never selected. Candidates are ranked by
+    (value, sample id), so ties are cut by sample id: --bottom F keeps the first round(F*N), --top F the last
+    round(F*N), --band LOW:HIGH the ranks round(LOW*N) to round(HIGH*N)-1. The file holds "sample_ids" in
+    training order (--order), with the store, key, rule, counts and the key's range over the selected samples.
+    It reads the stats_* arrays only (a version 1 store's statistics are computed from its targets, slower).
+    """
+    try:
+        config = SelectConfig(store=store, band=None if band is None else parse_band(band), **options)
+        selection = select_samples(config, _open(store))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(selection_summary(selection, config.output))
 
 
 @main.command()

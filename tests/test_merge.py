@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from storage import StoreWriter, open_store
 from storage.concat import concat_stores
 from storage.ensemble import EnsembleConfig, ensemble_stores
+from storage.layout import quantize_logprobs
 from storage.manifest import Manifest
 from storage.stats import sample_stats
 from student_train.config import TrainConfig
@@ -222,7 +223,7 @@ def _hand_store(path: Path, positions: dict, *, teacher: dict | None = None, inp
         rows.append(s)
     record["sampled_ids"], record["sampled_counts"] = np.asarray(ids, np.uint16), np.asarray(counts, np.uint8)
     targets = {"entropy": {"exact": True}, "true_logprob": {},
-               "topk": {"k": K, "logprob_dtype": "float16", "order": "ascending id", "tail": "tail_logmass"},
+               "topk": {"k": K, "logprob_step": 1 / 64, "order": "ascending id", "tail": "tail_logmass"},
                "sampled": {"num_draws": DRAWS, "temperature": 1.0, "seed": 0, "source": "full distribution",
                            "replacement": True, **(sampled or {})}}
     manifest = Manifest(teacher={**TEACHER, **(teacher or {})}, dataset={"source": "hand", "split": "train",
@@ -251,9 +252,19 @@ MEMBER_2 = {(0, 0): ([3, 5, 7], [0.4, 0.3, 0.1], 0.2, 2.0, 0.1, {3: 2, 7: 2}),
 
 
 def _p(member: dict, position, id_: int) -> float:
-    """A member's stored probability of an id (its fp16 log-prob, exponentiated); 0 outside its top-k."""
+    """A member's stored probability of an id (its log-prob in steps of 1/64 nat, exponentiated); 0 outside its
+    top-k."""
     top, probs = member[position][:2]
-    return float(np.exp(np.float64(np.float16(np.log(probs[top.index(id_)]))))) if id_ in top else 0.0
+    return float(np.exp(np.round(np.log(probs[top.index(id_)]) * 64) / 64)) if id_ in top else 0.0
+
+
+def _tail(member: dict, position) -> float:
+    """A member's stored tail mass (its log in steps of 1/64 nat, exponentiated)."""
+    return float(np.exp(np.round(np.log(member[position][2]) * 64) / 64))
+
+
+# The ensemble's own log-probs are stored in steps of 1/64 nat too: each within 1/128 nat (FORMAT.md).
+STEP = math.expm1(1 / 128) + 1e-9
 
 
 def _read(path: Path) -> dict:
@@ -285,10 +296,10 @@ def test_ensemble_equals_the_hand_computed_mixture(tmp_path, members, weights):
     for position, (kept, dropped) in want.items():
         assert got["topk_ids"][position].tolist() == kept, position
         np.testing.assert_allclose(np.exp(got["topk_logprobs"][position].astype(np.float64)),
-                                   [mixed(position, i) for i in kept], rtol=1e-3)
-        tail = (w1 * MEMBER_1[position][2] + w2 * MEMBER_2[position][2]
+                                   [mixed(position, i) for i in kept], rtol=STEP)
+        tail = (w1 * _tail(MEMBER_1, position) + w2 * _tail(MEMBER_2, position)
                 + sum(mixed(position, i) for i in dropped))
-        assert math.exp(got["tail_logmass"][position]) == pytest.approx(tail, rel=1e-6)
+        assert math.exp(got["tail_logmass"][position]) == pytest.approx(tail, rel=STEP)
         true_p = w1 * MEMBER_1[position][4] + w2 * MEMBER_2[position][4]
         assert got["true_logprob"][position] == pytest.approx(math.log(true_p), rel=1e-6)
     for name in ("topk_ids", "topk_logprobs", "tail_logmass", "entropy", "true_logprob", "sampled_nunique"):
@@ -335,7 +346,8 @@ def test_ensemble_top_k_option_moves_the_rest_to_the_tail(tmp_path, members):
     got = _read(tmp_path / "out")
     assert got["topk_ids"][0, 0].tolist() == [1, 3]  # 0.25 and 0.3; 5 (0.2) and 7 (0.05) go to the tail
     assert math.exp(got["tail_logmass"][0, 0]) == pytest.approx(
-        0.2 + 0.5 * (_p(MEMBER_1, (0, 0), 5) + _p(MEMBER_2, (0, 0), 5) + _p(MEMBER_2, (0, 0), 7)), rel=1e-6)
+        0.5 * (_tail(MEMBER_1, (0, 0)) + _tail(MEMBER_2, (0, 0)))
+        + 0.5 * (_p(MEMBER_1, (0, 0), 5) + _p(MEMBER_2, (0, 0), 5) + _p(MEMBER_2, (0, 0), 7)), rel=STEP)
     with pytest.raises(ValueError, match="--top-k 4 exceeds the largest k of the stores"):
         ensemble_stores(EnsembleConfig(inputs=tuple(map(str, members)), output=str(tmp_path / "o2"), top_k=4))
 
@@ -391,10 +403,15 @@ def test_concatenation_of_a_version_1_store_is_version_2(tmp_path):
     out = open_store(tmp_path / "out")
     assert out.manifest.format_version == 2 and out.verify() == []
     assert len(list((tmp_path / "out").rglob("stats_num_tokens"))) == 4
+    def as_version_2(record: dict) -> dict:  # version 1 log-probs are fp16; version 2 steps of 1/64 nat
+        return {name: quantize_logprobs(value) if name in ("topk_logprobs", "tail_logmass") else value
+                for name, value in record.items()}
+
     for i in range(4):
         source = open_store(v1 if i < 2 else v2)
-        _assert_samples_equal(out[i], source[i % 2], i)
-    want = {name: np.concatenate([sample_stats(_read(path), out.manifest.targets)[name] for path in (v1, v2)])
+        _assert_samples_equal(out[i], as_version_2(source[i % 2]), i)
+    want = {name: np.concatenate([sample_stats(as_version_2(_read(path)), out.manifest.targets)[name]
+                                  for path in (v1, v2)])
             for name in out.stats()}
     _assert_samples_equal(out.stats(), want, "stats")
 
@@ -415,7 +432,7 @@ def test_ensemble_of_two_real_teachers_is_a_distribution_below_the_true_mixture(
     mask = got["loss_mask"]
     probs = np.exp(got["topk_logprobs"].astype(np.float64))
     total = probs.sum(-1) + np.exp(got["tail_logmass"].astype(np.float64))
-    np.testing.assert_allclose(total[mask], 1.0, atol=2e-3)
+    np.testing.assert_allclose(total[mask], 1.0, atol=math.expm1(2 / 128))  # members' rounding, then the ensemble's
     assert (np.diff(got["topk_ids"].astype(np.int64), axis=-1) > 0)[mask].all()
     assert (got["sampled_nunique"][mask] > 0).all()
 
@@ -430,9 +447,10 @@ def test_ensemble_of_two_real_teachers_is_a_distribution_below_the_true_mixture(
     q = mixture.double().numpy()[mask]  # [P, V]
     true_q = np.take_along_axis(q, got["input_ids"][:, 1:][mask].astype(np.int64)[:, None], 1)[:, 0]
     np.testing.assert_allclose(got["true_logprob"][mask], np.log(true_q), atol=1e-4)
-    # The union's mixture is a lower bound of the true one, up to the rounding of fp16 log-probs (2^-11 relative).
+    # The union's mixture is a lower bound of the true one, up to the rounding of stored log-probs: the members'
+    # and the ensemble's, 1/128 nat each.
     log_q_top = np.log(np.take_along_axis(q, got["topk_ids"][mask].astype(np.int64), 1))
-    assert (got["topk_logprobs"][mask] <= log_q_top + np.abs(log_q_top) * 2**-10 + 1e-5).all()
+    assert (got["topk_logprobs"][mask] <= log_q_top + 2 / 128 + 1e-5).all()
     entropy = -(q * np.log(np.maximum(q, 1e-300))).sum(1)
     assert (got["entropy"][mask] <= entropy + 1e-4).all()
     member_entropy = sum(w * open_store(s).read_rows(0, len(store), ["entropy"])["entropy"][mask]

@@ -121,8 +121,9 @@ def test_version_1_store_reads_with_statistics_computed_from_its_targets(tmp_pat
     rng = np.random.default_rng(0)
     S, L, K = 3, 4, 5
     topk_ids = np.sort(np.stack([[rng.choice(20, size=K, replace=False) for _ in range(L)] for _ in range(S)]), -1)
+    # Log-probs that both versions store exactly (multiples of 1/64 nat, small enough for fp16).
     record = _record(rng.integers(0, 20, size=(S, L + 1)), rng.random((S, L)) < 0.8, topk_ids,
-                     -rng.random((S, L, K)) * 4)
+                     -rng.integers(0, 256, size=(S, L, K)) / 64, tail_logmass=-rng.integers(1, 256, size=(S, L)) / 64)
     targets = {"topk": {"k": K}}
     v1, v2 = _write(tmp_path / "v1", record, targets, 1), _write(tmp_path / "v2", record, targets, 2)
     assert v1.manifest.format_version == 1 and v2.manifest.format_version == 2
@@ -136,3 +137,20 @@ def test_version_1_store_reads_with_statistics_computed_from_its_targets(tmp_pat
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
         for i in range(S):  # the samples themselves are the same in both versions
             assert set(store[i]) == set(v2[i])
+
+
+def test_resuming_a_version_1_build_is_refused_and_leaves_it_readable(tmp_path):
+    rng = np.random.default_rng(0)
+    S, L, K = 2, 4, 3
+    topk_ids = np.sort(np.stack([[rng.choice(20, size=K, replace=False) for _ in range(L)] for _ in range(S)]), -1)
+    record = _record(rng.integers(0, 20, size=(S, L + 1)), np.ones((S, L), bool), topk_ids, -rng.random((S, L, K)))
+    manifest = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={"seq_len": 4}, targets={"topk": {"k": K}},
+                        format_version=1)
+    StoreWriter.open(tmp_path / "v1", manifest, resume=False).write_shard(0, record)  # interrupted: not finished
+    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "v1").rglob("*") if p.is_file())
+    fresh = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={"seq_len": 4}, targets={"topk": {"k": K}})
+    with pytest.raises(ValueError, match="format version 1.*writes version 2.*new --output"):
+        StoreWriter.open(tmp_path / "v1", fresh, resume=True)
+    after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "v1").rglob("*") if p.is_file())
+    assert after == before
+    assert len(open_store(tmp_path / "v1", allow_incomplete=True)) == S

@@ -2,7 +2,7 @@
 
 One tiny Llama (head size 32, the smallest vLLM's CPU attention takes) is served by one vLLM engine for the whole
 module (starting one costs ~20 s). Stores built by both backends from the same text must agree: the same top-k ids
-(up to ties), log-probs within fp16 storage tolerance, the tail mass, the true-token log-prob. The entropy bound
+(up to ties), log-probs within one storage step (1/64 nat), the tail mass, the true-token log-prob. The entropy bound
 and the tail-bucket draws are checked against the model's full distribution computed here in float64.
 
 vLLM is optional: without it these tests skip, naming the reason, except where TEACHER_CACHE_REQUIRE_VLLM=1 (CI
@@ -12,6 +12,7 @@ sets it), where its absence is a failure.
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 
@@ -111,15 +112,19 @@ def test_same_samples_and_topk_as_transformers(stores):
     mask = h["loss_mask"]
     assert mask.sum() > 200
     same = (v["topk_ids"] == h["topk_ids"]).all(-1)
-    # Up to ties: where the sets differ, the k-th and (k+1)-th log-probs of the transformers store are within fp16
-    # rounding of each other.
+    # Both stores round log-probs to 1/64 nat: values a hair apart in fp32 may land one step apart.
+    step = 1 / 64 + 1e-6
+    # Up to ties: where the sets differ, the k-th and (k+1)-th log-probs of the transformers store are within one
+    # step of each other.
     for b, t in zip(*np.nonzero(mask & ~same), strict=True):
-        assert np.abs(np.sort(v["topk_logprobs"][b, t]) - np.sort(h["topk_logprobs"][b, t])).max() < 2e-3
+        assert np.abs(np.sort(v["topk_logprobs"][b, t]) - np.sort(h["topk_logprobs"][b, t])).max() <= step
     assert same[mask].mean() > 0.99
     close = mask & same
-    np.testing.assert_allclose(v["topk_logprobs"][close].astype(np.float64), h["topk_logprobs"][close], atol=4e-3)
+    np.testing.assert_allclose(v["topk_logprobs"][close].astype(np.float64), h["topk_logprobs"][close], atol=step)
+    assert (v["topk_logprobs"][close] == h["topk_logprobs"][close]).mean() > 0.95
     np.testing.assert_allclose(v["true_logprob"][mask], h["true_logprob"][mask], atol=1e-4)
-    np.testing.assert_allclose(np.exp(v["tail_logmass"][mask]), np.exp(h["tail_logmass"][mask]), atol=1e-4)
+    np.testing.assert_allclose(np.exp(v["tail_logmass"][mask]), np.exp(h["tail_logmass"][mask]),
+                               rtol=math.expm1(step), atol=1e-4)
     for name in ("entropy", "true_logprob", "tail_logmass", "topk_ids"):
         assert not v[name][~mask].any(), f"{name} is not zero at untrained positions"
 
