@@ -336,4 +336,4 @@ def test_split_options_do_not_combine(tmp_path):
     with pytest.raises(ValueError, match="exclude_fraction_from_end and only_fraction_from_end"):
         LoaderConfig(store="unused", batch_size=1, exclude_fraction_from_end=0.1, only_fraction_from_end=0.1)
     with pytest.raises(ValueError, match="selection"):
-        LoaderConfig(store="unused", batch_size=1, selection=str(tmp_path / "s.json"), exclude_fraction_from_end=0.1)
+        LoaderConfig(store="unused", batch_size=1, selection=str(tmp_path / "s.json"), only_fraction_from_end=0.1)
