@@ -58,17 +58,18 @@ def test_a_trained_student_is_the_next_teacher(tmp_path, corpus_texts):
         mask = torch.as_tensor(sample["attention_mask"][None, :-1])
         with torch.no_grad():
             logprobs = model(input_ids=ids, attention_mask=mask).logits[0].log_softmax(-1)
-        trained = sample["loss_mask"]
-        want_lp, want_ids = logprobs[torch.as_tensor(trained)].topk(8, dim=-1)
-        order = np.argsort(-sample["topk_logprobs"][trained].astype(np.float32), axis=-1, kind="stable")
-        got_ids = np.take_along_axis(sample["topk_ids"][trained].astype(np.int64), order, -1)
-        assert (got_ids[:, 0] == want_ids[:, 0].numpy()).mean() > 0.95
-        np.testing.assert_allclose(np.sort(sample["topk_logprobs"][trained].astype(np.float32), -1)[:, ::-1],
-                                   want_lp.numpy(), atol=2e-2)
-        true_next = torch.as_tensor(sample["input_ids"][1:].astype(np.int64))[torch.as_tensor(trained)]
-        np.testing.assert_allclose(sample["true_logprob"][trained],
-                                   logprobs[torch.as_tensor(trained)].gather(-1, true_next[:, None])[:, 0].numpy(),
-                                   atol=1e-4)
+        trained = torch.as_tensor(sample["loss_mask"])
+        full = logprobs[trained]  # [P, V]
+        ids_PK = torch.as_tensor(sample["topk_ids"][sample["loss_mask"]].astype(np.int64))
+        stored_PK = torch.as_tensor(sample["topk_logprobs"][sample["loss_mask"]].astype(np.float32))
+        # Each stored id's log-prob is the model's own within the store's 1/128 nat, and the ids are its top 8:
+        # none is less likely than the model's 8th most likely id.
+        torch.testing.assert_close(stored_PK, full.gather(1, ids_PK), rtol=0, atol=1 / 128 + 1e-5)
+        eighth = full.topk(8, dim=-1).values[:, -1:]
+        assert (full.gather(1, ids_PK) >= eighth - 1e-4).all()  # up to ties between the 8th and 9th
+        true_next = torch.as_tensor(sample["input_ids"][1:].astype(np.int64))[trained]
+        np.testing.assert_allclose(sample["true_logprob"][sample["loss_mask"]],
+                                   full.gather(-1, true_next[:, None])[:, 0].numpy(), atol=1e-4)
 
     # A smaller student B distils from student A's store, and comes closer to A the longer it trains.
     config_b = make_student_config(tmp_path / "config-b", teacher, layers=1)
