@@ -73,12 +73,20 @@ def logprob_variants(values: np.ndarray) -> dict[str, tuple]:
 
 
 def measure(store: Store, max_shards: int) -> dict:
-    shards = store.shards[:max_shards]
-    data = {name: np.concatenate([s.read()[name] for s in shards]) for name in store.specs
-            if name not in ("sampled_offsets",)}
+    """Bytes per trained token of each record of the store's first `max_shards` shards, under every variant."""
+    parts = [s.read() for s in store.shards[:max_shards]]  # sample arrays; format 2's statistics are not read
+    data = {name: np.concatenate([part[name] for part in parts]) for name in parts[0] if name != "sampled_offsets"}
+    vocab = store.manifest.teacher["vocab_size"]
+    return {"tokens": int(data["loss_mask"].sum()), "vocab_size": vocab,
+            "machine": f"{platform.machine()} {platform.processor()}", "teacher": store.manifest.teacher["model"],
+            "rows": measure_arrays(data, vocab)}
+
+
+def measure_arrays(data: dict[str, np.ndarray], vocab: int) -> dict[str, dict[str, float]]:
+    """Bytes per trained token, by record and codec variant, of the arrays in `data` (shaped as a shard holds
+    them, with their `loss_mask`); records missing from `data` are skipped."""
     mask = data["loss_mask"]
     tokens = int(mask.sum())
-    vocab = store.manifest.teacher["vocab_size"]
     bits = math.ceil(math.log2(vocab))
     rows: dict[str, dict[str, float]] = {}
 
@@ -116,13 +124,12 @@ def measure(store: Store, max_shards: int) -> dict:
     if "tail_logmass" in data:
         for name, (values, f, c) in logprob_variants(np.maximum(data["tail_logmass"], LOGPROB_FLOOR)).items():
             add("tail_logmass", name, stored_bytes(values, f, c))
-    for name in ("input_ids", "entropy", "true_logprob"):
+    for name in (name for name in ("input_ids", "entropy", "true_logprob") if name in data):
         variants = variants_for_ids(data[name]) if name == "input_ids" else float_variants(data[name])
         for variant, (f, c) in variants.items():
             if f is None:
                 add(name, variant, stored_bytes(data[name], f, c))
-    return {"tokens": tokens, "vocab_size": vocab, "machine": f"{platform.machine()} {platform.processor()}",
-            "teacher": store.manifest.teacher["model"], "rows": rows}
+    return rows
 
 
 @click.command()
