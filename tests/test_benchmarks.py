@@ -1,0 +1,102 @@
+"""Smoke runs of the benchmark scripts at tiny sizes, through their click commands.
+
+Each run's JSON is checked for its rows and for positive, finite figures, and against something computed here
+independently: the loader's tokens against the store's loss masks, the losses at step 0 against dense computations
+over the whole vocabulary with the same student and teacher.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from conftest import REPO, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from storage import open_store
+from student_train.student import load_student
+
+pytestmark = pytest.mark.slow  # real training steps; train_step.py starts three processes
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _invoke(name: str, args: list[str]) -> dict:
+    result = CliRunner().invoke(_script(name).main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _positive(*values: float) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_loader_speed_counts_the_store_tokens(tmp_path, llama_dir, corpus_texts):
+    data = write_jsonl(tmp_path / "docs.jsonl", corpus_texts[:48])
+    store, out = tmp_path / "store", tmp_path / "loader.json"
+    _invoke("loader_speed", [str(store), "--build-from", str(llama_dir), "--dataset", str(data), "--seq-len", "32",
+                             "--samples", "40", "--batch-size", "1", "--workers", "0,2", "--steps", "2", "--repeats",
+                             "1", "--device", "cpu", "--json", str(out)])
+    result = json.loads(out.read_text())
+
+    # Batches of one drop nothing: an epoch is every sample below student-train's held-out tail (5%).
+    opened = open_store(store)
+    assert len(opened) == 40
+    train = len(opened) - round(0.05 * len(opened))
+    tokens = int(opened.read_rows(0, train, ["loss_mask"])["loss_mask"].sum())
+    assert [row["workers"] for row in result["loader"]] == [0, 2]
+    for row in result["loader"]:
+        assert (row["samples"], row["batches"], row["tokens"]) == (train, train, tokens)
+        assert _positive(row["tokens_per_s"], row["steady_tokens_per_s"], row["first_batch_s"])
+    assert _positive(result["consumption"]["tokens_per_s"], *result["consumption"]["step_s"])
+    assert [row["workers"] for row in result["fed_by_loader"]] == [0, 2]
+    for row in result["fed_by_loader"]:
+        assert _positive(row["tokens_per_s"], row["seconds"]) and 0 <= row["wait_share"] < 1
+
+
+def _dense_losses(student, teacher, batch: dict) -> dict[str, float]:
+    """CE and the online loss (forward KL over the whole vocabulary, 0.9, + CE, 0.1): means over trained positions."""
+    ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+    mask = torch.from_numpy(batch["loss_mask"])
+    with torch.no_grad():
+        logq = F.log_softmax(student(input_ids=ids[:, :-1]).logits, -1)[mask]
+        logp = F.log_softmax(teacher(input_ids=ids[:, :-1]).logits, -1)[mask]
+    ce = -logq.gather(-1, ids[:, 1:][mask][:, None]).mean()
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    return {"ce": float(ce), "online": float(0.9 * kl + 0.1 * ce)}
+
+
+def test_train_step_losses_match_dense_computations(tmp_path, llama_dir, corpus_texts):
+    data = write_jsonl(tmp_path / "docs.jsonl", corpus_texts[:24])
+    out, work = tmp_path / "step.json", tmp_path / "work"
+    _invoke("train_step", ["--teacher", str(llama_dir), "--hidden", "64", "--layers", "1", "--seq", "32", "--batch",
+                           "2", "--steps", "1", "--chunk", "16", "--device", "cpu", "--dataset", str(data),
+                           "--only", "online", "--workdir", str(work), "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["ce", "online"]
+    for row in rows.values():
+        assert _positive(row["ms_per_step"], row["peak_mib"], row["held_mib"], row["ms_per_step_vs_ce"],
+                         row["online_time_vs_this"]) and row["step_mib"] >= 0
+    assert rows["ce"]["ms_per_step_vs_ce"] == 1.0
+    assert rows["online"]["teacher_parameters"] > 0 and rows["online"]["held_mib"] > rows["ce"]["held_mib"]
+
+    # Step 0 sees the first batch (store order) and the initial student, rebuilt here as student-train builds it.
+    store = open_store(work / "store")
+    batch = store.read_rows(0, 2)
+    student, _ = load_student(str(work / "student"), store.manifest, seed=0)
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    dense = _dense_losses(student, teacher, batch)
+    for name, value in dense.items():
+        assert rows[name]["first_loss"] == pytest.approx(value, rel=1e-4), name
