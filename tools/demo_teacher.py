@@ -141,7 +141,7 @@ def _train(
     model: LlamaForCausalLM,
     stream: torch.Tensor,
     *,
-    max_seconds: float,
+    max_seconds: float | None,
     max_steps: int | None,
     seq_len: int,
     batch_size: int,
@@ -161,7 +161,7 @@ def _train(
     recent: list[float] = []
     start, step = time.monotonic(), 0
     model.train()
-    while (max_steps is None or step < max_steps) and time.monotonic() - start < max_seconds:
+    while (max_steps is None or step < max_steps) and (max_seconds is None or time.monotonic() - start < max_seconds):
         starts_B = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
         loss = _next_token_loss(model, stream[starts_B[:, None] + offsets_T1])
         loss.backward()
@@ -253,7 +253,7 @@ def build_demo_teacher(
     *,
     tokenizer_dir: Path | None = None,
     corpus: Path | None = None,
-    max_seconds: float = 240,
+    max_seconds: float | None = 240,
     max_steps: int | None = None,
     seq_len: int = 256,
     batch_size: int = 16,
@@ -266,8 +266,9 @@ def build_demo_teacher(
         tokenizer_dir: Hugging Face tokenizer directory; it fixes the vocabulary and is saved with the model.
             None trains a small byte-level BPE tokenizer on the corpus (`train_tokenizer`).
         corpus: Directory with train.jsonl and heldout.jsonl; defaults to output_dir/corpus, built if missing.
-        max_seconds: Wall-clock budget of the training loop.
-        max_steps: Step budget; training stops at whichever budget runs out first.
+        max_seconds: Wall-clock budget of the training loop; None for none (then `max_steps` is required).
+        max_steps: Step budget; training stops at whichever budget runs out first. A step budget alone gives the
+            same teacher on any machine, however busy.
         seq_len: Training window length in tokens.
         batch_size: Windows per optimizer step.
         seed: Seed of the initialisation and of the window sampling.
@@ -275,6 +276,8 @@ def build_demo_teacher(
     Returns:
         output_dir.
     """
+    if max_seconds is None and max_steps is None:
+        raise ValueError("give the teacher a budget: max_seconds, max_steps or both.")
     corpus = corpus or output_dir / "corpus"
     if not (corpus / "heldout.jsonl").exists():  # build_corpus writes it last
         build_corpus(corpus)
