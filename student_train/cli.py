@@ -20,7 +20,7 @@ from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, PRECISIONS, TrainCo
 from student_train.config_file import resolve_options, with_sources
 from student_train.features import FEATURE_LOSSES, PROJECTIONS
 from student_train.liger import FUSED_CE
-from student_train.losses import LOSS_NAMES, REPRESENTATIONS, SCHEDULES
+from student_train.losses import LOSS_NAMES, REPRESENTATIONS, SCHEDULES, TARGETS_FROM
 from student_train.student import compatibility_problems, load_tokenizer
 
 TRAIN_OPTIONS = [
@@ -34,9 +34,19 @@ TRAIN_OPTIONS = [
     click.option("--loss", multiple=True, metavar="NAME=WEIGHT",
                  help=f"A loss term, repeatable; NAME is one of {', '.join(LOSS_NAMES)} (the menu above). "
                       f"Default: forward_kl=ALPHA ce=1-ALPHA. A bare {'/'.join(REPRESENTATIONS)} is --targets-from."),
-    click.option("--targets-from", type=click.Choice(list(REPRESENTATIONS)),
+    click.option("--targets-from", type=click.Choice(list(TARGETS_FROM)),
                  help="What the divergences compare with. Default: topk_tail (top-k plus a tail bucket) when the "
-                      "store has top-k targets, else sampled. topk_renorm is biased, offered for comparison."),
+                      "store has top-k targets, else sampled. topk_renorm is biased, offered for comparison. online: "
+                      "the full distribution of --online-teacher (implied by it)."),
+    click.option("--top-k", type=int, metavar="K",
+                 help="With topk_tail or topk_renorm: use only the K most probable of the store's top-k ids (the "
+                      "others' mass joins the tail bucket), e.g. top-8 from a top-64 store. Default: all of them."),
+    click.option("--online-teacher", metavar="DIR",
+                 help="Online full-logit KD, the baseline for cached targets: run this teacher (a local HF model with "
+                      "the store's tokenizer and vocabulary) beside the student, frozen (bf16 under bf16 autocast), "
+                      "and compare with its full distribution, a chunk of positions at a time, instead of the "
+                      "store's targets. The store still gives the token ids; held-out KL still uses its targets. The "
+                      "teacher is not saved; --resume loads it again."),
     click.option("--alpha", type=float,
                  help=f"KD weight of the default loss when --loss gives no weights (default {DEFAULT_ALPHA}): "
                       "forward_kl=ALPHA ce=1-ALPHA; 0 trains with CE only."),
@@ -125,7 +135,8 @@ class _TrainGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
 def main(ctx: click.Context, verbose: bool, **options) -> None:
-    """Train a student LLM on the targets cached by `teacher-cache build`; the teacher stays out of memory.
+    """Train a student LLM on the targets cached by `teacher-cache build`; the teacher stays out of memory (unless
+    --online-teacher runs it, the baseline).
 
     \b
     Example:
@@ -152,7 +163,10 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
       ce          -log q(true next token)             never tempered nor scheduled
     p and q are compared over the buckets of --targets-from: topk_tail = the k stored ids + one bucket for the
     rest of the vocabulary; topk_renorm = the k ids, both renormalised; sampled = the teacher's draws (counts / N)
-    + one bucket for the student's mass elsewhere, temperature 1 only. s(step) is --kd-schedule.
+    + one bucket for the student's mass elsewhere, temperature 1 only; --top-k K narrows topk_* to the K most
+    probable stored ids. online (--online-teacher DIR) = the teacher's full distribution, computed during training
+    from its hidden states a chunk at a time: every divergence and T exact, the store's targets unread.
+    s(step) is --kd-schedule.
     --feature-loss adds --feature-weight * (mse or 1 - cos) between student and stored teacher hidden states.
     """
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 logs and reports

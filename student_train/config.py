@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.liger import FUSED_CE
-from student_train.losses import CE, LOSS_NAMES, REPRESENTATIONS, LossConfig
+from student_train.losses import CE, LOSS_NAMES, ONLINE, TARGETS_FROM, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -27,8 +27,15 @@ class TrainConfig:
             skew_rkl) or ce; see student_train/losses.py. Empty: forward_kl=alpha, ce=1-alpha. A bare
             representation name ("topk_tail", ...) is the same as `targets_from`. Resolved on creation to the
             weighted terms alone, zero weights dropped.
-        targets_from: target representation of the divergences: "topk_tail", "topk_renorm" or "sampled"; None
-            picks topk_tail when the store has top-k targets, else sampled.
+        targets_from: target representation of the divergences: "topk_tail", "topk_renorm" or "sampled" (the
+            store's targets), or "online" (the full distribution of `online_teacher`, implied by it); None picks
+            topk_tail when the store has top-k targets, else sampled.
+        top_k: with topk_tail or topk_renorm, train on only the top_k most probable of the store's top-k ids (the
+            others' mass joins the tail bucket), e.g. top-8 from a top-64 store; None: every stored id.
+        online_teacher: a local HF teacher directory (the store's tokenizer and vocabulary) run beside the student:
+            the divergences compare with its full distribution, a chunk of positions at a time, instead of the
+            store's targets (which are not read; the store gives the token ids, and the held-out KL still uses its
+            targets). The baseline for cached targets; see student_train/online_teacher.py.
         alpha: KD weight of the default mix when `loss` gives no weights (None: 0.9); resolved into `loss`.
         temperature: softening of teacher and student distributions (see student_train/divergences.py).
         jsd_beta: beta of the jsd divergence, in (0, 1).
@@ -80,6 +87,8 @@ class TrainConfig:
     output: str
     loss: list[str] | str = field(default_factory=list)
     targets_from: str | None = None
+    top_k: int | None = None
+    online_teacher: str | None = None
     alpha: float | None = None
     temperature: float = 1.0
     jsd_beta: float = 0.5
@@ -143,6 +152,7 @@ class TrainConfig:
             raise ValueError(f"--fused-ce: {self.fused_ce!r} is not one of {', '.join(FUSED_CE)}.")
         self.keep_layers = _check_init(self.student, self.init_from_teacher, self.keep_layers)
         self._check_features()
+        self._check_online()
         # The checks that need no store; the trainer's call adds those of the store's default targets.
         self.loss_config(self.targets_from or "topk_tail")
 
@@ -163,12 +173,31 @@ class TrainConfig:
         if self.feature_layers is not None:
             self.feature_layers = [list(pair) for pair in parse_layer_map(self.feature_layers)]
 
+    def _check_online(self) -> None:
+        """`targets_from` is "online" exactly when there is an online teacher, which the loss must use."""
+        if self.online_teacher is None:
+            if self.targets_from == ONLINE:
+                raise ValueError("--targets-from online: compares with a teacher run during training; name it with "
+                                 "--online-teacher DIR.")
+            return
+        if self.targets_from not in (None, ONLINE):
+            raise ValueError(f"--online-teacher and --targets-from {self.targets_from}: the divergences compare with "
+                             "either the online teacher or the store's targets; give one of them.")
+        self.targets_from = ONLINE
+        if not any(not term.startswith(f"{CE}=") for term in self.loss):
+            raise ValueError(f"--online-teacher: the loss is {' + '.join(self.loss)}, which does not use the teacher; "
+                             "add a divergence (e.g. --alpha 0.9) or leave --online-teacher out.")
+        if self.top_k is not None:
+            raise ValueError(f"--top-k {self.top_k}: narrows the store's top-k targets, which --online-teacher does "
+                             "not read; leave one of them out.")
+
     def loss_config(self, targets: str, sampled_tail_bucket: bool = False) -> LossConfig:
         """The loss of this run, its divergences over `targets` (the store's default unless `targets_from`)."""
         weights = {name: float(weight) for name, _, weight in (term.partition("=") for term in self.loss)}
         return LossConfig(weights=weights, targets=targets, temperature=self.temperature, jsd_beta=self.jsd_beta,
                           skew_alpha=self.skew_alpha, kd_schedule=self.kd_schedule,
-                          chunk_positions=self.chunk_positions, sampled_tail_bucket=sampled_tail_bucket)
+                          chunk_positions=self.chunk_positions, sampled_tail_bucket=sampled_tail_bucket,
+                          top_k=self.top_k)
 
 
 def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | None) -> tuple[list[str], str | None]:
@@ -176,7 +205,7 @@ def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | Non
     weights: dict[str, float] = {}
     for term in terms:
         name, equals, value = term.partition("=")
-        if not equals and name in REPRESENTATIONS:  # `--loss topk_tail`, the form before the menu
+        if not equals and name in TARGETS_FROM:  # `--loss topk_tail`, the form before the menu
             if targets_from not in (None, name):
                 raise ValueError(f"--loss {name} and --targets-from {targets_from} name different targets; "
                                  "give one of them.")
@@ -206,8 +235,8 @@ def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | Non
         weights = {"forward_kl": alpha, CE: round(1.0 - alpha, 12)}
     if not any(weights.values()):
         raise ValueError(f"--loss: every weight is 0 ({', '.join(terms)}); give at least one term a positive weight.")
-    if targets_from is not None and targets_from not in REPRESENTATIONS:
-        raise ValueError(f"--targets-from: {targets_from!r} is not one of {', '.join(REPRESENTATIONS)}.")
+    if targets_from is not None and targets_from not in TARGETS_FROM:
+        raise ValueError(f"--targets-from: {targets_from!r} is not one of {', '.join(TARGETS_FROM)}.")
     return [f"{name}={weight!r}" for name, weight in weights.items() if weight > 0], targets_from
 
 

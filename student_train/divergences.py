@@ -1,8 +1,10 @@
 """The math of one chunk of positions: teacher and student as distributions over the same buckets, and divergences.
 
 Used by `student_train.losses`, which applies the student's head a chunk of positions at a time and calls these on
-that chunk's [C, V] logits. Nothing here sees more than one chunk, and no dense teacher distribution exists: the
-teacher is whatever the store kept (top-k + tail mass, or sampled draws).
+that chunk's [C, V] logits. Nothing here sees more than one chunk. With the store's targets no dense teacher
+distribution exists: the teacher is whatever the store kept (top-k + tail mass, or sampled draws). Online KD (the
+baseline the stored targets are measured against) is the exception: the teacher runs beside the student and its
+[C, V] logits of the same chunk arrive here.
 
 A *target representation* turns the student's logits and the stored targets into two distributions over J buckets,
 log p (teacher) and log q (student), each summing to 1. A *divergence* D(p, q) is then computed over those buckets.
@@ -27,6 +29,11 @@ Representations (T the temperature, z the student's logits):
   with the vllm backend draw from the top-k plus a tail bucket (collated as id TAIL_BUCKET); that bucket's q is the
   student's mass outside the position's top-k, so the estimate is of the K + 1-bucket divergence (as `topk_tail`),
   not the full-vocabulary one.
+- `online`: the teacher's full distribution, J = V: log-softmax(teacher logits / T) and log-softmax(z / T) over
+  the whole vocabulary, both tempered exactly; every divergence below is then the exact divergence of the two
+  tempered distributions. A student vocabulary W wider than the teacher's V (padding ids) gives the teacher
+  probability 0 on the extra ids (log p = -inf), which every divergence handles except reverse KL (infinite
+  there; the trainer refuses that pair).
 
 Divergences (p teacher, q student over the buckets; all >= 0 and 0 when p = q):
 - `forward_kl`: KL(p || q) = sum p log(p / q). Mean-seeking. With `sampled` its gradient q - c/N is the full
@@ -44,8 +51,8 @@ With `sampled`, every divergence except forward KL is a biased estimate of the d
 example E TV(counts / N, q) >= TV(p, q)), with a bias that shrinks as the number of draws grows; the draws are
 still useful as a target, but the estimate is not the teacher's divergence.
 
-Legend: C positions in a chunk, V vocabulary, K top-k ids, M sampled entries per position (padding: id 0, count
-0), J buckets.
+Legend: C positions in a chunk, V vocabulary (with `online`: the student's is W >= the teacher's V), K top-k ids, M
+sampled entries per position (padding: id 0, count 0), J buckets.
 """
 
 from __future__ import annotations
@@ -106,6 +113,16 @@ def sampled(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperatu
     return torch.cat([logp_CM, logp_rest_C1], -1), torch.cat([logq_CM, logq_rest_C1], -1)
 
 
+def online(logits_CW: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+    """The teacher's full distribution over the whole vocabulary, J = W (the student's width, >= the teacher's V)."""
+    teacher_CV = targets["teacher_logits"]
+    logp_CV = F.log_softmax(teacher_CV if temperature == 1.0 else teacher_CV / temperature, -1)
+    padding = logits_CW.shape[-1] - logp_CV.shape[-1]
+    # Ids the student has and the teacher does not: probability 0 for the teacher (no copy when there are none).
+    logp_CW = F.pad(logp_CV, (0, padding), value=-math.inf) if padding else logp_CV
+    return logp_CW, F.log_softmax(logits_CW if temperature == 1.0 else logits_CW / temperature, -1)
+
+
 def _outside_logmass(scaled_CV: torch.Tensor, ids_CK: torch.Tensor, lse_C1: torch.Tensor) -> torch.Tensor:
     """log of the student's mass outside the ids `ids_CK`, [C, 1]: a log-sum-exp over the other ids.
 
@@ -156,12 +173,18 @@ def skew_rkl(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, alpha: float) -> torc
     return _kl(logq_CJ, _log_mix(logq_CJ, logp_CJ, alpha))
 
 
+# The representations of the store's targets.
 REPRESENTATIONS: dict[str, Representation] = {"topk_tail": topk_tail, "topk_renorm": topk_renorm, "sampled": sampled}
-# The batch records each representation reads (`sampled` also reads topk_ids when its draws have a tail bucket).
+ONLINE = "online"
+# Every representation a loss may use: the store's, and the full distribution of a teacher run online.
+TARGETS_FROM: dict[str, Representation] = {**REPRESENTATIONS, ONLINE: online}
+# The batch records each representation reads (`sampled` also reads topk_ids when its draws have a tail bucket;
+# `online` reads the teacher's final hidden states, which the trainer adds, and its head makes the teacher logits).
 TARGET_KEYS: dict[str, tuple[str, ...]] = {
     "topk_tail": ("topk_ids", "topk_logprobs", "tail_logmass"),
     "topk_renorm": ("topk_ids", "topk_logprobs"),
     "sampled": ("sampled_ids", "sampled_counts"),
+    ONLINE: ("teacher_hidden",),
 }
 DIVERGENCES: dict[str, Divergence] = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tv": tv, "skew_kl": skew_kl,

@@ -1,4 +1,5 @@
-"""Distillation losses: a weighted mix of divergences on the store's sparse targets, plus CE; never a dense teacher.
+"""Distillation losses: a weighted mix of divergences on the store's sparse targets, plus CE; never a dense teacher
+(but for online KD, the baseline: a teacher run beside the student, one chunk of its logits at a time).
 
 Sits between the loader (which collates a batch of store records) and the trainer. The student gives its final
 hidden states and its output head; the head is applied here, over the trained positions only, in chunks of
@@ -12,8 +13,13 @@ The loss of a batch, each term a mean over `loss_mask` positions:
 
 - D_d: the divergences of `student_train.divergences` (forward_kl, reverse_kl, jsd, tv, skew_kl, skew_rkl), each
   between the teacher p and the student q as given by one target representation (topk_tail, topk_renorm or
-  sampled; see that module for what each computes, its tail and its temperature). All divergences of a mix share
-  the representation and the temperature T; T^2 keeps the gradient's scale roughly independent of T.
+  sampled from the store, or online; see that module for what each computes, its tail and its temperature). All
+  divergences of a mix share the representation and the temperature T; T^2 keeps the gradient's scale roughly
+  independent of T. `LossConfig.top_k` keeps only the k most probable of the stored top-k ids (the others' mass
+  joins the tail bucket), so one store of top-64 also trains, say, the top-8 variants.
+- Online: the batch holds the teacher's final hidden states (`TEACHER_HIDDEN`, added by the trainer) instead of
+  targets, and `teacher_head` turns one chunk of them into the teacher's [C, V] logits inside the chunk, without
+  gradient; like the student's, they are recomputed in backward rather than kept.
 - CE: -log softmax(z)[true next token], never tempered, never scheduled.
 - w: the weights of `LossConfig.weights`, used as given (they need not sum to 1). A term of weight 0 is not
   computed; with no divergence the batch needs no targets and the reported KD is 0.
@@ -22,29 +28,36 @@ The loss of a batch, each term a mean over `loss_mask` positions:
 A loss of CE alone may instead come from Liger-kernel's fused linear cross-entropy on CUDA (`LossConfig.fused_ce`;
 see `student_train.liger`), which gives the same CE and gradients without the checkpointed chunks.
 
-Legend: B batch, L positions per row, H hidden size, V vocabulary, P trained positions (loss_mask true), C positions
-in a chunk, D divergences in the mix.
+Legend: B batch, L positions per row, H hidden size (G the online teacher's), V vocabulary, P trained positions
+(loss_mask true), C positions in a chunk, D divergences in the mix, K stored top-k ids (k kept of them).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from student_train.divergences import DIVERGENCES, REPRESENTATIONS, TAIL_BUCKET, TARGET_KEYS
+from student_train.divergences import DIVERGENCES, ONLINE, REPRESENTATIONS, TAIL_BUCKET, TARGET_KEYS, TARGETS_FROM
 from student_train.liger import liger_ce_sum
 
-__all__ = ["CE", "DIVERGENCES", "LOSS_NAMES", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET", "LossConfig",
-           "distillation_loss", "kd_scale"]
+__all__ = ["CE", "DIVERGENCES", "LOSS_NAMES", "ONLINE", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET",
+           "TARGETS_FROM", "TEACHER_HIDDEN", "LossConfig", "distillation_loss", "kd_scale"]
 
 CE = "ce"
 LOSS_NAMES = (*DIVERGENCES, CE)  # the terms a loss mixes
 # KD schedules: STEPS is a number of optimizer steps.
 SCHEDULES = ("constant", "linear_warmup:STEPS", "cosine_decay:STEPS")
+# The batch record of the online teacher's final hidden states [B, L, G]; see TARGET_KEYS.
+TEACHER_HIDDEN = TARGET_KEYS[ONLINE][0]
+# Representations that read the stored top-k, which `LossConfig.top_k` may narrow.
+TOPK_REPRESENTATIONS = ("topk_tail", "topk_renorm")
+# The online teacher's output head with its logit post-processing: hidden states [C, G] -> logits [C, V].
+TeacherHead = Callable[[torch.Tensor], torch.Tensor]
 
 
 def kd_scale(schedule: str, step: int) -> float:
@@ -75,7 +88,9 @@ class LossConfig:
 
     Attributes:
         weights: weight of each term, by name: a key of DIVERGENCES or "ce". Weights are >= 0, not all 0.
-        targets: the target representation of every divergence, a key of REPRESENTATIONS.
+        targets: the target representation of every divergence, a key of TARGETS_FROM: the store's (REPRESENTATIONS)
+            or ONLINE, the full distribution of a teacher run beside the student (`distillation_loss`'s
+            `teacher_head`).
         temperature: softmax temperature of the divergences (their sum is scaled by T^2); must be 1 with sampled.
         jsd_beta: jsd's beta, in (0, 1): the teacher's share of the mixture m = beta p + (1 - beta) q.
         skew_alpha: skew_kl's and skew_rkl's alpha, in (0, 1): the share of the first distribution in the mixture.
@@ -85,6 +100,8 @@ class LossConfig:
             student probability is the mass outside the position's top-k ids; the batch must hold `topk_ids`.
         fused_ce: CE comes from Liger-kernel's fused linear cross-entropy (CUDA, liger_kernel installed; see
             `student_train.liger.use_liger`) instead of the chunks; only for a loss of CE alone. Same numbers.
+        top_k: with topk_tail or topk_renorm, use only the `top_k` most probable of the stored ids; the others'
+            mass joins the tail bucket (topk_tail) or is dropped with it (topk_renorm). None: every stored id.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
@@ -96,6 +113,7 @@ class LossConfig:
     chunk_positions: int = 1024
     sampled_tail_bucket: bool = False
     fused_ce: bool = False
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.weights if name not in LOSS_NAMES]
@@ -106,8 +124,8 @@ class LossConfig:
             raise ValueError(f"loss weights: expected finite weights >= 0, got {bad}.")
         if not any(self.weights.values()):
             raise ValueError(f"loss weights: all are 0 ({self.weights}); give at least one term a positive weight.")
-        if self.targets not in REPRESENTATIONS:
-            raise ValueError(f"targets: {self.targets!r} is not one of {', '.join(REPRESENTATIONS)}.")
+        if self.targets not in TARGETS_FROM:
+            raise ValueError(f"targets: {self.targets!r} is not one of {', '.join(TARGETS_FROM)}.")
         if not self.temperature > 0:
             raise ValueError(f"temperature: expected a positive temperature, got {self.temperature}.")
         for name in ("jsd_beta", "skew_alpha"):
@@ -121,6 +139,10 @@ class LossConfig:
         if self.fused_ce and self.kd_weights:
             raise ValueError(f"fused_ce: Liger's fused kernel computes CE alone, and the loss also has "
                              f"{', '.join(self.kd_weights)}; use the torch path for a mix.")
+        if self.top_k is not None and (self.top_k < 1 or self.targets not in TOPK_REPRESENTATIONS):
+            raise ValueError(f"top_k: {self.top_k} keeps the most probable of the stored top-k ids, which needs a "
+                             f"positive number and top-k targets ({' or '.join(TOPK_REPRESENTATIONS)}), and the "
+                             f"targets are {self.targets}.")
 
     def _check_sampled(self) -> None:
         if self.temperature != 1.0:
@@ -148,21 +170,25 @@ class LossConfig:
 
 def _chunk_sums(
     hidden_CH: torch.Tensor, true_C: torch.Tensor, targets: dict[str, torch.Tensor], head: nn.Linear,
-    config: LossConfig,
+    config: LossConfig, teacher_head: TeacherHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed divergences [D] (in `config.kd_weights` order) and CE over one chunk: the only place [C, V] exists."""
     logits_CV = head(hidden_CH).float()
     ce_C = logits_CV.logsumexp(-1) - logits_CV.gather(-1, true_C[:, None]).squeeze(-1)
     if not config.kd_weights:
         return ce_C.new_zeros(0), ce_C.sum()
-    logp_CJ, logq_CJ = REPRESENTATIONS[config.targets](logits_CV, targets, config.temperature)
+    if config.targets == ONLINE:  # the teacher's logits of this chunk: a constant for the student
+        with torch.no_grad():
+            targets = {"teacher_logits": teacher_head(targets[TEACHER_HIDDEN]).float()}
+    logp_CJ, logq_CJ = TARGETS_FROM[config.targets](logits_CV, targets, config.temperature)
     kd_D = torch.stack([DIVERGENCES[name](logp_CJ, logq_CJ, config.parameter(name)).sum()
                         for name in config.kd_weights])
     return kd_D, ce_C.sum()
 
 
 def distillation_loss(
-    hidden_BLH: torch.Tensor, head: nn.Linear, batch: dict[str, torch.Tensor], config: LossConfig, step: int = 0
+    hidden_BLH: torch.Tensor, head: nn.Linear, batch: dict[str, torch.Tensor], config: LossConfig, step: int = 0,
+    teacher_head: TeacherHead | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss of a batch, from the student's final hidden states and its output head.
 
@@ -170,11 +196,13 @@ def distillation_loss(
         hidden_BLH: the student's final hidden states (after its final norm), [B, L, H].
         head: the student's output layer, H -> V.
         batch: collated store records: `loss_mask` [B, L], `input_ids` [B, L + 1] and the targets of
-            `config.targets` (see TARGET_KEYS) when a divergence has weight. They are moved to the device of
-            `hidden_BLH`.
+            `config.targets` (see TARGET_KEYS) when a divergence has weight: for online targets, the teacher's
+            final hidden states `TEACHER_HIDDEN` [B, L, G]. They are moved to the device of `hidden_BLH`.
         config: the weighted terms, their representation, temperature, schedule, chunk size, and whether CE is
             Liger's fused kernel.
         step: the optimizer step, for the KD schedule.
+        teacher_head: with online targets, the teacher's output head (hidden states [C, G] -> logits [C, V],
+            V <= the student's vocabulary); its parameters must not require gradients.
 
     Returns:
         The scalar loss (module docstring; 0 with a graph when no position is trained), and detached metrics: the
@@ -186,13 +214,14 @@ def distillation_loss(
     hidden_PH = hidden_BLH[mask_BL]
     true_P = batch["input_ids"][:, 1:].to(device)[mask_BL]
     kd_weights = config.kd_weights
+    assert teacher_head is not None or config.targets != ONLINE or not kd_weights, "online targets need the head"
     targets_P = _select_targets(batch, config, mask_BL) if kd_weights else {}
 
     num_positions = hidden_PH.shape[0]
     if config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
         kd_sum_D, ce_sum = hidden_PH.new_zeros(0, dtype=torch.float32), liger_ce_sum(hidden_PH, head, true_P)
     else:
-        kd_sum_D, ce_sum = _chunked_sums(hidden_PH, true_P, targets_P, head, config)
+        kd_sum_D, ce_sum = _chunked_sums(hidden_PH, true_P, targets_P, head, config, teacher_head)
     kd_mean_D, ce_mean = kd_sum_D / max(num_positions, 1), ce_sum / max(num_positions, 1)
     weights_D = kd_mean_D.new_tensor(list(kd_weights.values()))
     scale = kd_scale(config.kd_schedule, step)
@@ -206,7 +235,7 @@ def distillation_loss(
 
 def _chunked_sums(
     hidden_PH: torch.Tensor, true_P: torch.Tensor, targets_P: dict[str, torch.Tensor], head: nn.Linear,
-    config: LossConfig,
+    config: LossConfig, teacher_head: TeacherHead | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed divergences [D] and CE over all P positions, `config.chunk_positions` at a time, each chunk under
     activation checkpointing."""
@@ -217,7 +246,7 @@ def _chunked_sums(
         chunk = slice(start, start + size)
         kd_D, ce = checkpoint(
             _chunk_sums, hidden_PH[chunk], true_P[chunk], {key: value[chunk] for key, value in targets_P.items()},
-            head, config,
+            head, config, teacher_head,
             use_reentrant=False,
             preserve_rng_state=False,  # nothing random inside
         )
@@ -239,4 +268,22 @@ def _select_targets(
             f"are missing (the batch has {', '.join(sorted(batch))}). Load a store built with those targets, choose "
             "other targets, or train with ce alone."
         )
-    return {key: batch[key].to(mask_BL.device)[mask_BL] for key in keys}
+    targets_P = {key: batch[key].to(mask_BL.device)[mask_BL] for key in keys}
+    return _keep_most_probable(targets_P, config.top_k) if config.top_k is not None else targets_P
+
+
+def _keep_most_probable(targets_P: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The `k` most probable of the stored top-K entries; the mass of the others joins the tail, in log space.
+
+    These are the teacher's top-k ids, as a store built with k would hold them (up to the order of entries whose
+    rounded log-probs tie); the tail becomes log(exp(tail) + sum of the dropped probabilities).
+    """
+    ids_PK, logp_PK = targets_P["topk_ids"], targets_P["topk_logprobs"]
+    if k >= ids_PK.shape[-1]:
+        return targets_P
+    kept_Pk = logp_PK.topk(k, -1).indices
+    kept = {"topk_ids": ids_PK.gather(-1, kept_Pk), "topk_logprobs": logp_PK.gather(-1, kept_Pk)}
+    if "tail_logmass" in targets_P:
+        dropped_P = logp_PK.scatter(-1, kept_Pk, -math.inf).logsumexp(-1)
+        kept["tail_logmass"] = torch.logaddexp(targets_P["tail_logmass"], dropped_P)
+    return targets_P | kept

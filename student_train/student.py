@@ -130,20 +130,30 @@ def _check(model, tokenizer, manifest: Manifest, student: str) -> None:
         raise ValueError("\n".join(problems))
 
 
-def compatibility_problems(tokenizer, vocab_size: int, manifest: Manifest, student: str) -> list[str]:
-    """What stops a student with this tokenizer and output vocabulary from learning the store's targets."""
+def compatibility_problems(tokenizer, vocab_size: int, manifest: Manifest, student: str,
+                           role: str = "student") -> list[str]:
+    """What stops a model with this tokenizer and output vocabulary from working with the store's token ids.
+
+    Args:
+        role: what the model is to the run, as the messages name it: "student" (it learns the store's targets) or
+            "online teacher" (it replaces them; the trainer also requires its vocabulary to be the store's).
+    """
     teacher = manifest.teacher
     problems = []
     found = tokenizer_fingerprint(tokenizer)
     if found != teacher["tokenizer_sha256"]:
+        fix = ("Use a student with the teacher's tokenizer." if role == "student" else
+               f"Use the teacher that built the store, or an {role} with its tokenizer.")
         problems.append(
             f"tokenizer mismatch: the store was built with {teacher['model']}'s tokenizer "
-            f"({teacher['tokenizer_vocab_size']} tokens, sha256 {teacher['tokenizer_sha256'][:12]}), the student "
-            f"{student} has {len(tokenizer)} tokens (sha256 {found[:12]}). Use a student with the teacher's tokenizer."
+            f"({teacher['tokenizer_vocab_size']} tokens, sha256 {teacher['tokenizer_sha256'][:12]}), the {role} "
+            f"{student} has {len(tokenizer)} tokens (sha256 {found[:12]}). {fix}"
         )
     if vocab_size < teacher["vocab_size"]:
+        fix = (f"Resize the student's embeddings to at least {teacher['vocab_size']}." if role == "student" else
+               "Use the teacher that built the store.")
         problems.append(
-            f"vocab size mismatch: the student {student} predicts {vocab_size} ids, the teacher's targets use "
-            f"{teacher['vocab_size']}. Resize the student's embeddings to at least {teacher['vocab_size']}."
+            f"vocab size mismatch: the {role} {student} predicts {vocab_size} ids, the teacher's targets use "
+            f"{teacher['vocab_size']}. {fix}"
         )
     return problems

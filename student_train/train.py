@@ -1,8 +1,11 @@
 """`train`: store -> loader -> student -> sparse-target loss -> AdamW, with evaluation and exact resume.
 
-The teacher is never loaded: its targets stream from the store. Each optimizer step takes `grad_accum`
-micro-batches; the loss is computed from the student's final hidden states a chunk of positions at a time (see
-`student_train.losses`). Checkpoints hold everything needed to continue exactly, loader position included.
+The teacher is not loaded: its targets stream from the store. The exception is the online KD baseline
+(`--online-teacher`), where the teacher runs beside the student on the store's token ids and the loss compares with
+its full distribution (see `student_train.online_teacher`); evaluation still uses the store's targets. Each
+optimizer step takes `grad_accum` micro-batches; the loss is computed from the student's final hidden states a chunk
+of positions at a time (see `student_train.losses`). Checkpoints hold everything needed to continue exactly, loader
+position included.
 
 Under torchrun each rank trains on its own part of every global batch (see `student_train.distributed`): the global
 batch is batch_size x grad_accum x world_size samples, and the ranks' gradients average to the single-process
@@ -33,7 +36,8 @@ from student_train.distributed import TrainedModules, World, launch
 from student_train.features import build_feature_head
 from student_train.liger import use_liger
 from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
-from student_train.losses import LossConfig, distillation_loss
+from student_train.losses import TEACHER_HIDDEN, LossConfig, distillation_loss
+from student_train.online_teacher import OnlineTeacher
 from student_train.student import build_student
 from teacher_cache.teacher import resolve_device
 
@@ -66,12 +70,19 @@ class Trainer:
         # Decided before the student loads, so that --fused-ce liger where it cannot run fails at once.
         self.loss_config = dataclasses.replace(loss_config,
                                                fused_ce=use_liger(config.fused_ce, self.device, loss_config))
+        _check_top_k(config.top_k, manifest.targets)
         self.model, self.tokenizer = build_student(config, manifest)
         self.model.to(self.device)
         self.head = self.model.get_output_embeddings()
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else (
             contextlib.nullcontext)
+        # Online KD: the teacher in the precision of the student's autocast, never trained nor saved.
+        self.teacher = None
+        if config.online_teacher:
+            self.teacher = OnlineTeacher(config.online_teacher, manifest, device=self.device, bf16=bf16)
+            self.teacher.check_loss(self.loss_config, self.head.weight.shape[0])
+        self.teacher_head = self.teacher.logits if self.teacher else None
         # Evaluation always measures KL with the same estimator (forward KL over the store's default targets, at
         # T = 1), whatever the training loss, so runs compare.
         eval_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets
@@ -207,11 +218,13 @@ class Trainer:
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         for index, batch in enumerate(micro):
             batch, share = _to_device(batch, self.device), share_A[index]
+            if self.teacher is not None:
+                batch[TEACHER_HIDDEN] = self.teacher.hidden(batch)
             with self.world.gradient_sync(self.replica, sync=index == accum - 1):
                 with self.autocast():
                     out = self._forward(batch, output_hidden_states=self.feature_head is not None)
                 loss, parts = distillation_loss(out.last_hidden_state, self.head, batch, self.loss_config,
-                                                step=self.step)
+                                                step=self.step, teacher_head=self.teacher_head)
                 if self.feature_head is not None:  # outside autocast: fp32
                     feature = self.feature_head(out.hidden_states, batch)
                     loss = loss + self.config.feature_weight * feature
@@ -284,6 +297,23 @@ def train(config: TrainConfig) -> dict:
     evaluation (on every rank)."""
     with launch(config.distributed, config.device) as world:
         return Trainer(config, world).run()
+
+
+def _check_top_k(top_k: int | None, targets: dict) -> None:
+    """--top-k must name at most as many ids as the store's top-k record holds.
+
+    Raises:
+        ValueError: the store has no top-k record, or fewer ids than `top_k`.
+    """
+    if top_k is None:
+        return
+    stored = targets.get("topk", {}).get("k")
+    if stored is None:
+        raise ValueError(f"--top-k {top_k}: the store holds no top-k targets to choose from; build one with "
+                         f"`teacher-cache build --targets topk --top-k {top_k}`, or leave --top-k out.")
+    if top_k > stored:
+        raise ValueError(f"--top-k {top_k}: the store holds the top-{stored} ids of each position; choose --top-k "
+                         f"{stored} or fewer, or a store built with `teacher-cache build --top-k {top_k}`.")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
