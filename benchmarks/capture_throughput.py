@@ -35,7 +35,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,12 +44,12 @@ from pathlib import Path
 
 import click
 import torch
-import transformers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine_info import machine  # noqa: E402
 from teacher_cache.build import LOGIT_CHUNK_BYTES, build_cache, iter_batches  # noqa: E402
 from teacher_cache.config import BuildConfig  # noqa: E402
 from teacher_cache.data import Rows, iter_rows, load_text_dataset  # noqa: E402
@@ -168,19 +167,14 @@ def run_vllm(config: BuildConfig, batches: list[Rows], scratch: Path) -> tuple[d
     return seconds, start
 
 
-def machine(device: torch.device) -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    info = {"cpu": names[0] if names else platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "vllm": None, "gpu": None,
-            "env": {name: os.environ[name] for name in THREAD_ENV if name in os.environ}}
+def machine_with_threads(device: torch.device) -> dict:
+    """`machine_info.machine`, plus the vLLM version and the thread settings of the environment."""
+    env = {name: os.environ[name] for name in THREAD_ENV if name in os.environ}
+    info = machine(device) | {"vllm": None, "env": env}
     if vllm_available():
         import vllm
 
         info["vllm"] = vllm.__version__
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
@@ -256,7 +250,7 @@ def main(model: str | None, dataset: str, seq_len: int, batch_size: int, samples
                "seq_len": seq_len, "batch_size": batch_size, "samples": samples, "top_k": top_k,
                "num_draws": num_draws, "device": str(torch_device), "dtype": config.dtype, "backends": sorted(paths),
                "samples_per_shard": config.samples_per_shard}
-    result = {"machine": machine(torch_device) | {"load_average": [load_before, os.getloadavg()[0]]},
+    result = {"machine": machine_with_threads(torch_device) | {"load_average": [load_before, os.getloadavg()[0]]},
               "options": options} | result
     print_table(result)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,12 +42,12 @@ from pathlib import Path
 
 import click
 import torch
-import transformers
 from transformers import LlamaConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine_info import machine  # noqa: E402
 from storage.reader import Store  # noqa: E402
 from student_train.config import TrainConfig  # noqa: E402
 from student_train.loader import LoaderConfig, StoreLoader  # noqa: E402
@@ -144,15 +143,6 @@ def build_store(store: str, teacher: str, dataset: str, seq_len: int, samples: i
     click.echo(f"building {store} from {teacher} ({samples} samples of {seq_len} tokens) ...")
     build_cache(BuildConfig(model=teacher, dataset=dataset, output=store, seq_len=seq_len, max_samples=samples,
                             batch_size=8))
-
-
-def machine(device: torch.device) -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def print_table(result: dict) -> None:

@@ -58,6 +58,7 @@ from storage.manifest import Manifest  # noqa: E402
 from storage.reader import Store  # noqa: E402
 from student_train.checkpoint import latest_checkpoint  # noqa: E402
 from student_train.config import TrainConfig  # noqa: E402
+from student_train.eval_report import write_atomic  # noqa: E402
 from student_train.evaluate import read_rows, score  # noqa: E402
 from student_train.train import train  # noqa: E402
 from teacher_cache.build import build_cache  # noqa: E402
@@ -225,7 +226,7 @@ def run_row(row: RowSpec, options: dict) -> dict:
     train(TrainConfig(**options, resume=resume))
     record = {"options": comparable, "wall_s": time.perf_counter() - began, "resumed": resume,
               "load_average_1min": [load_before, os.getloadavg()[0]]}
-    _write_atomic(record_path, json.dumps(record, indent=1).encode())
+    write_atomic(record_path, json.dumps(record, indent=1).encode())
     (output / EVAL_RECORD).unlink(missing_ok=True)
     log(f"{row.name}: trained in {record['wall_s']:.1f} s")
     return record
@@ -252,8 +253,8 @@ def evaluate_rows(setup: QualitySetup, heldout: Store, run_dirs: dict[str, Path]
                         chunk_positions=setup.chunk_positions).result()
         results[name] = _without_diagram(metrics["student"])
         teacher_metrics = _without_diagram(metrics["teacher"])
-        _write_atomic(cached, json.dumps(results[name], indent=1).encode())
-        _write_atomic(teacher_cache_path, json.dumps(teacher_metrics, indent=1).encode())
+        write_atomic(cached, json.dumps(results[name], indent=1).encode())
+        write_atomic(teacher_cache_path, json.dumps(teacher_metrics, indent=1).encode())
     return teacher_metrics, results
 
 
@@ -354,9 +355,9 @@ def run_quality(setup: QualitySetup) -> dict:
         "teacher": teacher_metrics, "gap": gap, "rows": table, "verdicts": verdicts(table, gap),
         "seconds": time.perf_counter() - began,
     }
-    _write_atomic(output / "quality.json", (json.dumps(report, indent=1) + "\n").encode())
-    _write_atomic(output / "quality.md", markdown(report).encode())
-    _write_atomic(output / "quality.png", chart(report))
+    write_atomic(output / "quality.json", (json.dumps(report, indent=1) + "\n").encode())
+    write_atomic(output / "quality.md", markdown(report).encode())
+    write_atomic(output / "quality.png", chart(report))
     return report
 
 
@@ -415,12 +416,6 @@ def chart(report: dict) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @click.command()

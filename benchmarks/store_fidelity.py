@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -65,6 +64,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.codec_bytes import measure as store_codec_variants  # noqa: E402
 from benchmarks.codec_bytes import measure_arrays as codec_variants  # noqa: E402
+from benchmarks.machine_info import machine  # noqa: E402
 from storage.layout import LOGPROB_FLOOR, LOGPROB_SCALE, array_specs, quantize_logprobs  # noqa: E402
 from storage.reader import Store  # noqa: E402
 from storage.writer import _write_array as write_array  # noqa: E402
@@ -342,15 +342,6 @@ def verdicts(topk: list[dict], sampled: dict, rounding: dict) -> list[dict]:
                 "value": max(rounding["max_logprob_error"], rounding["max_tail_error"]),
                 "met": rounding["within_bound"]})
     return out
-
-
-def machine(device: torch.device) -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def measure_fidelity(*, teacher: str, dataset: str, store_dir: str, samples: int, seq_len: int,

@@ -52,7 +52,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine_info import machine  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -298,17 +298,6 @@ def print_table(result: dict) -> None:
                    f"{row['ms_per_step_vs_ce']:.2f}x |{cpu_cells} {row['peak_mib']:,.0f} | "
                    f"{row['peak_mib_vs_ce']:.2f}x | {row['step_mib']:,.0f} | {row['step_mib_vs_ce']:.2f}x | {online} |")
     click.echo("\n" + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in result["targets"].items()))
-
-
-def machine(device: torch.device) -> dict:
-    import transformers
-
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 @click.command()

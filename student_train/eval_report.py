@@ -69,9 +69,9 @@ def markdown(report: dict) -> str:
 def write_report(report: dict, output: Path) -> None:
     """report.json, report.md and report.png in `output` (created if needed), each replaced atomically."""
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output / "report.json", (json.dumps(report, indent=1) + "\n").encode())
-    _write_atomic(output / "report.md", markdown(report).encode())
-    _write_atomic(output / "report.png", _chart(report))
+    write_atomic(output / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+    write_atomic(output / "report.md", markdown(report).encode())
+    write_atomic(output / "report.png", _chart(report))
 
 
 def _format(key: str, fmt: str | None, value) -> str:
@@ -112,7 +112,8 @@ def _chart(report: dict) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
