@@ -66,72 +66,127 @@ import torch.nn.functional as F
 # Id of the tail bucket in collated sampled targets (draws the vllm backend makes from top-k + one tail bucket).
 TAIL_BUCKET = -1
 
-# (logits [C, V] fp32, targets of the chunk, temperature) -> (log p, log q), each [C, J].
-Representation = Callable[[torch.Tensor, dict[str, torch.Tensor], float], tuple[torch.Tensor, torch.Tensor]]
+
+class Logits:
+    """The student's logits of one chunk, [C, V], as a representation reads them: through a few reductions.
+
+    A representation never touches the [C, V] tensor itself (but for `online`, through `full`): it asks for the
+    log-normaliser, the logits of some ids, and the log-sum-exp over the ids outside some set, each at a temperature.
+    These three have simple gradients with respect to the logits (softmax, one-hot, softmax over the complement), so
+    `student_train.fused_loss` can answer the same calls with small leaf tensors and build the [C, V] gradient
+    itself in one pass; this eager implementation computes them on the tensor, for autograd.
+
+    Every method takes T, the temperature: the logits it reads are z / T.
+    """
+
+    def __init__(self, logits_CV: torch.Tensor):
+        self.logits_CV = logits_CV
+        self._scaled: dict[float, torch.Tensor] = {}
+        self._lse: dict[float, torch.Tensor] = {}
+
+    def scaled(self, temperature: float) -> torch.Tensor:
+        """z / T, [C, V] (no copy at T = 1)."""
+        if temperature == 1.0:
+            return self.logits_CV
+        if temperature not in self._scaled:
+            self._scaled[temperature] = self.logits_CV / temperature
+        return self._scaled[temperature]
+
+    def lse(self, temperature: float = 1.0) -> torch.Tensor:
+        """log sum_v exp(z_v / T), [C, 1]."""
+        if temperature not in self._lse:
+            self._lse[temperature] = self.scaled(temperature).logsumexp(-1, keepdim=True)
+        return self._lse[temperature]
+
+    def gather(self, ids_CJ: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """z / T at the ids, [C, J] (ids in [0, V))."""
+        return self.scaled(temperature).gather(-1, ids_CJ)
+
+    def outside_lse(self, ids_CJ: torch.Tensor, temperature: float = 1.0,
+                    valid_CJ: torch.Tensor | None = None) -> torch.Tensor:
+        """log sum over the ids v not among `ids_CJ` of exp(z_v / T), [C, 1]; entries with `valid_CJ` false (padding)
+        exclude nothing. Repeated ids are fine.
+
+        The excluded ids are masked with the most negative finite float rather than -inf, so that an empty complement
+        stays finite: the result is then a huge negative number that a target of 0 multiplies away, with no inf - inf
+        in logsumexp or its backward.
+        """
+        tiny = torch.finfo(self.logits_CV.dtype).min
+        excluded_CV = _id_mask(ids_CJ, self.logits_CV.shape[-1], valid_CJ)
+        return self.scaled(temperature).masked_fill(excluded_CV, tiny).logsumexp(-1, keepdim=True)
+
+    def full(self, temperature: float = 1.0) -> torch.Tensor:
+        """z / T itself, [C, V]: only for a dense teacher (`online`), which has no sparse form."""
+        return self.scaled(temperature)
+
+
+def _id_mask(ids_CJ: torch.Tensor, vocab: int, valid_CJ: torch.Tensor | None = None) -> torch.Tensor:
+    """[C, V] bool, true at the ids of the (valid) entries."""
+    if valid_CJ is None:
+        return torch.zeros(ids_CJ.shape[0], vocab, dtype=torch.bool, device=ids_CJ.device).scatter_(-1, ids_CJ, True)
+    # Counted rather than scattered as bools: a padding entry must not clear a valid entry of the same id.
+    counts_CV = torch.zeros(ids_CJ.shape[0], vocab, dtype=torch.int32, device=ids_CJ.device)
+    return counts_CV.scatter_add_(-1, ids_CJ, valid_CJ.int()) > 0
+
+
+# (student logits of a chunk, targets of the chunk, temperature) -> (log p, log q), each [C, J].
+Representation = Callable[[Logits, dict[str, torch.Tensor], float], tuple[torch.Tensor, torch.Tensor]]
 # (log p [C, J], log q [C, J], parameter) -> [C]; the parameter is jsd's beta or the skew alpha, else unused.
 Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def topk_tail(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+def topk_tail(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     """The K stored ids plus a ghost bucket for the rest of the vocabulary, J = K + 1."""
     ids_CK = targets["topk_ids"]
-    scaled_CV = logits_CV if temperature == 1.0 else logits_CV / temperature  # no [C, V] copy at T = 1
-    lse_C1 = scaled_CV.logsumexp(-1, keepdim=True)
-    logq_CK = scaled_CV.gather(-1, ids_CK) - lse_C1
-    logq_CJ = torch.cat([logq_CK, _outside_logmass(scaled_CV, ids_CK, lse_C1)], -1)
+    lse_C1 = z.lse(temperature)
+    logq_CK = z.gather(ids_CK, temperature) - lse_C1
+    logq_CJ = torch.cat([logq_CK, z.outside_lse(ids_CK, temperature) - lse_C1], -1)
     teacher_CJ = torch.cat([targets["topk_logprobs"], targets["tail_logmass"][:, None]], -1)
     return F.log_softmax(teacher_CJ / temperature, -1), logq_CJ
 
 
-def topk_renorm(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+def topk_renorm(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     """Teacher and student both renormalised over the K stored ids, J = K (biased)."""
-    logq_CK = F.log_softmax(logits_CV.gather(-1, targets["topk_ids"]) / temperature, -1)
+    logq_CK = F.log_softmax(z.gather(targets["topk_ids"], temperature), -1)
     return F.log_softmax(targets["topk_logprobs"] / temperature, -1), logq_CK
 
 
-def sampled(logits_CV: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+def sampled(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     """The empirical distribution of the draws over the drawn entries plus one bucket for the rest, J = M + 1."""
     assert temperature == 1.0, "sampled targets are draws at T = 1; LossConfig rejects other temperatures"
     counts_CM, ids_CM = targets["sampled_counts"], targets["sampled_ids"]
     drawn_CM = counts_CM > 0
     logp_CM = (counts_CM / counts_CM.sum(-1, keepdim=True)).log()  # padding (count 0) -> -inf
-    lse_C1 = logits_CV.logsumexp(-1, keepdim=True)
-    logq_CM = logits_CV.gather(-1, ids_CM.clamp_min(0)) - lse_C1
+    lse_C1 = z.lse()
+    logq_CM = z.gather(ids_CM.clamp_min(0)) - lse_C1
     real_CM = drawn_CM & (ids_CM != TAIL_BUCKET)
-    # Ids the drawn entries cover; padding entries (id 0, count 0) add nothing.
-    covered_CV = torch.zeros_like(logits_CV).scatter_add_(-1, ids_CM.clamp_min(0), real_CM.float()) > 0
+    tiny = torch.finfo(logq_CM.dtype).min
     if "topk_ids" in targets:  # draws from top-k + a tail bucket: the bucket is the mass outside the top-k
         ids_CK = targets["topk_ids"]
-        logq_CM = torch.where(ids_CM == TAIL_BUCKET, _outside_logmass(logits_CV, ids_CK, lse_C1), logq_CM)
+        logq_CM = torch.where(ids_CM == TAIL_BUCKET, z.outside_lse(ids_CK) - lse_C1, logq_CM)
+        # The rest: every id neither drawn nor (when the bucket was drawn) outside the top-k. With the bucket drawn,
+        # that is the top-k ids not drawn; without it, everything not drawn.
         bucket_drawn_C1 = (drawn_CM & ~real_CM).any(-1, keepdim=True)
-        outside_topk_CV = torch.ones_like(covered_CV).scatter_(-1, ids_CK, False)
-        covered_CV |= bucket_drawn_C1 & outside_topk_CV
-    tiny = torch.finfo(logits_CV.dtype).min
+        topk_drawn_CK = (ids_CK[:, :, None] == torch.where(real_CM, ids_CM, -2)[:, None, :]).any(-1)
+        rest_in_topk_C1 = torch.where(topk_drawn_CK, tiny, z.gather(ids_CK)).logsumexp(-1, keepdim=True)
+        logq_rest_C1 = torch.where(bucket_drawn_C1, rest_in_topk_C1, z.outside_lse(ids_CM.clamp_min(0), 1.0, real_CM))
+    else:
+        logq_rest_C1 = z.outside_lse(ids_CM, 1.0, real_CM)
     logq_CM = torch.where(drawn_CM, logq_CM, tiny)  # a padding entry is an empty bucket for the student too
-    logq_rest_C1 = logits_CV.masked_fill(covered_CV, tiny).logsumexp(-1, keepdim=True) - lse_C1
+    logq_rest_C1 = logq_rest_C1 - lse_C1
     logp_rest_C1 = torch.full_like(logq_rest_C1, -math.inf)
     return torch.cat([logp_CM, logp_rest_C1], -1), torch.cat([logq_CM, logq_rest_C1], -1)
 
 
-def online(logits_CW: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float):
+def online(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     """The teacher's full distribution over the whole vocabulary, J = W (the student's width, >= the teacher's V)."""
     teacher_CV = targets["teacher_logits"]
     logp_CV = F.log_softmax(teacher_CV if temperature == 1.0 else teacher_CV / temperature, -1)
+    logits_CW = z.full(temperature)
     padding = logits_CW.shape[-1] - logp_CV.shape[-1]
     # Ids the student has and the teacher does not: probability 0 for the teacher (no copy when there are none).
     logp_CW = F.pad(logp_CV, (0, padding), value=-math.inf) if padding else logp_CV
-    return logp_CW, F.log_softmax(logits_CW if temperature == 1.0 else logits_CW / temperature, -1)
-
-
-def _outside_logmass(scaled_CV: torch.Tensor, ids_CK: torch.Tensor, lse_C1: torch.Tensor) -> torch.Tensor:
-    """log of the student's mass outside the ids `ids_CK`, [C, 1]: a log-sum-exp over the other ids.
-
-    The K ids are masked with the most negative finite float rather than -inf so that an empty tail (K = V) stays
-    finite: log q_tail is then a huge negative number that p_tail = 0 multiplies away, with no inf - inf in
-    logsumexp or its backward.
-    """
-    outside_CV = scaled_CV.scatter(-1, ids_CK, torch.finfo(scaled_CV.dtype).min)
-    return outside_CV.logsumexp(-1, keepdim=True) - lse_C1
+    return logp_CW, F.log_softmax(logits_CW, -1)
 
 
 def _kl(logx_CJ: torch.Tensor, logy_CJ: torch.Tensor) -> torch.Tensor:

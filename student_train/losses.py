@@ -42,7 +42,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from student_train.divergences import DIVERGENCES, ONLINE, REPRESENTATIONS, TAIL_BUCKET, TARGET_KEYS, TARGETS_FROM
+from student_train.divergences import (
+    DIVERGENCES,
+    ONLINE,
+    REPRESENTATIONS,
+    TAIL_BUCKET,
+    TARGET_KEYS,
+    TARGETS_FROM,
+    Logits,
+)
 from student_train.liger import liger_ce_sum
 
 __all__ = ["CE", "DIVERGENCES", "LOSS_NAMES", "ONLINE", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET",
@@ -180,7 +188,7 @@ def _chunk_sums(
     if config.targets == ONLINE:  # the teacher's logits of this chunk: a constant for the student
         with torch.no_grad():
             targets = {"teacher_logits": teacher_head(targets[TEACHER_HIDDEN]).float()}
-    logp_CJ, logq_CJ = TARGETS_FROM[config.targets](logits_CV, targets, config.temperature)
+    logp_CJ, logq_CJ = TARGETS_FROM[config.targets](Logits(logits_CV), targets, config.temperature)
     kd_D = torch.stack([DIVERGENCES[name](logp_CJ, logq_CJ, config.parameter(name)).sum()
                         for name in config.kd_weights])
     return kd_D, ce_C.sum()

@@ -327,11 +327,15 @@ def build_demo_teacher(
     help=f"Hugging Face tokenizer directory (e.g. {DEFAULT_TOKENIZER}). Default: a {DEMO_VOCAB}-token BPE trained on "
     "the corpus.",
 )
-@click.option("--max-seconds", type=float, default=240, show_default=True, help="Training time budget.")
-@click.option("--max-steps", type=int, default=None, help="Training step budget (default: time-bound only).")
-def main(output: Path, tokenizer: Path | None, max_seconds: float, max_steps: int | None) -> None:
+@click.option("--max-seconds", type=float, default=None,
+              help="Training time budget. Default: none with --max-steps, else 240 s.")
+@click.option("--max-steps", type=int, default=None,
+              help="Training step budget: the same teacher on any machine, however busy (default: time-bound only).")
+def main(output: Path, tokenizer: Path | None, max_seconds: float | None, max_steps: int | None) -> None:
     """Train a small Llama teacher on a local corpus (built into OUTPUT/corpus if missing) and save it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if max_seconds is None and max_steps is None:
+        max_seconds = 240
     with logging_redirect_tqdm():
         build_demo_teacher(output, tokenizer_dir=tokenizer, max_seconds=max_seconds, max_steps=max_steps)
 
