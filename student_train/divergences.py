@@ -29,6 +29,32 @@ Representations (T the temperature, z the student's logits):
   with the vllm backend draw from the top-k plus a tail bucket (collated as id TAIL_BUCKET); that bucket's q is the
   student's mass outside the position's top-k, so the estimate is of the K + 1-bucket divergence (as `topk_tail`),
   not the full-vocabulary one.
+- `hybrid`: the exact top-k head plus N draws from the teacher's tail (ids outside the top-k, drawn from p_v / t, t
+  the tail mass) at T = 1, stored as distinct ids + counts; J = K + M + 1. Teacher p-hat: the K head buckets exact
+  (log-softmax of the stored log-probs and `tail_logmass`, as `topk_tail` at T = 1), t * c_v / N at each drawn tail
+  id, and a rest bucket of probability 0. A position without draws (the store draws none where the tail mass is 0)
+  keeps its tail mass, if any, in the rest bucket, as `topk_tail` does. Student: q = softmax(z) at the head ids and
+  the drawn ids, plus its mass on every other id in the rest bucket. E[t c_v / N] = p_v for every tail id, so p-hat is
+  unbiased for the teacher over the whole vocabulary, and the forward-KL gradient q - p-hat is the full forward KL's
+  gradient q - p in expectation: no variance on the head (where `sampled` spends most of its draws) and no truncation
+  bias (as `topk_*` have). As with `sampled`, the rest bucket's target of 0 makes each divergence exactly D(p-hat, q)
+  over the whole vocabulary, a plug-in estimate: forward KL's value is biased by the empirical entropy of the tail (a
+  constant for the student); every other divergence is a biased estimate of the teacher's, its bias confined to the
+  tail and shrinking as N grows. Reverse KL is refused (p-hat is 0 on the undrawn tail ids). Only T = 1: the tail
+  draws come from the untempered teacher.
+- `topk_residual`: a top-k store's tail mass given to the true next token y (the "residual to the true token"
+  baseline); J = K + 2. Teacher p~: the K head buckets exact (renormalised as `topk_tail`'s), plus t on y: in its own
+  bucket when y is outside the top-k, added to y's head bucket when inside (its own bucket then empty); and a rest
+  bucket of probability 0. Student: q at the K ids and at y, plus its mass on every other id in the rest bucket. p~
+  lives on at most K + 1 ids, so each divergence is exactly D(p~, q) over the whole vocabulary. It is biased:
+  p~ = p_head + t onehot(y), and the forward-KL gradient q - p~ differs from q - p by p_tail - t onehot(y) (p_tail the
+  teacher on the tail, of mass t). Even when the data follows the teacher (y ~ p), E[p~] = p_head + t p: each tail id
+  gets t p_v instead of p_v and the head the rest, so the student is pulled towards the head and the data's tokens;
+  the bias vanishes as t -> 0. With y in the tail, forward KL to p~ is the head's terms plus t log(t / q_y): KD on the
+  head plus t-weighted CE on the true token. Reverse KL is refused (p~ is 0 in the rest bucket). Temperature: p~ is
+  built at T = 1, then tempered exactly (p~^(1/T) renormalised over its buckets), against softmax(z / T); as with
+  `topk_tail`, this tempers the tail mass as one token, an approximation of the teacher's tempered tail, exact at
+  T = 1.
 - `online`: the teacher's full distribution, J = V: log-softmax(teacher logits / T) and log-softmax(z / T) over
   the whole vocabulary, both tempered exactly; every divergence below is then the exact divergence of the two
   tempered distributions. A student vocabulary W wider than the teacher's V (padding ids) gives the teacher
@@ -37,19 +63,20 @@ Representations (T the temperature, z the student's logits):
 
 Divergences (p teacher, q student over the buckets; all >= 0 and 0 when p = q):
 - `forward_kl`: KL(p || q) = sum p log(p / q). Mean-seeking. With `sampled` its gradient q - c/N is the full
-  forward KL's gradient q - p in expectation (random-sampling KD, unbiased); its value is biased by the empirical
-  entropy, a constant for the student.
+  forward KL's gradient q - p in expectation (random-sampling KD, unbiased), and so is q - p-hat with `hybrid`; its
+  value is biased by the empirical entropy, a constant for the student.
 - `reverse_kl`: KL(q || p) = sum q log(q / p). Mode-seeking. Infinite wherever p = 0 < q, hence refused with
-  `sampled` (the empirical target is 0 on every undrawn id).
+  `sampled` and `hybrid` (the empirical target is 0 on every undrawn id) and `topk_residual` (0 off the head and
+  the true token).
 - `jsd`: generalised Jensen-Shannon with beta in (0, 1): beta KL(p || m) + (1 - beta) KL(q || m), with
   m = beta p + (1 - beta) q (the GKD definition; beta = 0.5 is the symmetric JSD). Bounded by log 2 at beta = 0.5.
 - `tv`: total variation, sum |p - q| / 2, in [0, 1].
 - `skew_kl`: skew forward KL of DistiLLM, KL(p || a p + (1 - a) q) with a = skew_alpha in (0, 1); a -> 0 gives
   KL(p || q). Bounded by log(1/a), so its gradients stay tame where q is tiny.
 - `skew_rkl`: skew reverse KL, KL(q || a q + (1 - a) p).
-With `sampled`, every divergence except forward KL is a biased estimate of the divergence to the teacher (for
-example E TV(counts / N, q) >= TV(p, q)), with a bias that shrinks as the number of draws grows; the draws are
-still useful as a target, but the estimate is not the teacher's divergence.
+With `sampled`, and with `hybrid` on the tail, every divergence except forward KL is a biased estimate of the
+divergence to the teacher (for example E TV(counts / N, q) >= TV(p, q)), with a bias that shrinks as the number of
+draws grows; the draws are still useful as a target, but the estimate is not the teacher's divergence.
 
 Legend: C positions in a chunk, V vocabulary (with `online`: the student's is W >= the teacher's V), K top-k ids, M
 sampled entries per position (padding: id 0, count 0), J buckets.
@@ -65,6 +92,8 @@ import torch.nn.functional as F
 
 # Id of the tail bucket in collated sampled targets (draws the vllm backend makes from top-k + one tail bucket).
 TAIL_BUCKET = -1
+# The targets' entry of the true next token, [C] (see READS_TRUE_IDS).
+TRUE_IDS = "true_ids"
 
 
 class Logits:
@@ -178,6 +207,50 @@ def sampled(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     return torch.cat([logp_CM, logp_rest_C1], -1), torch.cat([logq_CM, logq_rest_C1], -1)
 
 
+def _head_and_tail(targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored top-k log-probs and tail log-mass renormalised together (removing their rounding), [C, K], [C, 1]."""
+    logp_CJ = F.log_softmax(torch.cat([targets["topk_logprobs"], targets["tail_logmass"][:, None]], -1), -1)
+    return logp_CJ[:, :-1], logp_CJ[:, -1:]
+
+
+def hybrid(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
+    """The exact top-k head, the tail's drawn ids at tail mass * count / N, and a rest bucket, J = K + M + 1."""
+    assert temperature == 1.0, "hybrid targets' tail draws are at T = 1; LossConfig rejects other temperatures"
+    ids_CK, ids_CM, counts_CM = targets["topk_ids"], targets["sampled_ids"], targets["sampled_counts"]
+    logp_CK, logtail_C1 = _head_and_tail(targets)
+    draws_C1 = counts_CM.sum(-1, keepdim=True)
+    # t * c / N in log space; padding (count 0) -> -inf. Without draws, the rest bucket holds the tail mass.
+    logp_CM = logtail_C1 + counts_CM.log() - draws_C1.clamp_min(1).log()
+    logp_rest_C1 = torch.where(draws_C1 > 0, -math.inf, logtail_C1)
+    lse_C1 = z.lse()
+    drawn_CM = counts_CM > 0
+    tiny = torch.finfo(lse_C1.dtype).min
+    logq_CM = torch.where(drawn_CM, z.gather(ids_CM) - lse_C1, tiny)  # a padding entry is empty for the student too
+    valid_CJ = torch.cat([torch.ones_like(ids_CK, dtype=torch.bool), drawn_CM], -1)
+    logq_rest_C1 = z.outside_lse(torch.cat([ids_CK, ids_CM], -1), 1.0, valid_CJ) - lse_C1
+    return (torch.cat([logp_CK, logp_CM, logp_rest_C1], -1),
+            torch.cat([z.gather(ids_CK) - lse_C1, logq_CM, logq_rest_C1], -1))
+
+
+def topk_residual(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
+    """The K stored ids exact, the tail mass on the true next token, and a rest bucket, J = K + 2."""
+    ids_CK, true_C1 = targets["topk_ids"], targets[TRUE_IDS][:, None]
+    logp_CK, logtail_C1 = _head_and_tail(targets)
+    true_in_head_CK = ids_CK == true_C1
+    true_in_head_C1 = true_in_head_CK.any(-1, keepdim=True)
+    # The tail mass joins the true token: its head bucket when it has one (its own bucket then empty), else its own.
+    logp_CK = torch.where(true_in_head_CK, torch.logaddexp(logp_CK, logtail_C1), logp_CK)
+    logp_true_C1 = torch.where(true_in_head_C1, -math.inf, logtail_C1)
+    logp_CJ = torch.cat([logp_CK, logp_true_C1, torch.full_like(logtail_C1, -math.inf)], -1)
+    if temperature != 1.0:  # p~ tempered exactly: it lives on these buckets
+        logp_CJ = F.log_softmax(logp_CJ / temperature, -1)
+    lse_C1 = z.lse(temperature)
+    tiny = torch.finfo(lse_C1.dtype).min
+    logq_true_C1 = torch.where(true_in_head_C1, tiny, z.gather(true_C1, temperature) - lse_C1)
+    logq_rest_C1 = z.outside_lse(torch.cat([ids_CK, true_C1], -1), temperature) - lse_C1
+    return logp_CJ, torch.cat([z.gather(ids_CK, temperature) - lse_C1, logq_true_C1, logq_rest_C1], -1)
+
+
 def online(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     """The teacher's full distribution over the whole vocabulary, J = W (the student's width, >= the teacher's V)."""
     teacher_CV = targets["teacher_logits"]
@@ -229,7 +302,10 @@ def skew_rkl(logp_CJ: torch.Tensor, logq_CJ: torch.Tensor, alpha: float) -> torc
 
 
 # The representations of the store's targets.
-REPRESENTATIONS: dict[str, Representation] = {"topk_tail": topk_tail, "topk_renorm": topk_renorm, "sampled": sampled}
+REPRESENTATIONS: dict[str, Representation] = {
+    "topk_tail": topk_tail, "topk_renorm": topk_renorm, "sampled": sampled, "hybrid": hybrid,
+    "topk_residual": topk_residual,
+}
 ONLINE = "online"
 # Every representation a loss may use: the store's, and the full distribution of a teacher run online.
 TARGETS_FROM: dict[str, Representation] = {**REPRESENTATIONS, ONLINE: online}
@@ -239,8 +315,12 @@ TARGET_KEYS: dict[str, tuple[str, ...]] = {
     "topk_tail": ("topk_ids", "topk_logprobs", "tail_logmass"),
     "topk_renorm": ("topk_ids", "topk_logprobs"),
     "sampled": ("sampled_ids", "sampled_counts"),
+    "hybrid": ("topk_ids", "topk_logprobs", "tail_logmass", "sampled_ids", "sampled_counts"),
+    "topk_residual": ("topk_ids", "topk_logprobs", "tail_logmass"),
     ONLINE: ("teacher_hidden",),
 }
+# Representations that also read the true next token of each position, which the loss adds as TRUE_IDS [C].
+READS_TRUE_IDS = ("topk_residual",)
 DIVERGENCES: dict[str, Divergence] = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tv": tv, "skew_kl": skew_kl,
     "skew_rkl": skew_rkl,

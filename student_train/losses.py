@@ -12,11 +12,13 @@ The loss of a batch, each term a mean over `loss_mask` positions:
     loss = s(step) * T^2 * sum_d w_d * D_d(p, q)  +  w_ce * CE
 
 - D_d: the divergences of `student_train.divergences` (forward_kl, reverse_kl, jsd, tv, skew_kl, skew_rkl), each
-  between the teacher p and the student q as given by one target representation (topk_tail, topk_renorm or
-  sampled from the store, or online; see that module for what each computes, its tail and its temperature). All
+  between the teacher p and the student q as given by one target representation (topk_tail, topk_renorm,
+  sampled, hybrid or topk_residual from the store, or online; see that module for what each computes, its tail
+  and its temperature; topk_residual also reads the true next token, which the loss adds to its targets). All
   divergences of a mix share the representation and the temperature T; T^2 keeps the gradient's scale roughly
   independent of T. `LossConfig.top_k` keeps only the k most probable of the stored top-k ids (the others' mass
-  joins the tail bucket), so one store of top-64 also trains, say, the top-8 variants.
+  joins the tail), so one store of top-64 also trains, say, the top-8 variants (not with hybrid, whose tail draws
+  are conditioned on the stored top-k).
 - Online: the batch holds the teacher's final hidden states (`TEACHER_HIDDEN`, added by the trainer) instead of
   targets, and `teacher_head` turns one chunk of them into the teacher's [C, V] logits inside the chunk, without
   gradient; like the student's, they are recomputed in backward rather than kept.
@@ -45,10 +47,12 @@ from torch.utils.checkpoint import checkpoint
 from student_train.divergences import (
     DIVERGENCES,
     ONLINE,
+    READS_TRUE_IDS,
     REPRESENTATIONS,
     TAIL_BUCKET,
     TARGET_KEYS,
     TARGETS_FROM,
+    TRUE_IDS,
     Logits,
 )
 from student_train.liger import liger_ce_sum
@@ -63,7 +67,23 @@ SCHEDULES = ("constant", "linear_warmup:STEPS", "cosine_decay:STEPS")
 # The batch record of the online teacher's final hidden states [B, L, G]; see TARGET_KEYS.
 TEACHER_HIDDEN = TARGET_KEYS[ONLINE][0]
 # Representations that read the stored top-k, which `LossConfig.top_k` may narrow.
-TOPK_REPRESENTATIONS = ("topk_tail", "topk_renorm")
+TOPK_REPRESENTATIONS = ("topk_tail", "topk_renorm", "topk_residual")
+# Representations of draws the store made at T = 1, of the whole distribution or of its tail: why no other T works.
+DRAWN = {
+    "sampled": "the stored draws come from the teacher at temperature 1, so counts / N estimates the untempered "
+               "distribution",
+    "hybrid": "the stored tail draws come from the teacher at temperature 1, so tail mass * counts / N estimates its "
+              "untempered tail",
+}
+# Representations whose target is 0 on ids where the student is not: why reverse KL is infinite there.
+ZERO_OFF_SUPPORT = {
+    "sampled": "the draws' empirical distribution is 0 on every id not drawn, where the student is not, so "
+               "KL(q || counts / N) is infinite",
+    "hybrid": "the tail estimate tail mass * counts / N is 0 on every tail id not drawn, where the student is not, so "
+              "KL(q || p-hat) is infinite",
+    "topk_residual": "the target is 0 on every id outside the top-k and the true token, where the student is not, so "
+                     "KL(q || p~) is infinite",
+}
 # The online teacher's output head with its logit post-processing: hidden states [C, G] -> logits [C, V].
 TeacherHead = Callable[[torch.Tensor], torch.Tensor]
 
@@ -99,7 +119,8 @@ class LossConfig:
         targets: the target representation of every divergence, a key of TARGETS_FROM: the store's (REPRESENTATIONS)
             or ONLINE, the full distribution of a teacher run beside the student (`distillation_loss`'s
             `teacher_head`).
-        temperature: softmax temperature of the divergences (their sum is scaled by T^2); must be 1 with sampled.
+        temperature: softmax temperature of the divergences (their sum is scaled by T^2); must be 1 with sampled and
+            hybrid.
         jsd_beta: jsd's beta, in (0, 1): the teacher's share of the mixture m = beta p + (1 - beta) q.
         skew_alpha: skew_kl's and skew_rkl's alpha, in (0, 1): the share of the first distribution in the mixture.
         kd_schedule: factor on the divergences by optimizer step, one of SCHEDULES (see `kd_scale`).
@@ -108,8 +129,9 @@ class LossConfig:
             student probability is the mass outside the position's top-k ids; the batch must hold `topk_ids`.
         fused_ce: CE comes from Liger-kernel's fused linear cross-entropy (CUDA, liger_kernel installed; see
             `student_train.liger.use_liger`) instead of the chunks; only for a loss of CE alone. Same numbers.
-        top_k: with topk_tail or topk_renorm, use only the `top_k` most probable of the stored ids; the others'
-            mass joins the tail bucket (topk_tail) or is dropped with it (topk_renorm). None: every stored id.
+        top_k: with topk_tail, topk_renorm or topk_residual, use only the `top_k` most probable of the stored ids;
+            the others' mass joins the tail (topk_tail, topk_residual) or is dropped with it (topk_renorm). Refused
+            with hybrid. None: every stored id.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
@@ -142,28 +164,33 @@ class LossConfig:
         kd_scale(self.kd_schedule, 0)
         if self.chunk_positions < 1:
             raise ValueError(f"chunk_positions: expected a positive number of positions, got {self.chunk_positions}.")
-        if self.targets == "sampled" and self.kd_weights:
-            self._check_sampled()
+        if self.kd_weights:
+            self._check_representation()
         if self.fused_ce and self.kd_weights:
             raise ValueError(f"fused_ce: Liger's fused kernel computes CE alone, and the loss also has "
                              f"{', '.join(self.kd_weights)}; use the torch path for a mix.")
+        if self.top_k is not None and self.targets == "hybrid":
+            raise ValueError(f"top_k: {self.top_k} cannot narrow hybrid targets: their tail draws are of the ids "
+                             "outside the stored top-k, so ids dropped from the head would be neither exact nor "
+                             "drawn. Leave top_k out, or use topk_tail or topk_residual with top_k.")
         if self.top_k is not None and (self.top_k < 1 or self.targets not in TOPK_REPRESENTATIONS):
             raise ValueError(f"top_k: {self.top_k} keeps the most probable of the stored top-k ids, which needs a "
                              f"positive number and top-k targets ({' or '.join(TOPK_REPRESENTATIONS)}), and the "
                              f"targets are {self.targets}.")
 
-    def _check_sampled(self) -> None:
-        if self.temperature != 1.0:
+    def _check_representation(self) -> None:
+        """The temperature and divergences the targets support."""
+        if self.targets in DRAWN and self.temperature != 1.0:
             raise ValueError(
-                f"temperature: {self.temperature} cannot be used with sampled targets: the stored draws come from the "
-                "teacher at temperature 1, so counts / N estimates the untempered distribution, and a tempered one "
-                "(proportional to p^(1/T)) cannot be recovered from draws. Use temperature 1.0, or top-k targets."
+                f"temperature: {self.temperature} cannot be used with {self.targets} targets: {DRAWN[self.targets]}, "
+                "and a tempered one (proportional to p^(1/T)) cannot be recovered from draws. Use temperature 1.0, "
+                "or top-k targets."
             )
-        if "reverse_kl" in self.kd_weights:
+        if self.targets in ZERO_OFF_SUPPORT and "reverse_kl" in self.kd_weights:
+            other = "top-k targets" if self.targets == "sampled" else "topk_tail targets"
             raise ValueError(
-                "reverse_kl cannot be used with sampled targets: the draws' empirical distribution is 0 on every id "
-                "not drawn, where the student is not, so KL(q || counts / N) is infinite. Use skew_rkl (finite), "
-                "jsd or tv, or top-k targets."
+                f"reverse_kl cannot be used with {self.targets} targets: {ZERO_OFF_SUPPORT[self.targets]}. Use "
+                f"skew_rkl (finite), jsd or tv, or {other}."
             )
 
     @property
@@ -223,7 +250,7 @@ def distillation_loss(
     true_P = batch["input_ids"][:, 1:].to(device)[mask_BL]
     kd_weights = config.kd_weights
     assert teacher_head is not None or config.targets != ONLINE or not kd_weights, "online targets need the head"
-    targets_P = _select_targets(batch, config, mask_BL) if kd_weights else {}
+    targets_P = _select_targets(batch, config, mask_BL, true_P) if kd_weights else {}
 
     num_positions = hidden_PH.shape[0]
     if config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
@@ -263,9 +290,10 @@ def _chunked_sums(
 
 
 def _select_targets(
-    batch: dict[str, torch.Tensor], config: LossConfig, mask_BL: torch.Tensor
+    batch: dict[str, torch.Tensor], config: LossConfig, mask_BL: torch.Tensor, true_P: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The records the representation reads, at the trained positions only: [P, ...] each."""
+    """The records the representation reads, at the trained positions only: [P, ...] each; with the true next tokens
+    `true_P` as TRUE_IDS for a representation that reads them."""
     keys = TARGET_KEYS[config.targets]
     if config.targets == "sampled" and config.sampled_tail_bucket:
         keys += ("topk_ids",)
@@ -277,6 +305,8 @@ def _select_targets(
             "other targets, or train with ce alone."
         )
     targets_P = {key: batch[key].to(mask_BL.device)[mask_BL] for key in keys}
+    if config.targets in READS_TRUE_IDS:
+        targets_P[TRUE_IDS] = true_P
     return _keep_most_probable(targets_P, config.top_k) if config.top_k is not None else targets_P
 
 

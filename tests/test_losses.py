@@ -25,12 +25,15 @@ from torch.special import xlogy
 
 from student_train.cli import main
 from student_train.config import TrainConfig
-from student_train.losses import DIVERGENCES, REPRESENTATIONS, TAIL_BUCKET, LossConfig, distillation_loss, kd_scale
+from student_train.losses import DIVERGENCES, TAIL_BUCKET, LossConfig, distillation_loss, kd_scale
 
 B, L, H, V, K, N = 2, 7, 16, 97, 6, 20
 BETA, SKEW = 0.3, 0.2
+# The representations of make_case's records; hybrid (draws of the tail) and topk_residual are tested in
+# tests/test_hybrid_losses.py.
+CASE_REPRESENTATIONS = ("topk_tail", "topk_renorm", "sampled")
 # Every (divergence, representation) pair the losses allow: reverse KL is infinite against sampled targets.
-PAIRS = [(d, r) for r in REPRESENTATIONS for d in DIVERGENCES if (d, r) != ("reverse_kl", "sampled")]
+PAIRS = [(d, r) for r in CASE_REPRESENTATIONS for d in DIVERGENCES if (d, r) != ("reverse_kl", "sampled")]
 SAMPLED_DIVERGENCES = [d for d in DIVERGENCES if d != "reverse_kl"]
 
 
@@ -181,7 +184,7 @@ def test_chunk_size_changes_nothing(name, representation):
         assert_grads_close(grads(loss, hidden, head), base_grads, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("representation", list(REPRESENTATIONS))
+@pytest.mark.parametrize("representation", CASE_REPRESENTATIONS)
 def test_mixture_is_the_weighted_sum_of_its_terms(representation):
     """A mix of every allowed divergence and CE equals the weighted sum of single-term losses; "kd" is their mean."""
     hidden, head, _, batch = make_case(12)
@@ -236,7 +239,7 @@ def test_plain_ce_needs_no_targets():
     assert float(metrics["kd"]) == 0.0 and "jsd" not in metrics
 
 
-@pytest.mark.parametrize("representation", list(REPRESENTATIONS))
+@pytest.mark.parametrize("representation", CASE_REPRESENTATIONS)
 def test_masked_positions_change_nothing(representation):
     hidden, head, _, batch = make_case(4)
     weights = {d: 1.0 for d, r in PAIRS if r == representation} | {"ce": 0.5}
@@ -362,7 +365,7 @@ def test_graph_holds_at_most_one_chunk_of_logits():
         F.log_softmax(head(hidden), -1)  # control: a dense computation is seen holding [P, V]
     assert sum(storages.values()) >= B * length * vocab
 
-    for representation in REPRESENTATIONS:
+    for representation in CASE_REPRESENTATIONS:
         weights = {d: 1.0 for d, r in PAIRS if r == representation} | {"ce": 1.0}
         storages.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

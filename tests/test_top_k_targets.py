@@ -33,7 +33,8 @@ def records(teacher_BLV: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("targets,temperature", [("topk_tail", 1.0), ("topk_tail", 2.0), ("topk_renorm", 1.0),
-                                                 ("topk_renorm", 0.5)])
+                                                 ("topk_renorm", 0.5), ("topk_residual", 1.0),
+                                                 ("topk_residual", 2.0)])
 @pytest.mark.parametrize("k", [1, 5, K])
 def test_top_k_of_a_store_is_a_store_of_k(targets, temperature, k):
     gen = torch.Generator().manual_seed(k)
