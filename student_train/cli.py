@@ -35,12 +35,15 @@ TRAIN_OPTIONS = [
                  help=f"A loss term, repeatable; NAME is one of {', '.join(LOSS_NAMES)} (the menu above). "
                       f"Default: forward_kl=ALPHA ce=1-ALPHA. A bare {'/'.join(REPRESENTATIONS)} is --targets-from."),
     click.option("--targets-from", type=click.Choice(list(TARGETS_FROM)),
-                 help="What the divergences compare with. Default: topk_tail (top-k plus a tail bucket) when the "
-                      "store has top-k targets, else sampled. topk_renorm is biased, offered for comparison. online: "
-                      "the full distribution of --online-teacher (implied by it)."),
+                 help="What the divergences compare with. Default: hybrid (exact top-k plus draws from the tail) "
+                      "when the store's draws are of the teacher's tail, else topk_tail (top-k plus a tail bucket) "
+                      "when the store has top-k targets, else sampled. topk_residual gives the tail mass to the true "
+                      "next token (a biased baseline); topk_renorm is biased, offered for comparison. online: the "
+                      "full distribution of --online-teacher (implied by it)."),
     click.option("--top-k", type=int, metavar="K",
-                 help="With topk_tail or topk_renorm: use only the K most probable of the store's top-k ids (the "
-                      "others' mass joins the tail bucket), e.g. top-8 from a top-64 store. Default: all of them."),
+                 help="With topk_tail, topk_renorm or topk_residual: use only the K most probable of the store's "
+                      "top-k ids (the others' mass joins the tail), e.g. top-8 from a top-64 store. Not with hybrid. "
+                      "Default: all of them."),
     click.option("--online-teacher", metavar="DIR",
                  help="Online full-logit KD, the baseline for cached targets: run this teacher (a local HF model with "
                       "the store's tokenizer and vocabulary) beside the student, frozen (bf16 under bf16 autocast), "
@@ -52,7 +55,7 @@ TRAIN_OPTIONS = [
                       "forward_kl=ALPHA ce=1-ALPHA; 0 trains with CE only."),
     click.option("--temperature", type=float, default=1.0, show_default=True,
                  help="Softening of both distributions in the divergences, with the T^2 factor (must be 1 for "
-                      "sampled targets)."),
+                      "sampled and hybrid targets)."),
     click.option("--jsd-beta", type=float, default=0.5, show_default=True,
                  help="jsd's beta in (0, 1): the teacher's share of the mixture."),
     click.option("--skew-alpha", type=float, default=0.1, show_default=True,
@@ -154,18 +157,21 @@ def main(ctx: click.Context, verbose: bool, **options) -> None:
 
     \b
     Loss: s(step) * T^2 * sum of WEIGHT * divergence(teacher p, student q) + WEIGHT * ce, each a mean over tokens
-      forward_kl  KL(p || q)                          mean-seeking; unbiased gradient with sampled targets
-      reverse_kl  KL(q || p)                          mode-seeking; not with sampled targets (infinite)
+      forward_kl  KL(p || q)                          mean-seeking; unbiased gradient with sampled, hybrid
+      reverse_kl  KL(q || p)                          mode-seeking; not with sampled, hybrid, topk_residual
       jsd         b KL(p || m) + (1-b) KL(q || m)     m = b p + (1-b) q, b = --jsd-beta
       tv          sum |p - q| / 2                     total variation, in [0, 1]
       skew_kl     KL(p || a p + (1-a) q)              DistiLLM's skew KL, a = --skew-alpha
       skew_rkl    KL(q || a q + (1-a) p)              skew reverse KL
       ce          -log q(true next token)             never tempered nor scheduled
     p and q are compared over the buckets of --targets-from: topk_tail = the k stored ids + one bucket for the
-    rest of the vocabulary; topk_renorm = the k ids, both renormalised; sampled = the teacher's draws (counts / N)
-    + one bucket for the student's mass elsewhere, temperature 1 only; --top-k K narrows topk_* to the K most
-    probable stored ids. online (--online-teacher DIR) = the teacher's full distribution, computed during training
-    from its hidden states a chunk at a time: every divergence and T exact, the store's targets unread.
+    rest of the vocabulary; topk_renorm = the k ids, both renormalised; topk_residual = the k ids + the tail mass
+    on the true next token + one bucket for the student's mass elsewhere; sampled = the teacher's draws (counts / N)
+    + one bucket for the student's mass elsewhere, temperature 1 only; hybrid (stores built with --targets hybrid)
+    = the k ids exact + draws from the tail (tail mass * counts / N) + one bucket for the rest, temperature 1 only;
+    --top-k K narrows topk_* to the K most probable stored ids. online (--online-teacher DIR) = the teacher's full
+    distribution, computed during training from its hidden states a chunk at a time: every divergence and T exact,
+    the store's targets unread.
     s(step) is --kd-schedule.
     --feature-loss adds --feature-weight * (mse or 1 - cos) between student and stored teacher hidden states.
     """

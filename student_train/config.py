@@ -27,11 +27,13 @@ class TrainConfig:
             skew_rkl) or ce; see student_train/losses.py. Empty: forward_kl=alpha, ce=1-alpha. A bare
             representation name ("topk_tail", ...) is the same as `targets_from`. Resolved on creation to the
             weighted terms alone, zero weights dropped.
-        targets_from: target representation of the divergences: "topk_tail", "topk_renorm" or "sampled" (the
-            store's targets), or "online" (the full distribution of `online_teacher`, implied by it); None picks
-            topk_tail when the store has top-k targets, else sampled.
-        top_k: with topk_tail or topk_renorm, train on only the top_k most probable of the store's top-k ids (the
-            others' mass joins the tail bucket), e.g. top-8 from a top-64 store; None: every stored id.
+        targets_from: target representation of the divergences: "topk_tail", "topk_renorm", "topk_residual",
+            "sampled" or "hybrid" (the store's targets), or "online" (the full distribution of `online_teacher`,
+            implied by it); None picks hybrid when the store's draws are of the teacher's tail (top-k + tail
+            draws), else topk_tail when it has top-k targets, else sampled. See student_train/divergences.py.
+        top_k: with topk_tail, topk_renorm or topk_residual, train on only the top_k most probable of the store's
+            top-k ids (the others' mass joins the tail), e.g. top-8 from a top-64 store; None: every stored id.
+            Not with hybrid, whose tail draws are conditioned on the stored top-k.
         online_teacher: a local HF teacher directory (the store's tokenizer and vocabulary) run beside the student:
             the divergences compare with its full distribution, a chunk of positions at a time, instead of the
             store's targets (which are not read; the store gives the token ids, and the held-out KL still uses its

@@ -44,8 +44,23 @@ from teacher_cache.teacher import resolve_device
 log = logging.getLogger(__name__)
 
 
+def draws_from_tail(targets: dict) -> bool:
+    """The store's draws are of the teacher's tail (ids outside its top-k), beside the exact top-k: a hybrid store."""
+    return targets.get("sampled", {}).get("draws_from") == "tail"
+
+
 def default_targets(targets: dict) -> str:
-    """The target representation of a store's divergences: topk_tail when it has top-k targets, else sampled."""
+    """The target representation of a store's divergences: hybrid when its draws are of the tail, else topk_tail when
+    it has top-k targets, else sampled."""
+    if draws_from_tail(targets):
+        return "hybrid"
+    return eval_targets(targets)
+
+
+def eval_targets(targets: dict) -> str:
+    """The representation of the held-out KL: topk_tail when the store has top-k targets (hybrid stores too: the
+    exact K + 1-bucket KL, the number a top-k store of the same k gives, without the noise and the upward bias of a
+    plug-in tail), else sampled."""
     return "topk_tail" if "topk" in targets else "sampled"
 
 
@@ -70,6 +85,8 @@ class Trainer:
         # Decided before the student loads, so that --fused-ce liger where it cannot run fails at once.
         self.loss_config = dataclasses.replace(loss_config,
                                                fused_ce=use_liger(config.fused_ce, self.device, loss_config))
+        if self.loss_config.kd_weights:
+            _check_targets(self.loss_config.targets, manifest.targets)
         _check_top_k(config.top_k, manifest.targets)
         self.model, self.tokenizer = build_student(config, manifest)
         self.model.to(self.device)
@@ -83,12 +100,12 @@ class Trainer:
             self.teacher = OnlineTeacher(config.online_teacher, manifest, device=self.device, bf16=bf16)
             self.teacher.check_loss(self.loss_config, self.head.weight.shape[0])
         self.teacher_head = self.teacher.logits if self.teacher else None
-        # Evaluation always measures KL with the same estimator (forward KL over the store's default targets, at
-        # T = 1), whatever the training loss, so runs compare.
-        eval_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets
-        self.eval_loss_config = LossConfig(weights={"forward_kl": 1.0}, targets=default_targets(eval_targets),
+        # Evaluation always measures KL with the same estimator (forward KL over `eval_targets`, at T = 1), whatever
+        # the training loss, so runs compare.
+        held_out_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets
+        self.eval_loss_config = LossConfig(weights={"forward_kl": 1.0}, targets=eval_targets(held_out_targets),
                                            chunk_positions=config.chunk_positions,
-                                           sampled_tail_bucket=tail_bucket(eval_targets) is not None)
+                                           sampled_tail_bucket=tail_bucket(held_out_targets) is not None)
         held_out = 0.0 if config.eval_store else config.eval_fraction
         self.train_loader = StoreLoader(LoaderConfig(
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
@@ -297,6 +314,32 @@ def train(config: TrainConfig) -> dict:
     evaluation (on every rank)."""
     with launch(config.distributed, config.device) as world:
         return Trainer(config, world).run()
+
+
+def _check_targets(representation: str, targets: dict) -> None:
+    """The store must hold what the representation reads: top-k targets for topk_*, draws of the tail beside them
+    for hybrid, draws of the whole distribution for sampled.
+
+    Raises:
+        ValueError: it does not; the message names the store to build or the representation to use instead.
+    """
+    tail = draws_from_tail(targets)
+    if representation == "hybrid" and not tail:
+        raise ValueError("--targets-from hybrid: reads the exact top-k plus draws from the teacher's tail (the ids "
+                         "outside the top-k), and this store has no tail draws"
+                         + (" (its draws are of the whole distribution: use --targets-from sampled)"
+                            if "sampled" in targets else "")
+                         + "; build one with `teacher-cache build --targets hybrid`.")
+    if representation == "sampled" and tail:
+        raise ValueError("--targets-from sampled: this store's draws are of the teacher's tail only (ids outside its "
+                         "top-k), whose empirical distribution is not the teacher's; use --targets-from hybrid (the "
+                         "store's default), which adds the exact top-k head to them.")
+    if representation.startswith("topk_") and "topk" not in targets:
+        raise ValueError(f"--targets-from {representation}: reads the store's top-k targets, and this store has "
+                         "none; build one with `teacher-cache build --targets topk`, or use --targets-from sampled.")
+    if representation == "sampled" and "sampled" not in targets:
+        raise ValueError("--targets-from sampled: reads the teacher's draws, and this store has none; build one with "
+                         "`teacher-cache build --targets sampled`, or use --targets-from topk_tail.")
 
 
 def _check_top_k(top_k: int | None, targets: dict) -> None:

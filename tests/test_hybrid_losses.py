@@ -13,17 +13,27 @@ Legend: B batch, L positions per row, V vocabulary, K top-k, N draws, S draw set
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
+from conftest import make_small_store, make_student_config
 from test_losses import BETA, SKEW, config, divergence, draw_counts, kl, sampled_records
 from torch import nn
 
+from storage.manifest import Manifest
+from storage.reader import Store
+from storage.writer import StoreWriter
+from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.divergences import TARGETS_FROM, TRUE_IDS, Logits
 from student_train.losses import DIVERGENCES, REPRESENTATIONS, LossConfig, distillation_loss
+from student_train.train import Trainer, train
 
 B, L, V, K, N = 2, 9, 61, 5, 8
 ALLOWED = [d for d in DIVERGENCES if d != "reverse_kl"]  # reverse KL is infinite against both targets
@@ -374,3 +384,120 @@ def test_missing_records_are_named():
     del batch["sampled_counts"]
     with pytest.raises(ValueError, match="hybrid targets need .* sampled_counts are missing"):
         distillation_loss(logits, identity_head(), batch, LossConfig(targets="hybrid"))
+
+
+# --- training on stores ---------------------------------------------------------------------------------------------
+
+
+def write_hybrid_store(source: Path, output: Path) -> Path:
+    """A hybrid store from a store of top-k + draws of the whole distribution: at each position, the draws that fell
+    outside the top-k, which are draws from the teacher conditioned on the tail (their number varies by position).
+    The manifest says so; every other record is copied."""
+    store = Store(source)
+    manifest = store.manifest
+    targets = manifest.targets | {"sampled": manifest.targets["sampled"] | {"draws_from": "tail"}}
+    writer = StoreWriter.open(output, Manifest(teacher=manifest.teacher, dataset=manifest.dataset,
+                                               build=manifest.build, targets=targets), resume=False)
+    for index, shard in enumerate(store.shards):
+        record = shard.read()
+        nunique = record["sampled_nunique"]
+        position_E = np.repeat(np.arange(nunique.size), nunique.reshape(-1).astype(np.int64))
+        topk_PK = record["topk_ids"].reshape(nunique.size, -1)
+        tail_E = ~(topk_PK[position_E] == record["sampled_ids"][:, None]).any(1)
+        record |= {"sampled_ids": record["sampled_ids"][tail_E], "sampled_counts": record["sampled_counts"][tail_E],
+                   "sampled_nunique": np.bincount(position_E[tail_E], minlength=nunique.size).reshape(
+                       nunique.shape).astype(nunique.dtype)}
+        writer.write_shard(index, record)
+    writer.finish()
+    return output
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, llama_dir, corpus_texts) -> tuple[Path, Path]:
+    """(a store of top-k + draws of the whole distribution, the hybrid store made from it)."""
+    root = tmp_path_factory.mktemp("hybrid-stores")
+    plain = make_small_store(root, llama_dir, corpus_texts[:16], num_draws=200)
+    return plain, write_hybrid_store(plain, root / "hybrid")
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, llama_dir) -> Path:
+    return make_student_config(tmp_path_factory.mktemp("student"), llama_dir)
+
+
+def _train_config(store: Path, student: Path, output: Path, **options) -> TrainConfig:
+    return TrainConfig(**{"store": str(store), "student": str(student), "output": str(output), "batch_size": 4,
+                          "max_steps": 2, "lr": 1e-2, "eval_fraction": 0.2, "eval_every": 2, "save_every": 2,
+                          "log_every": 1, "device": "cpu", **options})
+
+
+def test_the_hybrid_store_holds_tail_draws(stores):
+    plain, hybrid = stores
+    batch_tail, batch_drawn = 0, 0
+    for sample in Store(hybrid):
+        nunique = sample["sampled_nunique"].astype(np.int64)
+        position = np.repeat(np.arange(len(nunique)), nunique)
+        assert not (sample["topk_ids"][position] == sample["sampled_ids"][:, None]).any()
+        batch_tail += int((nunique > 0).sum())
+        batch_drawn += len(nunique)
+    assert batch_tail > 0.2 * batch_drawn  # enough positions with tail draws to train on
+
+
+@pytest.mark.parametrize("targets_from", [None, "hybrid", "topk_residual"])
+def test_trains_on_hybrid_and_residual_targets(tmp_path, stores, student, targets_from):
+    _, hybrid = stores
+    config = _train_config(hybrid, student, tmp_path / "run", loss=["forward_kl=0.7", "tv=0.2", "ce=0.1"],
+                           targets_from=targets_from)
+    trainer = Trainer(config)
+    assert trainer.loss_config.targets == (targets_from or "hybrid")  # a hybrid store's default
+    assert trainer.eval_loss_config.targets == "topk_tail"  # the held-out KL of every top-k store
+    evaluation = trainer.run()
+    assert evaluation["step"] == 2 and math.isfinite(evaluation["kl"])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kd = [record["kd"] for record in lines if "eval" not in record]
+    assert len(kd) == 2 and all(math.isfinite(value) and value > 0 for value in kd)
+
+
+def test_topk_residual_trains_on_a_top_k_store_with_top_k(tmp_path, stores, student):
+    plain, _ = stores
+    evaluation = train(_train_config(plain, student, tmp_path / "run", targets_from="topk_residual", top_k=4,
+                                     temperature=2.0, max_steps=1, eval_every=1, save_every=1))
+    assert evaluation["step"] == 1
+
+
+def test_store_and_targets_must_agree(tmp_path, stores, student):
+    plain, hybrid = stores
+
+    def refused(store, message, **options):
+        with pytest.raises(ValueError, match=message):
+            Trainer(_train_config(store, student, tmp_path / "run", **options))
+
+    refused(plain, r"--targets-from hybrid: .* no tail draws \(its draws are of the whole distribution: use "
+                   r"--targets-from sampled\); build one with `teacher-cache build --targets hybrid`", loss=["hybrid"])
+    refused(hybrid, "--targets-from sampled: this store's draws are of the teacher's tail only .* use --targets-from "
+                    "hybrid", targets_from="sampled")
+    Trainer(_train_config(plain, student, tmp_path / "ce", targets_from="hybrid", alpha=0.0))  # CE reads no targets
+
+    result = CliRunner().invoke(main, ["--store", str(plain), "--student", str(student), "--output",
+                                       str(tmp_path / "cli"), "--targets-from", "hybrid", "--device", "cpu"])
+    assert result.exit_code == 2 and "teacher-cache build --targets hybrid" in result.output, result.output
+    result = CliRunner().invoke(main, ["--store", str(hybrid), "--student", str(student), "--output",
+                                       str(tmp_path / "cli"), "--targets-from", "sampled", "--device", "cpu"])
+    assert result.exit_code == 2 and "use --targets-from hybrid" in result.output, result.output
+
+
+def test_targets_need_their_records():
+    from student_train.train import _check_targets
+
+    topk = {"topk": {"k": 8}}
+    sampled = {"sampled": {"num_draws": 16}}
+    for representation in ("topk_tail", "topk_renorm", "topk_residual"):
+        with pytest.raises(ValueError, match=f"--targets-from {representation}: reads the store's top-k targets"):
+            _check_targets(representation, sampled)
+        _check_targets(representation, topk)
+    with pytest.raises(ValueError, match="--targets-from sampled: reads the teacher's draws, and this store has none"):
+        _check_targets("sampled", topk)
+    with pytest.raises(ValueError, match=r"no tail draws; build one with `teacher-cache build --targets hybrid`"):
+        _check_targets("hybrid", topk)
+    _check_targets("hybrid", topk | {"sampled": {"num_draws": 16, "draws_from": "tail"}})
+    _check_targets("online", {})
