@@ -327,7 +327,7 @@ def _check_targets(representation: str, targets: dict) -> None:
     if representation == "hybrid" and not tail:
         raise ValueError("--targets-from hybrid: reads the exact top-k plus draws from the teacher's tail (the ids "
                          "outside the top-k), and this store has no tail draws"
-                         + (" (its draws are of the whole distribution: use --targets-from sampled)"
+                         + (" (its draws are not conditioned on the tail: they train with --targets-from sampled)"
                             if "sampled" in targets else "")
                          + "; build one with `teacher-cache build --targets hybrid`.")
     if representation == "sampled" and tail:

@@ -472,8 +472,9 @@ def test_store_and_targets_must_agree(tmp_path, stores, student):
         with pytest.raises(ValueError, match=message):
             Trainer(_train_config(store, student, tmp_path / "run", **options))
 
-    refused(plain, r"--targets-from hybrid: .* no tail draws \(its draws are of the whole distribution: use "
-                   r"--targets-from sampled\); build one with `teacher-cache build --targets hybrid`", loss=["hybrid"])
+    refused(plain, r"--targets-from hybrid: .* no tail draws \(its draws are not conditioned on the tail: they "
+                   r"train with --targets-from sampled\); build one with `teacher-cache build --targets hybrid`",
+            loss=["hybrid"])
     refused(hybrid, "--targets-from sampled: this store's draws are of the teacher's tail only .* use --targets-from "
                     "hybrid", targets_from="sampled")
     Trainer(_train_config(plain, student, tmp_path / "ce", targets_from="hybrid", alpha=0.0))  # CE reads no targets
