@@ -65,9 +65,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.codec_bytes import measure as store_codec_variants  # noqa: E402
 from benchmarks.codec_bytes import measure_arrays as codec_variants  # noqa: E402
 from benchmarks.machine_info import machine  # noqa: E402
-from storage.layout import LOGPROB_FLOOR, LOGPROB_SCALE, array_specs, quantize_logprobs  # noqa: E402
+from storage.layout import (  # noqa: E402
+    LOGPROB_FLOOR,
+    LOGPROB_SCALE,
+    TOPK_EXCESS,
+    TOPK_FLOOR,
+    array_specs,
+    quantize_logprobs,
+)
 from storage.reader import Store  # noqa: E402
-from storage.writer import _write_array as write_array  # noqa: E402
+from storage.writer import quantized_record, write_arrays  # noqa: E402
 from teacher_cache.build import build_cache  # noqa: E402
 from teacher_cache.config import BuildConfig  # noqa: E402
 from teacher_cache.targets import TargetSpec, extract_targets  # noqa: E402
@@ -235,7 +242,8 @@ def dense_topk(mask_SL: np.ndarray, vocab_size: int, ids_PK: np.ndarray, logprob
     specs = array_specs(vocab_size=vocab_size, targets={"topk": {"k": ids_PK.shape[1]}})
     out = {"loss_mask": mask_SL}
     for name, values in zip(TOPK_ARRAYS, (ids_PK, logprobs_PK, tail_P), strict=True):
-        out[name] = np.zeros(mask_SL.shape + values.shape[1:], specs[name].dtype)
+        dtype = specs[name].dtype if name in specs else np.float32  # version 3 stores log-probs in two arrays
+        out[name] = np.zeros(mask_SL.shape + values.shape[1:], dtype)
         out[name][mask_SL] = values
     return out
 
@@ -244,9 +252,13 @@ def topk_bytes(dense: dict[str, np.ndarray], vocab_size: int) -> dict[str, float
     """Bytes per trained token of a top-k record (`dense_topk`) as the store's writer encodes it: its codecs,
     chunks and metadata."""
     specs = array_specs(vocab_size=vocab_size, targets={"topk": {"k": dense["topk_ids"].shape[-1]}})
+    specs = {name: spec for name, spec in specs.items() if name in TOPK_ARRAYS or name.startswith("topk_")}
     tokens = int(dense["loss_mask"].sum())
-    out = {name: write_array(zarr.open_group(MemoryStore(), mode="w", zarr_format=3), specs[name], dense[name])
-           / tokens for name in TOPK_ARRAYS}
+    group = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
+    stored = write_arrays(group, specs, quantized_record({name: dense[name] for name in TOPK_ARRAYS}, specs))
+    if TOPK_EXCESS in stored:  # reported as the logical array, as `Store.bytes_per_token` does
+        stored["topk_logprobs"] = stored.pop(TOPK_FLOOR) + stored.pop(TOPK_EXCESS)
+    out = {name: stored[name] / tokens for name in TOPK_ARRAYS}
     return out | {"total": sum(out.values())}
 
 

@@ -5,8 +5,9 @@ The stores must hold the same targets of the same teacher over samples of the sa
 (kinds and parameters; the seed of the draws may differ) and equal `build.seq_len` and `build.pack`. Their
 datasets may differ. The output holds the samples of A, then B, ...; every shard of an input becomes one shard
 of the output, renumbered, its files copied as they are (a shard is a self-contained Zarr group, so its checksums
-stay valid) and checked against the input's checksums on the way. A shard of a version 1 input is re-encoded
-instead, with the statistics arrays of version 2, so the output is uniformly of the current version.
+stay valid) and checked against the input's checksums on the way. A shard of an input of an older format
+version is decoded and written again instead (with the statistics arrays version 1 lacks), so the output is
+uniformly of the current version.
 
 The output's manifest names the inputs in `dataset.sources` (flattened, so concatenating concatenations keeps
 one list); build options that differ between inputs become null there and stay in each source's entry. Shards
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from storage.fs import Location
-from storage.layout import LOGPROB_SCALE
+from storage.layout import FORMAT_VERSION, LOGPROB_SCALE
 from storage.manifest import Manifest, header_differences
 from storage.reader import Store
 from storage.writer import StoreWriter
@@ -75,9 +76,9 @@ def concat_stores(inputs: Sequence[str | os.PathLike], output: str | os.PathLike
     with tqdm(total=positions, unit="tok", unit_scale=True, desc="teacher-cache merge", dynamic_ncols=True) as bar:
         for index, (store, shard) in enumerate(plan):
             if index not in done:
-                if store.has_stored_stats:
+                if store.manifest.format_version == FORMAT_VERSION:
                     writer.copy_shard(index, store.location, shard.info)
-                else:  # version 1: decoded and written again, with its statistics
+                else:  # an older version: decoded and written again in the current layout, with its statistics
                     writer.write_shard(index, shard.read())
             bar.update(shard.info.num_positions)
     manifest = writer.finish()

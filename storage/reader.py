@@ -13,7 +13,16 @@ from functools import cached_property
 import numpy as np
 
 from storage.fs import Location
-from storage.layout import FLAT_ARRAYS, MANIFEST_NAME, array_specs
+from storage.layout import (
+    FLAT_ARRAYS,
+    MANIFEST_NAME,
+    TOPK_EXCESS,
+    TOPK_FLOOR,
+    TOPK_LOGPROBS,
+    array_specs,
+    join_logprobs,
+    logical_names,
+)
 from storage.manifest import Manifest, ShardInfo
 from storage.stats import STATS_PREFIX, sample_stats, stat_names
 from storage.workers import unmerged_message
@@ -22,14 +31,16 @@ from storage.workers import unmerged_message
 class ShardReader:
     """One committed shard; arrays are opened lazily and read through zarr.
 
-    `read` and `sample` return the sample arrays (`array_names`); `stats` the per-sample statistics.
+    `read` and `sample` return the sample arrays (`array_names`, logical: a version 3 shard's top-k log-probs,
+    stored as a floor and excesses, come back joined as `topk_logprobs`); `stats` the per-sample statistics.
     """
 
     def __init__(self, location: Location, info: ShardInfo, array_names: list[str], targets: dict | None = None,
-                 stored_stats: bool = True):
+                 stored_stats: bool = True, split_logprobs: bool = False):
         self.location = location
         self.info = info
-        self.array_names = [name for name in array_names if not name.startswith(STATS_PREFIX)]
+        self.array_names = logical_names([name for name in array_names if not name.startswith(STATS_PREFIX)])
+        self.split_logprobs = split_logprobs or TOPK_EXCESS in array_names
         self.targets = targets or {}
         self.stored_stats = stored_stats
 
@@ -58,6 +69,8 @@ class ShardReader:
                 out[name] = self._group[name][int(self._offsets[start]):int(self._offsets[stop])]
             elif name == "sampled_offsets":
                 out[name] = (self._offsets[start:stop + 1] - self._offsets[start]).astype(np.uint64)
+            elif name == TOPK_LOGPROBS and self.split_logprobs:
+                out[name] = join_logprobs(self._group[TOPK_FLOOR][start:stop], self._group[TOPK_EXCESS][start:stop])
             else:
                 out[name] = self._group[name][start:stop]
         return out
@@ -142,7 +155,8 @@ class Store:
         for shard in self.shards:
             lo, hi = max(start - first, 0), min(stop - first, len(shard))
             if lo < hi:
-                parts.append(ShardReader(self.location, shard.info, names).read(slice(lo, hi)))
+                reader = ShardReader(self.location, shard.info, names, split_logprobs=shard.split_logprobs)
+                parts.append(reader.read(slice(lo, hi)))
             first += len(shard)
         return {name: np.concatenate([part[name] for part in parts]) for name in names}
 
@@ -158,9 +172,12 @@ class Store:
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def bytes_per_token(self) -> dict[str, float]:
-        """Stored bytes per trained token (loss-mask position) for each array, and in total."""
+        """Stored bytes per trained token (loss-mask position) for each logical array (a version 3 store's top-k
+        log-prob floor and excesses count as `topk_logprobs`), and in total."""
         tokens = max(self.manifest.num_tokens, 1)
         totals = {name: sum(s.array_bytes.get(name, 0) for s in self.manifest.shards) for name in self.specs}
+        if TOPK_EXCESS in totals:  # reported as the logical array a reader returns
+            totals[TOPK_LOGPROBS] = totals.pop(TOPK_FLOOR) + totals.pop(TOPK_EXCESS)
         out = {name: b / tokens for name, b in totals.items()}
         out["total"] = sum(totals.values()) / tokens
         return out

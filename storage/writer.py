@@ -23,12 +23,16 @@ from storage.layout import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SHARDS_DIR,
+    TOPK_EXCESS,
+    TOPK_FLOOR,
+    TOPK_LOGPROBS,
     ArraySpec,
     array_specs,
     chunking,
     codecs_for,
     quantize_logprobs,
     shard_name,
+    split_logprobs,
 )
 from storage.manifest import MERGING_NAME, WORKERS_DIR, Manifest, ShardInfo, header_differences
 from storage.stats import sample_stats
@@ -241,13 +245,12 @@ class StoreWriter:
         staging = self._staging(index)
         record = _with_offsets(record) if "sampled_nunique" in record else record
         # Statistics describe the stored values: quantize first (the codec's rounding, so writing is unchanged).
-        quantized = {name for name, spec in self.specs.items() if spec.codec == "logprob_shuffle_zstd"}
-        record = {name: quantize_logprobs(value) if name in quantized else value for name, value in record.items()}
+        record = quantized_record(record, self.specs)
         if "stats_num_tokens" in self.specs and "stats_num_tokens" not in record:
             record = {**record, **sample_stats(record, self.manifest.targets)}
         group = self.location.open_group(staging, mode="w")
         group.attrs.update({"shard_index": index, "num_samples": int(record["input_ids"].shape[0])})
-        array_bytes = {name: _write_array(group, self.specs[name], record[name]) for name in self.specs}
+        array_bytes = write_arrays(group, self.specs, record)
         files = {rel: self.location.sha256(f"{staging}/{rel}") for rel in self.location.files(staging)}
         return self._commit(staging, ShardInfo(
             name=shard_name(index),
@@ -319,6 +322,25 @@ def _with_offsets(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     offsets = np.concatenate([np.zeros(1, np.uint64), np.cumsum(per_sample, dtype=np.uint64)])
     assert offsets[-1] == record["sampled_ids"].shape[0]
     return {**record, "sampled_offsets": offsets}
+
+
+def quantized_record(record: dict[str, np.ndarray], specs: dict[str, ArraySpec]) -> dict[str, np.ndarray]:
+    """The logical record with its log-probs rounded as the store keeps them (`quantize_logprobs`), so that
+    statistics computed from it describe the stored values (the codec would round the same way)."""
+    quantized = {name for name, spec in specs.items() if spec.codec == "logprob_shuffle_zstd"}
+    if TOPK_EXCESS in specs:
+        quantized.add(TOPK_LOGPROBS)
+    return {name: quantize_logprobs(value) if name in quantized else value for name, value in record.items()}
+
+
+def write_arrays(group, specs: dict[str, ArraySpec], record: dict[str, np.ndarray]) -> dict[str, int]:
+    """Write every array of `specs` from a (quantized) logical record into a zarr group; returns their stored bytes.
+
+    Version 3 splits the logical `topk_logprobs` into its floor and excesses (`storage.layout.split_logprobs`)."""
+    if TOPK_EXCESS in specs and TOPK_LOGPROBS in record:
+        floor, excess = split_logprobs(record[TOPK_LOGPROBS])
+        record = {**record, TOPK_FLOOR: floor, TOPK_EXCESS: excess}
+    return {name: _write_array(group, specs[name], record[name]) for name in specs}
 
 
 def _write_array(group, spec: ArraySpec, data: np.ndarray) -> int:

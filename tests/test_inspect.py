@@ -104,6 +104,8 @@ def _stored_bytes(path: Path) -> dict[str, int]:
     for file in (path / "shards").glob("shard-*/*/**/*"):
         if file.is_file():
             name = file.relative_to(path / "shards").parts[1]
+            # a version 3 shard's top-k log-prob floor and excesses are reported as the logical topk_logprobs
+            name = "topk_logprobs" if name in ("topk_logprob_floor", "topk_logprob_excess") else name
             sizes[name] = sizes.get(name, 0) + file.stat().st_size
     return sizes
 

@@ -2,7 +2,8 @@
 
 Concatenation: two real stores of one tiny teacher over different texts become one store that equals reading A
 then B, sample for sample (statistics included), passes `verify`, trains a student, and resumes after an
-interruption; version 1 inputs come out as version 2; stores that differ are refused with every difference named.
+interruption; inputs of older versions come out in the current one; stores that differ are refused with every
+difference named.
 Ensembles: hand-made members (K = 3, overlapping, disjoint and identical top-k sets) give the hand-computed mixture;
 two real teachers (different seeds) over the same texts give a valid distribution whose records are checked
 against the teachers' full softmax; members with other samples or tokenizers are refused.
@@ -26,7 +27,7 @@ from transformers import AutoModelForCausalLM
 from storage import StoreWriter, open_store
 from storage.concat import concat_stores
 from storage.ensemble import EnsembleConfig, ensemble_stores
-from storage.layout import quantize_logprobs
+from storage.layout import FORMAT_VERSION, quantize_logprobs
 from storage.manifest import Manifest
 from storage.stats import sample_stats
 from student_train.config import TrainConfig
@@ -97,7 +98,7 @@ def test_concatenation_equals_reading_each_store_in_turn(concatenated, store_a, 
     assert out.verify() == []
 
     manifest = out.manifest
-    assert manifest.complete and manifest.format_version == 2
+    assert manifest.complete and manifest.format_version == FORMAT_VERSION
     assert manifest.teacher == a.manifest.teacher and manifest.targets == a.manifest.targets
     assert [(s["store"], s["first_sample"], s["samples"]) for s in manifest.dataset["sources"]] == [
         (str(store_a), 0, len(a)), (str(store_b), len(a), len(b))]
@@ -200,7 +201,7 @@ TEACHER = {"model": "/models/m", "backend": "transformers", "architecture": "Lla
 
 
 def _hand_store(path: Path, positions: dict, *, teacher: dict | None = None, input_ids=INPUT_IDS,
-                samples_per_shard: int = 1, format_version: int = 2, sampled: dict | None = None) -> Path:
+                samples_per_shard: int = 1, format_version: int = FORMAT_VERSION, sampled: dict | None = None) -> Path:
     """A store of 2 samples x 2 positions; `positions` maps (sample, t) of the trained positions to
     (top-k ids, their probabilities, tail mass, entropy, true-token probability, {drawn id: count})."""
     S = len(input_ids)
@@ -396,12 +397,13 @@ def test_ensembles_of_the_same_teachers_concatenate(tmp_path, members):
         concat_stores([tmp_path / "e1", tmp_path / "e3"], tmp_path / "out2")
 
 
-def test_concatenation_of_a_version_1_store_is_version_2(tmp_path):
-    v1 = _hand_store(tmp_path / "v1", MEMBER_1, format_version=1)
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_concatenation_of_an_older_version_is_of_the_current_version(tmp_path, old_version):
+    v1 = _hand_store(tmp_path / "v1", MEMBER_1, format_version=old_version)
     v2 = _hand_store(tmp_path / "v2", MEMBER_2)
     concat_stores([v1, v2], tmp_path / "out")
     out = open_store(tmp_path / "out")
-    assert out.manifest.format_version == 2 and out.verify() == []
+    assert out.manifest.format_version == FORMAT_VERSION and out.verify() == []
     assert len(list((tmp_path / "out").rglob("stats_num_tokens"))) == 4
     def as_version_2(record: dict) -> dict:  # version 1 log-probs are fp16; version 2 steps of 1/64 nat
         return {name: quantize_logprobs(value) if name in ("topk_logprobs", "tail_logmass") else value

@@ -126,17 +126,20 @@ def test_version_1_store_reads_with_statistics_computed_from_its_targets(tmp_pat
                      -rng.integers(0, 256, size=(S, L, K)) / 64, tail_logmass=-rng.integers(1, 256, size=(S, L)) / 64)
     targets = {"topk": {"k": K}}
     v1, v2 = _write(tmp_path / "v1", record, targets, 1), _write(tmp_path / "v2", record, targets, 2)
-    assert v1.manifest.format_version == 1 and v2.manifest.format_version == 2
+    v3 = _write(tmp_path / "v3", record, targets, 3)
+    assert [v.manifest.format_version for v in (v1, v2, v3)] == [1, 2, 3]
     assert not list((tmp_path / "v1").rglob("stats_*")) and list((tmp_path / "v2").rglob("stats_*"))
-    assert v1.verify() == [] == v2.verify()
+    assert v1.verify() == [] == v2.verify() == v3.verify()
     want = sample_stats(record, targets)
-    for store in (v1, v2):
+    for store in (v1, v2, v3):
         got = store.stats()
         assert set(got) == set(want)
         for name in want:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-        for i in range(S):  # the samples themselves are the same in both versions
+        for i in range(S):  # the samples themselves are the same in every version
             assert set(store[i]) == set(v2[i])
+            for name, value in v2[i].items():
+                np.testing.assert_array_equal(store[i][name], value, err_msg=name)
 
 
 def test_resuming_a_version_1_build_is_refused_and_leaves_it_readable(tmp_path):
@@ -149,7 +152,7 @@ def test_resuming_a_version_1_build_is_refused_and_leaves_it_readable(tmp_path):
     StoreWriter.open(tmp_path / "v1", manifest, resume=False).write_shard(0, record)  # interrupted: not finished
     before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "v1").rglob("*") if p.is_file())
     fresh = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={"seq_len": 4}, targets={"topk": {"k": K}})
-    with pytest.raises(ValueError, match="format version 1.*writes version 2.*new --output"):
+    with pytest.raises(ValueError, match="format version 1.*writes version 3.*new --output"):
         StoreWriter.open(tmp_path / "v1", fresh, resume=True)
     after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "v1").rglob("*") if p.is_file())
     assert after == before

@@ -48,6 +48,8 @@ ARRAY_NAMES = {"input_ids", "attention_mask", "loss_mask", "segment_ids", "entro
                "topk_logprobs", "tail_logmass", "sampled_nunique", "sampled_offsets", "sampled_ids",
                "sampled_counts", "hidden_states_0", "hidden_states_2"}
 FLAT = ("sampled_ids", "sampled_counts", "sampled_offsets")
+# The arrays a shard stores: version 3 keeps `topk_logprobs` as a per-position floor plus the excesses above it.
+STORED_NAMES = ARRAY_NAMES - {"topk_logprobs"} | {"topk_logprob_floor", "topk_logprob_excess"}
 # Per-sample statistics (FORMAT.md, "Per-sample statistics"), read apart from the samples' arrays.
 STATS = {"stats_num_tokens", "stats_entropy", "stats_nll", "stats_tail_mass", "stats_true_rank"}
 
@@ -172,7 +174,7 @@ def test_resume_after_injected_failure_equals_uninterrupted(tmp_path, monkeypatc
     leftovers = _leave_crash_leftovers(output, committed)
     before = _file_stats(output, [s["name"] for s in manifest["shards"]])
     # group + (zarr.json, one shard file) per array
-    assert len(before) == committed * (1 + 2 * len(ARRAY_NAMES | STATS))
+    assert len(before) == committed * (1 + 2 * len(STORED_NAMES | STATS))
 
     build_cache(_config(llama_dir, dataset, output, resume=True))
 
@@ -232,11 +234,13 @@ def read_with_zarr(root: Path) -> tuple[dict, list[dict]]:
     Each sample holds its dense arrays without the sample axis, and `sampled` = [(ids, counts)] per position.
     """
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 2
+    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 3
     samples = []
     for shard in manifest["shards"]:
         group = zarr.open_group(str(root / shard["name"]), mode="r")
         arrays = {name: array[...] for name, array in group.arrays()}
+        # Version 3: the top-k log-probs are the position's floor plus each one's excess above it.
+        arrays["topk_logprobs"] = arrays.pop("topk_logprob_floor")[..., None] + arrays.pop("topk_logprob_excess")
         offsets, nunique = arrays["sampled_offsets"], arrays["sampled_nunique"]
         assert offsets.shape == (shard["num_samples"] + 1,) and offsets[0] == 0
         assert int(offsets[-1]) == arrays["sampled_ids"].shape[0] == int(nunique.sum())
@@ -407,7 +411,9 @@ def test_bytes_per_token_counts_the_files_on_disk(reference, documents):
     for path in (reference / "shards").rglob("*"):
         parts = path.relative_to(reference / "shards").parts
         if path.is_file() and len(parts) > 2:  # shard-N/<array>/...
-            per_array[parts[1]] = per_array.get(parts[1], 0) + path.stat().st_size
+            # the floor and the excesses of version 3 are reported together, as the logical topk_logprobs
+            name = "topk_logprobs" if parts[1] in ("topk_logprob_floor", "topk_logprob_excess") else parts[1]
+            per_array[name] = per_array.get(name, 0) + path.stat().st_size
     bpt = store.bytes_per_token()
     assert set(bpt) == ARRAY_NAMES | STATS | {"total"}
     for name, size in per_array.items():
@@ -577,7 +583,8 @@ def test_arrays_larger_than_an_inner_chunk_round_trip(tmp_path):
         "sampled_counts": rng.integers(1, N, size=E).astype(np.uint8),
     }
     targets = {"topk": {"k": K}, "sampled": {"num_draws": N}}
-    assert set(array_specs(vocab_size=32000, targets=targets)) == set(record) | {"sampled_offsets"} | STATS
+    stored = set(record) - {"topk_logprobs"} | {"topk_logprob_floor", "topk_logprob_excess"}
+    assert set(array_specs(vocab_size=32000, targets=targets)) == stored | {"sampled_offsets"} | STATS
     manifest = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={}, targets=targets)
     writer = StoreWriter.open(tmp_path / "store", manifest, resume=False)
     writer.write_shard(0, record)
