@@ -23,7 +23,7 @@ from zarr.codecs.numcodecs import Delta, FixedScaleOffset
 from zarr.storage import MemoryStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from storage.layout import LOGPROB_FLOOR, LOGPROB_SCALE, chunking, quantize_logprobs  # noqa: E402
+from storage.layout import LOGPROB_FLOOR, LOGPROB_SCALE, chunking, quantize_logprobs, split_logprobs  # noqa: E402
 from storage.reader import Store  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def variants_for_ids(ids: np.ndarray) -> dict[str, tuple]:
     delta = [Delta(dtype=ids.dtype.str)]
     return {
         "zstd": (None, [ZstdCodec(level=5)]),
+        "zstd level 12 (format 3 top-k ids)": (None, [ZstdCodec(level=12)]),
         "zstd level 15": (None, [ZstdCodec(level=15)]),
         "delta + zstd": (delta, [ZstdCodec(level=5)]),
         "blosc-zstd byteshuffle": (None, blosc("shuffle", ids.itemsize)),
@@ -108,6 +109,12 @@ def measure_arrays(data: dict[str, np.ndarray], vocab: int) -> dict[str, dict[st
             add("topk_logprobs (rank order)", name, stored_bytes(values, f, c))
         for name, (values, f, c) in logprob_variants(logp_by_id).items():
             add("topk_logprobs (id order)", name, stored_bytes(values, f, c))
+        # Format 3: the position's floor (int16 steps) + each value's excess above it (uint16 steps).
+        floor, excess = split_logprobs(quantize_logprobs(logp_by_id))
+        step_u16 = [FixedScaleOffset(offset=0, scale=LOGPROB_SCALE, dtype="<f4", astype="<u2")]
+        step_i16 = [FixedScaleOffset(offset=0, scale=LOGPROB_SCALE, dtype="<f4", astype="<i2")]
+        add("topk_logprobs (id order)", f"floor + excess 1/{LOGPROB_SCALE} nat blosc-zstd byteshuffle (format 3)",
+            stored_bytes(excess, step_u16, blosc("shuffle", 2)) + stored_bytes(floor, step_i16, blosc("shuffle", 2)))
         k = ids.shape[-1]
         add("topk_ids (rank order)", f"baseline: {bits}-bit packed", mask.sum() * k * bits / 8)
         add("topk_logprobs (rank order)", "baseline: raw fp16", mask.sum() * k * 2)
