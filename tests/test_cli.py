@@ -76,7 +76,7 @@ def test_info_json_matches_the_dataset(built, expected, llama_dir, dataset):
     result = CliRunner().invoke(main, ["info", str(store), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["complete"] is True and report["format_version"] == 2
+    assert report["complete"] is True and report["format_version"] == 3
     assert report["samples"] == expected["samples"]
     assert report["tokens"] == expected["tokens"]
     assert report["positions"] == expected["positions"]

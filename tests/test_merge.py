@@ -2,7 +2,7 @@
 
 Concatenation: two real stores of one tiny teacher over different texts become one store that equals reading A
 then B, sample for sample (statistics included), passes `verify`, trains a student, and resumes after an
-interruption; version 1 inputs come out as version 2; stores that differ are refused with every difference named.
+interruption; version 1 and 2 inputs come out as version 3; stores that differ are refused with every difference named.
 Ensembles: hand-made members (K = 3, overlapping, disjoint and identical top-k sets) give the hand-computed mixture;
 two real teachers (different seeds) over the same texts give a valid distribution whose records are checked
 against the teachers' full softmax; members with other samples or tokenizers are refused.
@@ -97,7 +97,7 @@ def test_concatenation_equals_reading_each_store_in_turn(concatenated, store_a, 
     assert out.verify() == []
 
     manifest = out.manifest
-    assert manifest.complete and manifest.format_version == 2
+    assert manifest.complete and manifest.format_version == 3
     assert manifest.teacher == a.manifest.teacher and manifest.targets == a.manifest.targets
     assert [(s["store"], s["first_sample"], s["samples"]) for s in manifest.dataset["sources"]] == [
         (str(store_a), 0, len(a)), (str(store_b), len(a), len(b))]
@@ -396,13 +396,18 @@ def test_ensembles_of_the_same_teachers_concatenate(tmp_path, members):
         concat_stores([tmp_path / "e1", tmp_path / "e3"], tmp_path / "out2")
 
 
-def test_concatenation_of_a_version_1_store_is_version_2(tmp_path):
+def test_concatenation_of_version_1_and_2_stores_is_version_3(tmp_path):
+    """Version 3 shards hold the arrays of version 2: a version 2 input's shard files are copied unchanged (only
+    the group's zarr.json, with its shard index, differs), a version 1 input's are re-encoded with statistics."""
     v1 = _hand_store(tmp_path / "v1", MEMBER_1, format_version=1)
-    v2 = _hand_store(tmp_path / "v2", MEMBER_2)
+    v2 = _hand_store(tmp_path / "v2", MEMBER_2, format_version=2)
     concat_stores([v1, v2], tmp_path / "out")
     out = open_store(tmp_path / "out")
-    assert out.manifest.format_version == 2 and out.verify() == []
+    assert out.manifest.format_version == 3 and out.verify() == []
     assert len(list((tmp_path / "out").rglob("stats_num_tokens"))) == 4
+    for copied, source in zip(out.manifest.shards[2:], open_store(v2).manifest.shards, strict=True):
+        assert {rel: digest for rel, digest in copied.files.items() if rel != "zarr.json"} == {
+            rel: digest for rel, digest in source.files.items() if rel != "zarr.json"}
     def as_version_2(record: dict) -> dict:  # version 1 log-probs are fp16; version 2 steps of 1/64 nat
         return {name: quantize_logprobs(value) if name in ("topk_logprobs", "tail_logmass") else value
                 for name, value in record.items()}

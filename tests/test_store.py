@@ -232,7 +232,7 @@ def read_with_zarr(root: Path) -> tuple[dict, list[dict]]:
     Each sample holds its dense arrays without the sample axis, and `sampled` = [(ids, counts)] per position.
     """
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 2
+    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 3
     samples = []
     for shard in manifest["shards"]:
         group = zarr.open_group(str(root / shard["name"]), mode="r")
