@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from transformers import AutoModelForCausalLM
 
+from storage.concat import concat_stores
 from teacher_cache import BuildConfig
 from teacher_cache.cli import main
 from teacher_cache.targets import TargetSpec, encode_draws, extract_targets
@@ -291,6 +292,20 @@ def test_draws_follow_the_teachers_tail(hybrid_store, llama_dir):
     for b in range(len(edges) + 1):
         assert abs(observed_B[b] - expected_B[b]) <= 5 * math.sqrt(variance_B[b]) + 1, (b, stats[:, b])
     assert (expected_B > N).sum() >= 2  # the draws spread over several bins: the check has teeth
+
+
+def test_hybrid_stores_concatenate_only_with_hybrid_stores(tmp_path, hybrid_store, topk_store):
+    store, _ = hybrid_store
+    manifest = concat_stores([store, store], tmp_path / "twice")
+    assert manifest.format_version == 3 and manifest.targets["sampled"]["draws_from"] == "tail"
+    _, samples = read_with_zarr(tmp_path / "twice")
+    _, once = read_with_zarr(store)
+    for a, b in zip(samples, once + once, strict=True):
+        assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
+                   for x, y in zip(a["draws"], b["draws"], strict=True))
+    with pytest.raises(ValueError, match=r"(?s)targets\.sampled: .*hybrid targets .*--targets"):
+        concat_stores([store, topk_store], tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
 
 
 # ------------------------------------------------------------------------------------------------ options

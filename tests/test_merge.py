@@ -366,6 +366,20 @@ def test_ensemble_drops_what_cannot_be_mixed(tmp_path, members, caplog):
     assert "sampled" not in manifest.targets and "whole numbers" in caplog.text
 
 
+def test_ensemble_drops_draws_from_the_tail_and_keeps_the_top_k(tmp_path, members, caplog):
+    """Hybrid members' draws come from the tail outside their own top-k: no draws of the mixture."""
+    hybrid = _hand_store(tmp_path / "hybrid", MEMBER_2, teacher={"model": "/models/n", "weights_sha256": "v"},
+                         sampled={"source": "tail", "draws_from": "tail"})
+    with caplog.at_level(logging.WARNING):
+        manifest = ensemble_stores(EnsembleConfig(inputs=(str(members[0]), str(hybrid)), output=str(tmp_path / "o")))
+    assert "sampled" not in manifest.targets and manifest.targets["topk"]["k"] == K
+    assert f"sampled targets dropped: the draws of {hybrid} come from the tail" in caplog.text
+    assert "sampled_ids" not in open_store(tmp_path / "o")[0]
+    with_members = ensemble_stores(EnsembleConfig(inputs=tuple(map(str, members)), output=str(tmp_path / "o2")))
+    assert _read(tmp_path / "o")["topk_ids"].tolist() == _read(tmp_path / "o2")["topk_ids"].tolist()
+    assert "sampled" in with_members.targets
+
+
 def test_ensemble_refuses_other_samples_and_tokenizers(tmp_path, members):
     changed = [INPUT_IDS[0], [3, 2, 7]]
     other_ids = _hand_store(tmp_path / "ids", MEMBER_2, input_ids=changed)
