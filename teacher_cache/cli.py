@@ -18,6 +18,7 @@ from storage.ensemble import EnsembleConfig, ensemble_stores
 from storage.export import export_parquet
 from storage.fs import Location
 from storage.layout import MANIFEST_NAME
+from storage.manifest import describe_targets
 from storage.reader import Store
 from storage.workers import WorkerProgress, merge_workers, worker_progress
 from teacher_cache.build import build_cache
@@ -181,6 +182,7 @@ def info(store: str, as_json: bool) -> None:
         "dataset": manifest.dataset,
         "build": manifest.build,
         "targets": manifest.targets,
+        "target_kinds": describe_targets(manifest.targets),
         "bytes_per_token": opened.bytes_per_token(),
     }
     if as_json:
@@ -193,6 +195,7 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"teacher    {t['model']} ({t['architecture']}, vocab {t['vocab_size']}, {t['dtype']}, {t['backend']})")
     click.echo(f"dataset    {manifest.dataset['source']} [{manifest.dataset['split']}], seq_len "
                f"{manifest.build['seq_len']}, {'packed' if manifest.build['pack'] else 'unpacked'}")
+    click.echo(f"kinds      {report['target_kinds']}")
     click.echo("targets    " + "; ".join(f"{k} {v}" if v else k for k, v in manifest.targets.items()))
     click.echo("bytes/token")
     for name, value in report["bytes_per_token"].items():

@@ -294,6 +294,17 @@ def test_draws_follow_the_teachers_tail(hybrid_store, llama_dir):
     assert (expected_B > N).sum() >= 2  # the draws spread over several bins: the check has teeth
 
 
+def test_info_and_inspect_show_a_hybrid_store(hybrid_store):
+    store, _ = hybrid_store
+    described = f"hybrid: top-{K} + tail mass, {N} draws from the tail outside the top-{K}"
+    info = CliRunner().invoke(main, ["info", str(store)])
+    assert info.exit_code == 0 and described in info.output, info.output
+    report = json.loads(CliRunner().invoke(main, ["info", str(store), "--json"]).output)
+    assert report["target_kinds"] == described and report["format_version"] == 3
+    inspect = CliRunner().invoke(main, ["inspect", str(store)])
+    assert inspect.exit_code == 0 and f"targets    {described}" in inspect.output, inspect.output
+
+
 def test_hybrid_stores_concatenate_only_with_hybrid_stores(tmp_path, hybrid_store, topk_store):
     store, _ = hybrid_store
     manifest = concat_stores([store, store], tmp_path / "twice")
