@@ -182,7 +182,7 @@ def info(store: str, as_json: bool) -> None:
         "dataset": manifest.dataset,
         "build": manifest.build,
         "targets": manifest.targets,
-        "target_kinds": describe_targets(manifest.targets),
+        "targets_summary": describe_targets(manifest.targets),
         "bytes_per_token": opened.bytes_per_token(),
     }
     if as_json:
@@ -195,7 +195,7 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"teacher    {t['model']} ({t['architecture']}, vocab {t['vocab_size']}, {t['dtype']}, {t['backend']})")
     click.echo(f"dataset    {manifest.dataset['source']} [{manifest.dataset['split']}], seq_len "
                f"{manifest.build['seq_len']}, {'packed' if manifest.build['pack'] else 'unpacked'}")
-    click.echo(f"kinds      {report['target_kinds']}")
+    click.echo(f"kinds      {report['targets_summary']}")
     click.echo("targets    " + "; ".join(f"{k} {v}" if v else k for k, v in manifest.targets.items()))
     click.echo("bytes/token")
     for name, value in report["bytes_per_token"].items():

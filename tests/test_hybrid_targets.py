@@ -300,7 +300,7 @@ def test_info_and_inspect_show_a_hybrid_store(hybrid_store):
     info = CliRunner().invoke(main, ["info", str(store)])
     assert info.exit_code == 0 and described in info.output, info.output
     report = json.loads(CliRunner().invoke(main, ["info", str(store), "--json"]).output)
-    assert report["target_kinds"] == described and report["format_version"] == 3
+    assert report["targets_summary"] == described and report["format_version"] == 3
     inspect = CliRunner().invoke(main, ["inspect", str(store)])
     assert inspect.exit_code == 0 and f"targets    {described}" in inspect.output, inspect.output
 
