@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from storage.fs import Location
-from storage.layout import FORMAT_VERSION, LOGPROB_SCALE
+from storage.layout import FORMAT_VERSION, LOGPROB_SCALE, draws_from_tail
 from storage.manifest import Manifest, header_differences
 from storage.reader import Store
 from storage.writer import StoreWriter
@@ -100,8 +100,12 @@ def check_concatenable(stores: Sequence[Store]) -> None:
                                    old_name=str(first.location), new_name=str(store.location))
         problems += diffs
     if problems:
+        hybrid = {draws_from_tail(store.manifest.targets) for store in stores} == {True, False}
         raise ValueError(
             "Cannot concatenate stores of different teachers, targets or sample shapes:\n  " + "\n  ".join(problems)
+            + ("\nSome of these stores hold hybrid targets (draws from the tail outside the top-k, "
+               "targets.sampled.draws_from = 'tail') and others do not: their draws estimate different "
+               "distributions and cannot share one sampled record." if hybrid else "")
             + "\nConcatenate only stores built by the same teacher with the same --targets, --top-k, --samples, "
             "--hidden-layers, --seq-len and --pack. To combine different teachers over the same inputs, use "
             "--ensemble."

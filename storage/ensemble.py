@@ -12,8 +12,9 @@ target parameters and shard sizes may differ. The output's records are the mixtu
 - `true_logprob` exact; `entropy` a lower bound (`targets.entropy.exact` false);
 - sampled draws, when every member has them drawn from its full distribution and the weights split the draws
   into integers (`draw_split`): pooled, subsampled with `seed` when the weights or draw counts differ. Draws from
-  a top-k plus a tail bucket (vllm) cannot be pooled (each bucket means "outside that member's top-k"), so such
-  ensembles keep no sampled targets;
+  a top-k plus a tail bucket (vllm) cannot be pooled (each bucket means "outside that member's top-k"), nor can
+  draws from the tail outside a member's top-k (hybrid targets), so such ensembles keep no sampled targets (their
+  top-k is kept);
 - hidden states are dropped (each member's are of another model).
 
 A kind that cannot be kept is dropped with a warning. Records are computed a block of samples at a time and
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from storage.concat import open_inputs
 from storage.fs import Location
-from storage.layout import LOGPROB_SCALE
+from storage.layout import LOGPROB_SCALE, draws_from_tail
 from storage.manifest import Manifest, header_differences
 from storage.mixture import TopkUnion, draw_split, entropy_lower_bound, mix_logprobs, pool_draws
 from storage.reader import Store
@@ -192,6 +193,11 @@ def _draws(names: list[str], targets: list[dict], weights: list[float]) -> list[
     if bucket := [name for name, t in zip(names, targets, strict=True) if "tail_bucket_id" in t["sampled"]]:
         log.warning("sampled targets dropped: the draws of %s include a tail bucket (the mass outside that store's "
                     "own top-k), which means something else in each store and cannot be pooled", ", ".join(bucket))
+        return None
+    if tail := [name for name, t in zip(names, targets, strict=True) if draws_from_tail(t)]:
+        log.warning("sampled targets dropped: the draws of %s come from the tail outside that store's own top-k "
+                    "(hybrid targets), which differs between stores, so they are no draws of the mixture and cannot "
+                    "be pooled; the top-k is kept", ", ".join(tail))
         return None
     num_draws = [t["sampled"]["num_draws"] for t in targets]
     split = draw_split(weights, num_draws)

@@ -18,8 +18,10 @@ from zarr.codecs.numcodecs import Delta, FixedScaleOffset
 
 FORMAT_NAME = "teacher-cache"
 FORMAT_VERSION = 3
-# Versions this release reads. Version 1 lacks the per-sample statistics arrays (`storage/stats.py`); version 2
-# stores `topk_logprobs` as one array, version 3 as a per-position floor plus the excess above it (`split_logprobs`).
+# Versions this release reads. Version 1 lacks the per-sample statistics arrays (`storage/stats.py`). Version 3
+# stores `topk_logprobs` as a per-position floor plus the excess above it (`split_logprobs`), and adds
+# `targets.sampled.draws_from` ("tail": hybrid targets), which an older reader would ignore and so misread the
+# draws as draws from the full distribution.
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -86,6 +88,11 @@ TARGET_CHUNK_BYTES = 1 << 20
 
 # The numcodecs codecs (Delta) are read by zarr-python with numcodecs, which zarr itself depends on.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+
+def draws_from_tail(targets: dict) -> bool:
+    """Whether a store's sampled draws come from the tail outside its top-k (hybrid targets, version 3)."""
+    return targets.get("sampled", {}).get("draws_from") == "tail"
 
 
 def shard_name(index: int) -> str:
@@ -235,7 +242,8 @@ def array_specs(
                       "entry offset of each sample's first position in sampled_ids/sampled_counts"),
             ArraySpec("sampled_ids", ("E",), sampled_ids, "delta_shuffle_zstd",
                       "distinct drawn ids, ascending within a position"
-                      + ("" if bucket is None else f"; {bucket} = the tail bucket (any id outside the top-k)")),
+                      + ("" if bucket is None else f"; {bucket} = the tail bucket (any id outside the top-k)")
+                      + (", drawn from the tail (ids outside topk_ids)" if draws_from_tail(targets) else "")),
             ArraySpec("sampled_counts", ("E",), counts, "shuffle_zstd", "how many of the draws gave that id"),
         ]
     for layer in targets.get("hidden_states", {}).get("layers", []):

@@ -61,7 +61,7 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
 
 
 def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBackend) -> Manifest:
-    if "topk" in config.targets and config.top_k > teacher.vocab_size:
+    if config.stores_topk and config.top_k > teacher.vocab_size:
         raise ValueError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of {teacher.vocab_size} ids.")
     layers = teacher.resolve_layers(config.hidden_layers)
     rows = iter_rows(dataset, teacher.tokenizer, text_field=config.text_field, seq_len=config.seq_len,
@@ -83,9 +83,10 @@ def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBacke
     writer = StoreWriter.open(config.output, manifest, resume=config.resume, worker=worker)
     if not writer.manifest.complete:  # a worker resumed after it had finished goes straight to the merge
         spec = TargetSpec(
-            top_k=config.top_k if "topk" in config.targets else None,
-            num_draws=config.num_draws if "sampled" in config.targets else None,
+            top_k=config.top_k if config.stores_topk else None,
+            num_draws=config.num_draws if config.stores_draws else None,
             chunk_positions=config.chunk_positions or max(1, _logit_budget(teacher) // (4 * teacher.vocab_size)),
+            draws_from_tail=config.draws_from_tail,
         )
         stream_samples = _run(config, teacher, writer, _chain(first, rows), spec, layers)
         writer.finish(stream_samples)
@@ -225,12 +226,14 @@ def _ready_event(device: torch.device):
 
 def _targets_section(config: BuildConfig, layers: tuple[int, ...], hidden_size: int, properties: dict) -> dict:
     targets: dict = {"entropy": {"exact": True}, "true_logprob": {}}
-    if "topk" in config.targets:
+    if config.stores_topk:
         targets["topk"] = {"k": config.top_k, "logprob_step": 1 / LOGPROB_SCALE, "order": "ascending id",
                            "tail": "tail_logmass"}
-    if "sampled" in config.targets:
+    if config.stores_draws:
         targets["sampled"] = {"num_draws": config.num_draws, "temperature": 1.0, "seed": config.seed,
                               "source": "full distribution", "replacement": True}
+    if config.draws_from_tail:  # hybrid: exact top-k, and draws conditioned on the ids outside it
+        targets["sampled"] |= {"source": "tail: the ids outside the top-k, each at p / tail mass", "draws_from": "tail"}
     for kind, entries in properties.items():  # how the backend approximates a record
         if kind in targets:
             targets[kind] |= entries

@@ -18,12 +18,13 @@ from storage.ensemble import EnsembleConfig, ensemble_stores
 from storage.export import export_parquet
 from storage.fs import Location
 from storage.layout import MANIFEST_NAME
+from storage.manifest import describe_targets
 from storage.reader import Store
 from storage.workers import WorkerProgress, merge_workers, worker_progress
 from teacher_cache.build import build_cache
 from teacher_cache.config import (
     BACKENDS,
-    TARGET_KINDS,
+    DEFAULT_TARGETS,
     BuildConfig,
     parse_int_list,
     resolve_workers,
@@ -68,12 +69,17 @@ def main(verbose: bool) -> None:
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Positions per sample (teacher context).")
 @click.option("--pack/--no-pack", default=True, show_default=True,
               help="Join documents with EOS into full samples, or one padded document per sample.")
-@click.option("--targets", default=",".join(TARGET_KINDS), show_default=True,
-              help="Target kinds, comma-separated: topk (top-k log-probs + tail mass), sampled (random-sampling KD "
-                   "draws). Entropy and true-token log-prob are always stored.")
+@click.option("--targets", default=",".join(DEFAULT_TARGETS), show_default=True,
+              help="Target kinds, comma-separated. topk: the top-k log-probs and the exact tail mass outside them. "
+                   "sampled: --samples ids drawn from the full distribution (random-sampling KD, unbiased). hybrid: "
+                   "topk plus --samples draws from the tail alone (the ids outside the top-k), exact on the head "
+                   "and unbiased on the tail; choose it over topk,sampled when the tail matters (small k, a flat "
+                   "teacher), since full-distribution draws mostly repeat the top-k. hybrid needs the transformers "
+                   "backend and excludes sampled. Entropy and true-token log-prob are always stored.")
 @click.option("--top-k", type=int, default=64, show_default=True, help="k of the top-k target.")
 @click.option("--samples", "num_draws", type=int, default=50, show_default=True,
-              help="Draws per position for sampled targets (about 12 distinct ids at 50 on a large teacher).")
+              help="Draws per position for sampled targets (about 12 distinct ids at 50 on a large teacher); of the "
+                   "tail alone for hybrid targets.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled draws.")
 @click.option("--hidden-layers", default="",
               help="Hidden states to store, e.g. '-1' or '8,16,-1' (0 = embeddings, -1 = last).")
@@ -91,7 +97,7 @@ def main(verbose: bool) -> None:
 @click.option("--backend", type=click.Choice(BACKENDS), default="transformers", show_default=True,
               help="transformers: exact targets of every kind and hidden states. vllm: vLLM's offline engine (fast "
                    "on GPUs); top-k + tail exact, sampled targets drawn from the top-k plus one tail bucket, entropy "
-                   "stored as a lower bound.")
+                   "stored as a lower bound, no hybrid targets.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
               help="vllm: GPUs one engine shards the teacher over.")
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
@@ -115,8 +121,9 @@ def build(**options) -> None:
           --seq-len 2048 --top-k 64 --samples 50
 
     The store keeps, per position: top-k log-probs with the exact tail mass outside them, ids and counts of
-    --samples draws from the full distribution, the entropy and the true token's log-prob. Shards commit
-    atomically: if the build stops, run the same command with --resume to continue where it left off.
+    --samples draws from the full distribution (from the tail outside the top-k with --targets hybrid), the
+    entropy and the true token's log-prob. Shards commit atomically: if the build stops, run the same command
+    with --resume to continue where it left off.
 
     Several workers (--num-workers/--worker-index, or torchrun/SLURM) share one build: each computes every
     num-workers-th shard and resumes on its own; the last one to finish writes the store's manifest.
@@ -175,6 +182,7 @@ def info(store: str, as_json: bool) -> None:
         "dataset": manifest.dataset,
         "build": manifest.build,
         "targets": manifest.targets,
+        "targets_summary": describe_targets(manifest.targets),
         "bytes_per_token": opened.bytes_per_token(),
     }
     if as_json:
@@ -187,6 +195,7 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"teacher    {t['model']} ({t['architecture']}, vocab {t['vocab_size']}, {t['dtype']}, {t['backend']})")
     click.echo(f"dataset    {manifest.dataset['source']} [{manifest.dataset['split']}], seq_len "
                f"{manifest.build['seq_len']}, {'packed' if manifest.build['pack'] else 'unpacked'}")
+    click.echo(f"kinds      {report['targets_summary']}")
     click.echo("targets    " + "; ".join(f"{k} {v}" if v else k for k, v in manifest.targets.items()))
     click.echo("bytes/token")
     for name, value in report["bytes_per_token"].items():

@@ -14,7 +14,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TARGET_KINDS = ("topk", "sampled")
+TARGET_KINDS = ("topk", "sampled", "hybrid")
+DEFAULT_TARGETS = ("topk", "sampled")
 BACKENDS = ("transformers", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "float32")
@@ -34,9 +35,12 @@ class BuildConfig:
         max_samples: stop after this many samples (rows of the store); None for the whole dataset.
         seq_len: positions per sample (the teacher's context length).
         pack: join documents with EOS into full rows (True) or one padded document per row (False).
-        targets: target kinds to store, from TARGET_KINDS.
+        targets: target kinds to store, from TARGET_KINDS: "topk" (top-k log-probs + tail mass), "sampled" (draws
+            from the full distribution), "hybrid" (the top-k record, and draws from the distribution conditioned
+            on the ids outside the top-k, in the sampled record). "hybrid" with "topk" is "hybrid" alone; with
+            "sampled" it is refused (a store holds one sampled record).
         top_k: k of the top-k record.
-        num_draws: draws per position of the sampled record.
+        num_draws: draws per position of the sampled record (of the tail, for hybrid targets).
         seed: seed of the draws.
         hidden_layers: indices into the model's hidden-state tuple (0 = embeddings, -1 = last) to store.
         hidden_dtype: dtype of stored hidden states.
@@ -67,7 +71,7 @@ class BuildConfig:
     max_samples: int | None = None
     seq_len: int = 2048
     pack: bool = True
-    targets: tuple[str, ...] = TARGET_KINDS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     top_k: int = 64
     num_draws: int = 50
     seed: int = 0
@@ -94,6 +98,15 @@ class BuildConfig:
                 f"--targets: unknown target kind(s) {unknown or self.targets!r}; choose from {', '.join(TARGET_KINDS)} "
                 "(comma-separated)."
             )
+        if "hybrid" in self.targets:
+            if "sampled" in self.targets:
+                raise ValueError(
+                    "--targets hybrid,sampled: a store holds one sampled record, and hybrid targets fill it with "
+                    "draws from the tail (the ids outside the top-k). Choose --targets hybrid (exact top-k + tail "
+                    "draws) or --targets topk,sampled (top-k + tail mass, and draws from the full distribution); "
+                    "build two stores to have both."
+                )
+            self.targets = ("hybrid",)  # hybrid holds the top-k record: "topk,hybrid" is the same store
         self.hidden_layers = tuple(self.hidden_layers)
         _positive("seq_len", self.seq_len, 2)
         _positive("batch_size", self.batch_size)
@@ -123,6 +136,15 @@ class BuildConfig:
                 f"--worker-index: {self.worker_index} is outside [0, {self.num_workers}); worker indices run from 0 "
                 "to --num-workers - 1."
             )
+        if self.backend == "vllm" and self.draws_from_tail:
+            raise ValueError(
+                "--targets hybrid: the vllm backend cannot draw from the tail. vLLM returns only the top-n log-probs "
+                "of each prompt position (n at most its max_logprobs), but draws conditioned on the ids outside the "
+                "top-k need the whole distribution, which only the transformers backend computes (vLLM's "
+                "logprobs=-1 returns the whole vocabulary as a Python object per id, far too slow). Use --backend "
+                "transformers for hybrid targets, or --targets topk,sampled with vllm, whose draws put the whole "
+                "tail in one bucket."
+            )
         if self.backend == "vllm" and "sampled" in self.targets and "topk" not in self.targets:
             raise ValueError(
                 "--targets sampled: with the vllm backend, draws come from the top-k plus one tail bucket, and a "
@@ -136,6 +158,21 @@ class BuildConfig:
             )
         if self.samples_per_shard is None:
             self.samples_per_shard = max(1, (1 << 20) // self.seq_len)
+
+    @property
+    def stores_topk(self) -> bool:
+        """Whether the store holds the top-k record (`topk`, or the head of `hybrid`)."""
+        return "topk" in self.targets or self.draws_from_tail
+
+    @property
+    def stores_draws(self) -> bool:
+        """Whether the store holds the sampled record (`sampled`, or the tail draws of `hybrid`)."""
+        return "sampled" in self.targets or self.draws_from_tail
+
+    @property
+    def draws_from_tail(self) -> bool:
+        """Hybrid targets: the sampled record's draws come from the tail outside the top-k."""
+        return "hybrid" in self.targets
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> None:

@@ -6,7 +6,9 @@ Runs on the teacher's device, batched over positions, in chunks of positions so 
   - exact entropy and the true next token's log-prob;
   - top-k ids (ascending) and their log-probs, and the tail mass as logsumexp over the ids outside the top-k (exact, no
     1 - sum cancellation);
-  - N draws with replacement from the full distribution, encoded as distinct ids (ascending) + counts.
+  - N draws with replacement from the full distribution, encoded as distinct ids (ascending) + counts;
+  - or, for hybrid targets, N draws from the distribution conditioned on the tail (the ids outside the top-k),
+    encoded the same way; positions without a tail get no entries.
 
 Legend: P positions (flattened batch x time), V vocabulary, H hidden size, K top-k, N draws, E entries.
 """
@@ -27,11 +29,17 @@ class TargetSpec:
         top_k: k of the top-k record, or None to skip it.
         num_draws: N of the sampled record, or None to skip it.
         chunk_positions: positions whose logits are materialised at once.
+        draws_from_tail: draw from the distribution conditioned on the ids outside the top-k (hybrid targets)
+            instead of from the full distribution; needs `top_k` and `num_draws`.
     """
 
     top_k: int | None
     num_draws: int | None
     chunk_positions: int = 1024
+    draws_from_tail: bool = False
+
+    def __post_init__(self) -> None:
+        assert not self.draws_from_tail or (self.top_k is not None and self.num_draws is not None), self
 
 
 def extract_targets(
@@ -76,7 +84,7 @@ def _chunk_targets(
         "entropy": -(probs_pV * logp_pV).sum(-1),
         "true_logprob": logp_pV.gather(1, true_ids_p[:, None].long()).squeeze(1),
     }
-    if spec.num_draws is not None:
+    if spec.num_draws is not None and not spec.draws_from_tail:
         draws_pN = torch.multinomial(probs_pV, spec.num_draws, replacement=True, generator=generator)
         out.update(encode_draws(draws_pN))
     if spec.top_k is not None:
@@ -88,15 +96,47 @@ def _chunk_targets(
         # exact even for tails far below fp32's smallest probability.
         del probs_pV
         out["tail_logmass"] = logp_pV.scatter_(1, top_ids_pK, float("-inf")).logsumexp(-1)
+        if spec.draws_from_tail:  # logp_pV now holds the tail's log-probs, -inf on the top-k
+            out |= tail_draws(logp_pV, out["tail_logmass"], spec.num_draws, generator)
     return out
 
 
-def encode_draws(draws_PN: torch.Tensor) -> dict[str, torch.Tensor]:
+def tail_draws(tail_logp_pV: torch.Tensor, tail_logmass_p: torch.Tensor, num_draws: int,
+               generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """N draws per position from p(v) / m over the ids v outside the top-k (m the tail mass), encoded.
+
+    Draws from exp(log p(v) - log m), the tail-conditional distribution itself: a tail far below fp32's smallest
+    probability is drawn from as exactly as any other. A position without a tail (k >= V, or every id outside the
+    top-k at probability 0) gets no entries. Overwrites `tail_logp_pV`.
+
+    Args:
+        tail_logp_pV: the teacher's log-probs with -inf on each position's top-k ids.
+        tail_logmass_p: log of the tail mass, the logsumexp of `tail_logp_pV` (-inf without a tail).
+        num_draws: N.
+        generator: random source of the draws.
+    """
+    has_tail_p = tail_logmass_p > float("-inf")
+    # All zeros where there is no tail; multinomial needs some mass there, and those draws are not kept.
+    conditional_pV = tail_logp_pV.sub_(torch.where(has_tail_p, tail_logmass_p, 0.0)[:, None]).exp_()
+    conditional_pV[:, 0] += ~has_tail_p
+    draws_pN = torch.multinomial(conditional_pV, num_draws, replacement=True, generator=generator)
+    return encode_draws(draws_pN, drawn_P=has_tail_p)
+
+
+def encode_draws(draws_PN: torch.Tensor, drawn_P: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Distinct ids (ascending within a position) and their counts, flattened position-major.
 
     Each row of the sorted draws starts a run, so the flat start indices are increasing and a run's count is
     the distance to the next start (or to the end).
+
+    Args:
+        draws_PN: N drawn ids per position.
+        drawn_P: bool, the positions whose draws are kept; the others get no entries (nunique 0). None keeps all.
     """
+    if drawn_P is not None:
+        kept = encode_draws(draws_PN[drawn_P])
+        nunique_P = kept["sampled_nunique"].new_zeros(draws_PN.shape[0])
+        return kept | {"sampled_nunique": nunique_P.masked_scatter_(drawn_P, kept["sampled_nunique"])}
     sorted_PN, _ = draws_PN.sort(dim=1)
     starts_PN = torch.ones_like(sorted_PN, dtype=torch.bool)
     starts_PN[:, 1:] = sorted_PN[:, 1:] != sorted_PN[:, :-1]

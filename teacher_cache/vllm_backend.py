@@ -15,7 +15,10 @@ manifest says so):
   - entropy: a lower bound, the head's exact entropy plus tail_mass * -log(smallest top-k probability), since no
     tail id can be more probable than the smallest top-k one;
   - sampled draws: from the k top ids plus one tail bucket of mass tail_mass, stored with the id `vocab_size`;
-    losses treat that id as "the student's mass outside this position's top-k".
+    losses treat that id as "the student's mass outside this position's top-k";
+  - hybrid targets (draws from the tail outside the top-k) are refused when the options are checked
+    (`BuildConfig`): they need the whole distribution. `benchmarks/hybrid_vllm_bias.py` measures the bias of
+    drawing from vLLM's top-n instead.
 
 Legend: B batch, L seq_len, K top-k, P trained positions, N draws.
 """
@@ -223,6 +226,7 @@ def records_from_topk(top_ids_PK: torch.Tensor, top_logp_PK: torch.Tensor, true_
     """
     P, K = top_ids_PK.shape
     assert spec.top_k in (None, K), (spec.top_k, K)
+    assert not spec.draws_from_tail, "BuildConfig refuses hybrid targets with the vllm backend"
     logp64_PK = top_logp_PK.double()
     p64_PK = logp64_PK.exp()
     if K < vocab_size:

@@ -104,7 +104,8 @@ def test_info_text(built, expected):
                         f"trained tokens of {expected['positions']} positions")
     assert "vocab 32000" in lines[2] and "LlamaForCausalLM" in lines[2]
     assert f"seq_len {SEQ_LEN}, packed" in lines[3]
-    assert lines[4].startswith("targets    ") and "topk" in lines[4] and "sampled" in lines[4]
+    assert lines[4] == "kinds      topk: top-8 + tail mass; sampled: 16 draws (full distribution)"
+    assert lines[5].startswith("targets    ") and "topk" in lines[5] and "sampled" in lines[5]
     assert "bytes/token" in result.stdout and "topk_logprobs" in result.stdout
 
 

@@ -367,6 +367,20 @@ def test_ensemble_drops_what_cannot_be_mixed(tmp_path, members, caplog):
     assert "sampled" not in manifest.targets and "whole numbers" in caplog.text
 
 
+def test_ensemble_drops_draws_from_the_tail_and_keeps_the_top_k(tmp_path, members, caplog):
+    """Hybrid members' draws come from the tail outside their own top-k: no draws of the mixture."""
+    hybrid = _hand_store(tmp_path / "hybrid", MEMBER_2, teacher={"model": "/models/n", "weights_sha256": "v"},
+                         sampled={"source": "tail", "draws_from": "tail"})
+    with caplog.at_level(logging.WARNING):
+        manifest = ensemble_stores(EnsembleConfig(inputs=(str(members[0]), str(hybrid)), output=str(tmp_path / "o")))
+    assert "sampled" not in manifest.targets and manifest.targets["topk"]["k"] == K
+    assert f"sampled targets dropped: the draws of {hybrid} come from the tail" in caplog.text
+    assert "sampled_ids" not in open_store(tmp_path / "o")[0]
+    with_members = ensemble_stores(EnsembleConfig(inputs=tuple(map(str, members)), output=str(tmp_path / "o2")))
+    assert _read(tmp_path / "o")["topk_ids"].tolist() == _read(tmp_path / "o2")["topk_ids"].tolist()
+    assert "sampled" in with_members.targets
+
+
 def test_ensemble_refuses_other_samples_and_tokenizers(tmp_path, members):
     changed = [INPUT_IDS[0], [3, 2, 7]]
     other_ids = _hand_store(tmp_path / "ids", MEMBER_2, input_ids=changed)
@@ -397,14 +411,16 @@ def test_ensembles_of_the_same_teachers_concatenate(tmp_path, members):
         concat_stores([tmp_path / "e1", tmp_path / "e3"], tmp_path / "out2")
 
 
-@pytest.mark.parametrize("old_version", [1, 2])
-def test_concatenation_of_an_older_version_is_of_the_current_version(tmp_path, old_version):
-    v1 = _hand_store(tmp_path / "v1", MEMBER_1, format_version=old_version)
-    v2 = _hand_store(tmp_path / "v2", MEMBER_2)
+def test_concatenation_of_version_1_and_2_stores_is_of_the_current_version(tmp_path):
+    """Version 1 and 2 inputs are decoded and written again in the current layout (version 3 splits the top-k
+    log-probs into a floor and excesses), version 1 with the statistics it lacks."""
+    v1 = _hand_store(tmp_path / "v1", MEMBER_1, format_version=1)
+    v2 = _hand_store(tmp_path / "v2", MEMBER_2, format_version=2)
     concat_stores([v1, v2], tmp_path / "out")
     out = open_store(tmp_path / "out")
     assert out.manifest.format_version == FORMAT_VERSION and out.verify() == []
     assert len(list((tmp_path / "out").rglob("stats_num_tokens"))) == 4
+    assert len(list((tmp_path / "out").rglob("topk_logprob_excess"))) == 4
     def as_version_2(record: dict) -> dict:  # version 1 log-probs are fp16; version 2 steps of 1/64 nat
         return {name: quantize_logprobs(value) if name in ("topk_logprobs", "tail_logmass") else value
                 for name, value in record.items()}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.manifest import describe_targets
 from storage.reader import Store
 from storage.stats import rank_bin_labels
 
@@ -90,6 +91,7 @@ def inspect_store(store: Store) -> Inspection:
         "tokens": manifest.num_tokens,
         "positions": manifest.num_positions,
         "shards": len(manifest.shards),
+        "targets": describe_targets(manifest.targets),
         "bytes_per_token": store.bytes_per_token(),
         "distributions": {key: _distribution(sample_values(stats, key), tokens)
                           for key in available_keys(manifest.targets)},
@@ -177,6 +179,7 @@ def format_report(report: dict, *, all_shards: bool = False) -> str:
         f"{'' if report['complete'] else ', INCOMPLETE: committed shards only'})",
         f"samples    {report['samples']:,} in {report['shards']:,} shards; {report['tokens']:,} trained tokens of "
         f"{report['positions']:,} positions; {report['samples_without_tokens']:,} samples without trained tokens",
+        f"targets    {report['targets']}",
         f"statistics {_source(report)} in {report['stats_seconds']:.2f} s",
     ]
     if report["note"]:
