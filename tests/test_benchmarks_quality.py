@@ -77,6 +77,39 @@ def test_every_row_is_reported_with_finite_numbers(setup, report):
     assert report["setup"]["tokens_per_run"] == STEPS * BATCH * SEQ_LEN
     assert report["machine"]["cpu_cores"] and (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert "| top-64 + tail |" in (out / "quality.md").read_text()
+    assert (out / "quality_bytes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hybrid_rows_train_on_their_own_stores(setup, report):
+    out = setup["root"] / "out"
+    for row in (r for r in quality.ROWS if r.name.startswith("hybrid")):
+        spec = quality.STORES[row.store]
+        targets = Store(out / "stores" / row.store).manifest.targets
+        assert targets["sampled"]["draws_from"] == "tail"
+        assert (targets["topk"]["k"], targets["sampled"]["num_draws"]) == (spec.top_k, spec.num_draws)
+        ran = next(r for r in report["rows"] if r["name"] == row.name)
+        assert ran["options"]["targets_from"] == "hybrid" and ran["options"]["store"].endswith(row.store)
+
+
+def test_target_bytes_are_the_files_on_disk(setup, report):
+    """A row that reads a whole record is charged the record's files; fewer kept ids cost fewer bytes."""
+    out = setup["root"] / "out"
+    by_name = {row["name"]: row for row in report["rows"]}
+
+    def on_disk(store: str, names: tuple[str, ...]) -> float:
+        size = sum(path.stat().st_size for path in (out / "stores" / store / "shards").glob("shard-*/*/**/*")
+                   if path.is_file() and path.relative_to(out / "stores" / store / "shards").parts[1] in names)
+        return size / Store(out / "stores" / store).manifest.num_tokens
+
+    topk = ("topk_ids", "topk_logprob_floor", "topk_logprob_excess", "tail_logmass")
+    sampled = ("sampled_nunique", "sampled_offsets", "sampled_ids", "sampled_counts")
+    assert by_name["topk_tail_k64"]["target_bytes_per_token"] == pytest.approx(on_disk("main", topk))
+    assert by_name["sampled_n50"]["target_bytes_per_token"] == pytest.approx(on_disk("main", sampled))
+    assert by_name["hybrid_k8_n16"]["target_bytes_per_token"] == pytest.approx(
+        on_disk("hybrid_k8_n16", topk + sampled))
+    k8, k64 = (by_name[f"topk_renorm_k{k}"]["target_bytes_per_token"] for k in (8, 64))
+    assert 0 < k8 < k64
+    assert by_name["ce"]["target_bytes_per_token"] is None and by_name["online"]["target_bytes_per_token"] is None
 
 
 def test_online_first_step_is_the_dense_kl(setup, report, llama_dir):
