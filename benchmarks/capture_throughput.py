@@ -12,8 +12,9 @@ batches; tokens/s counts trained positions. The vLLM engine starts once, outside
 Shards hold a quarter of the samples, so the background writer overlaps the teacher as in a long build.
 Wall-clock ratios only hold on an otherwise idle machine: the 1-min load average before and after is recorded.
 
-Without --model, a Llama with random weights is built from a config (on CPU the demo teacher's width and depth
-with the 32k Llama-2 vocabulary; a larger one on CUDA). Throughput depends on the model's shape, not on its
+Without --model, a Llama with random weights is built from a config (`--shape`: by default on CPU the demo
+teacher's width and depth with the 32k Llama-2 vocabulary, on CUDA a 12 x 1024 one; `--shape large` on CPU shows
+how the extraction's share shrinks as the forward grows). Throughput depends on the model's shape, not on its
 weights, so a trained teacher of the same shape gives the same figures; `make demo`'s .demo/teacher has that
 width and depth but a 4k vocabulary, so `--model .demo/teacher` measures a cheaper output head. On CPU the
 teacher runs in float32 (bfloat16 is slower on CPUs without AMX) and vLLM's gpu_memory_utilization is its share of
@@ -60,11 +61,14 @@ from teacher_cache.vllm_backend import vllm_available  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("forward", "transformers", "vllm")
-# Random teachers built when no --model is given; the CPU one is the demo teacher's shape with a 32k vocabulary.
+# Random teachers built when no --model is given (`--shape`): "small" is the demo teacher's shape with a 32k
+# vocabulary, the default on CPU; "large" (~190M parameters) the default on CUDA. The target extraction costs the
+# same per position whatever the model, so its share of the time falls as the model grows.
 SHAPES = {
-    "cpu": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
-    "cuda": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16},
+    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "large": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16},
 }
+DEFAULT_SHAPE = {"cpu": "small", "cuda": "large"}
 DEFAULT_SAMPLES = {"cpu": 256, "cuda": 512}  # 1-3 minutes per path on 2 CPU cores
 # Variables that change how many cores each path computes on; recorded with the results when set.
 THREAD_ENV = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
@@ -72,11 +76,11 @@ SETTINGS = {"cpu": {"dtype": "float32", "gpu_memory_utilization": 0.3},
             "cuda": {"dtype": "bfloat16", "gpu_memory_utilization": 0.9}}
 
 
-def random_llama(path: Path, device: torch.device) -> str:
-    """A Llama with random weights and the Llama-2 tokenizer, saved to `path`."""
+def random_llama(path: Path, shape: str) -> str:
+    """A Llama of SHAPES[shape] with random weights and the Llama-2 tokenizer, saved to `path`."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False, **SHAPES[device.type])
+                         tie_word_embeddings=False, **SHAPES[shape])
     LlamaForCausalLM(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(DATA / "llama2-tokenizer").save_pretrained(path)
     return str(path)
@@ -226,9 +230,11 @@ def print_table(result: dict) -> None:
 @click.option("--num-draws", type=int, default=50, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu or cuda.")
 @click.option("--backends", default=",".join(PATHS), show_default=True, help="Paths to run, comma-separated.")
+@click.option("--shape", type=click.Choice(list(SHAPES)), help="Shape of the random teacher without --model: "
+              "small (4 x 256 wide) or large (12 x 1024 wide). Default: small on CPU, large on CUDA.")
 @click.option("--json", "json_path", default=str(RESULTS / "capture_throughput.json"), show_default=True)
 def main(model: str | None, dataset: str, seq_len: int, batch_size: int, samples: int | None, top_k: int,
-         num_draws: int, device: str, backends: str, json_path: str) -> None:
+         num_draws: int, device: str, backends: str, shape: str | None, json_path: str) -> None:
     """Print tokens/s of a bare forward, the transformers backend and the vLLM backend on the same batches."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     paths = {p.strip() for p in backends.split(",") if p.strip()}
@@ -237,16 +243,17 @@ def main(model: str | None, dataset: str, seq_len: int, batch_size: int, samples
                                  param_hint="--backends")
     torch_device = resolve_device(device)
     samples = samples or DEFAULT_SAMPLES[torch_device.type]
+    shape = shape or DEFAULT_SHAPE[torch_device.type]
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="capture-throughput-") as scratch:
         scratch = Path(scratch)
-        config = BuildConfig(model=model or random_llama(scratch / "model", torch_device), dataset=dataset,
+        config = BuildConfig(model=model or random_llama(scratch / "model", shape), dataset=dataset,
                              output=str(scratch / "store"), seq_len=seq_len, batch_size=batch_size,
                              max_samples=samples, samples_per_shard=batch_size * max(1, samples // (4 * batch_size)),
                              top_k=top_k, num_draws=num_draws, device=str(torch_device),
                              **SETTINGS[torch_device.type])
         result = measure(config, paths, torch_device, scratch)
-    options = {"model": model or {"random_llama": SHAPES[torch_device.type]}, "dataset": dataset,
+    options = {"model": model or {"random_llama": shape, **SHAPES[shape]}, "dataset": dataset,
                "seq_len": seq_len, "batch_size": batch_size, "samples": samples, "top_k": top_k,
                "num_draws": num_draws, "device": str(torch_device), "dtype": config.dtype, "backends": sorted(paths),
                "samples_per_shard": config.samples_per_shard}
