@@ -1,0 +1,284 @@
+"""The fused distillation loss: each chunk's logits computed once, their gradient built in the forward pass.
+
+An alternative to the checkpointed chunks of `student_train.losses` (`LossConfig.impl`, "fused" by default for the
+store's targets and for CE alone), with the same loss, metrics and gradients. There, each chunk's [C, V] logits are
+computed in forward, discarded, computed again in backward, and autograd runs back through the representation's
+full-vocabulary reductions. Here they are computed once, because their gradient is simple: a representation reads
+the logits z only through `Logits` (`student_train.divergences`), whose three reductions have closed-form
+derivatives,
+
+    d lse_T / dz            = softmax(z / T) / T
+    d gather_T(ids) / dz    = one-hot(ids) / T
+    d outside_lse_T / dz    = exp(z / T - outside_lse_T) / T  off the ids, 0 at them
+
+and the loss is linear in the chunk sums, with weights known in forward:
+
+    loss = sum_d c_d * (summed divergence d) + c_ce * (summed CE),  c_d = s(step) T^2 w_d / P,  c_ce = w_ce / P.
+
+Per chunk: logits = head(h) (in the autocast dtype if any, then fp32, as the checkpointed path); the reductions,
+without autograd, handed to the representation as small leaf tensors ([C, 1] or [C, J], `_Reads`); the
+representation, the divergences and CE on those leaves, and `torch.autograd.grad` of the chunk's weighted sum with
+respect to them (a graph of [C, J] tensors only); then dL/dz assembled in place in the logits' own buffer (the
+softmaxes, the outside terms, a scatter-add of the gathered ids' gradients), and pulled back through the head:
+dh = dz W, dW += dz^T h, db += sum dz. One chunk's [C, V] exists at a time; with two or more exp terms (e.g.
+topk_tail: the log-normaliser and the tail bucket) they are summed a quarter of the rows at a time, so the
+temporaries stay under half a buffer.
+
+`_FusedLoss`, a `torch.autograd.Function` over (hidden states, head weight, head bias), runs that loop and keeps
+dh [P, H], dW [V, H] and db [V] until backward, which scales them by the incoming gradient. The head's parameters
+are inputs of the Function, so autograd accumulates their gradients as for `head(h)`: a weight tied to the input
+embedding gets both, and DDP's and FSDP2's gradient hooks see them as usual. The graph holds the gradient buffers
+(the size of the head's own gradient, and of the hidden states), not logits; they are freed by backward (or kept
+for another one with retain_graph). The divergence sums the Function also returns are detached: metrics only.
+
+Not covered here: online targets (the teacher's logits are dense; `losses` keeps them on the checkpointed path),
+and heads other than a plain linear layer (the Function reads `head.weight` and `head.bias`, not `head.forward`).
+
+Legend: P trained positions, C positions in a chunk, H hidden size, V vocabulary, J entries a read covers, D
+divergences in the mix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from student_train.divergences import DIVERGENCES, TARGETS_FROM
+
+if TYPE_CHECKING:
+    from student_train.losses import LossConfig
+
+# With two or more exp terms in a chunk's gradient, each is computed over this share of the rows at a time.
+ROW_BLOCKS = 4
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One answer a representation got from `_Reads`: its leaf and what it was asked."""
+
+    kind: str  # "lse", "gather" or "outside_lse"
+    leaf: torch.Tensor  # [C, 1] or [C, J]
+    temperature: float
+    ids_CJ: torch.Tensor | None = None
+    valid_CJ: torch.Tensor | None = None
+
+
+class _Reads:
+    """A chunk's logits as `Logits` shows them to a representation, each answer computed without autograd and
+    returned as a small leaf tensor; with `track`, the leaves require gradients and are recorded in `reads`.
+
+    The values are those of `Logits` (the same operations in the same order); an excluded id of `outside_lse` is
+    set to the most negative float by a scatter of the ids instead of a [C, V] mask.
+    """
+
+    def __init__(self, logits_CV: torch.Tensor, track: bool):
+        self.logits_CV = logits_CV
+        self.track = track
+        self.reads: list[_Read] = []
+        self._lse: dict[float, torch.Tensor] = {}
+
+    def _leaf(self, read: _Read) -> torch.Tensor:
+        if self.track:
+            read.leaf.requires_grad_(True)
+            self.reads.append(read)
+        return read.leaf
+
+    def _scaled(self, temperature: float) -> torch.Tensor:
+        return self.logits_CV if temperature == 1.0 else self.logits_CV / temperature
+
+    def lse(self, temperature: float = 1.0) -> torch.Tensor:
+        if temperature not in self._lse:
+            value_C1 = self._scaled(temperature).logsumexp(-1, keepdim=True)
+            self._lse[temperature] = self._leaf(_Read("lse", value_C1, temperature))
+        return self._lse[temperature]
+
+    def gather(self, ids_CJ: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        value_CJ = self.logits_CV.gather(-1, ids_CJ)
+        return self._leaf(_Read("gather", value_CJ if temperature == 1.0 else value_CJ / temperature, temperature,
+                                ids_CJ))
+
+    def outside_lse(self, ids_CJ: torch.Tensor, temperature: float = 1.0,
+                    valid_CJ: torch.Tensor | None = None) -> torch.Tensor:
+        tiny = torch.finfo(self.logits_CV.dtype).min
+        masked_CV = self.logits_CV.clone() if temperature == 1.0 else self.logits_CV / temperature
+        masked_CV.scatter_reduce_(-1, ids_CJ, _exclusion(ids_CJ, valid_CJ, tiny, masked_CV.dtype), "amin")
+        value_C1 = masked_CV.logsumexp(-1, keepdim=True)
+        return self._leaf(_Read("outside_lse", value_C1, temperature, ids_CJ, valid_CJ))
+
+    def full(self, temperature: float = 1.0) -> torch.Tensor:
+        raise AssertionError("a dense read of the logits (online targets) has no fused form; losses keeps online "
+                             "targets on the checkpointed path")
+
+
+def _exclusion(ids_CJ: torch.Tensor, valid_CJ: torch.Tensor | None, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """What an "amin" scatter of `ids_CJ` writes: `value` at the valid entries, +inf (no change) at padding."""
+    fill_CJ = torch.full(ids_CJ.shape, value, dtype=dtype, device=ids_CJ.device)
+    return fill_CJ if valid_CJ is None else fill_CJ.masked_fill_(~valid_CJ, math.inf)
+
+
+def term_weights(config: LossConfig, scale: float, positions: int) -> tuple[list[float], float]:
+    """(c_d for each divergence of `config.kd_weights`, c_ce): the loss's derivatives with respect to the summed
+    divergences and the summed CE (module docstring)."""
+    per_position = 1 / max(positions, 1)
+    kd = [scale * config.temperature**2 * weight * per_position for weight in config.kd_weights.values()]
+    return kd, config.weights.get("ce", 0.0) * per_position  # losses.CE
+
+
+def fused_loss(
+    hidden_PH: torch.Tensor, true_P: torch.Tensor, targets_P: dict[str, torch.Tensor], head: nn.Linear,
+    config: LossConfig, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of `losses.distillation_loss` over P trained positions, and its sums, by the fused path.
+
+    Args:
+        hidden_PH: the student's final hidden states at the trained positions.
+        true_P: the true next tokens.
+        targets_P: the records the representation reads, [P, ...] each (none without a divergence).
+        head: the student's output layer (a plain linear layer: its weight and bias are read).
+        config: the `LossConfig`; its targets must not be online.
+        scale: the KD schedule's factor at this step.
+
+    Returns:
+        (loss, summed divergences [D], summed CE): the scalar loss, differentiable with respect to `hidden_PH` and
+        the head's parameters; the sums detached, in fp32.
+    """
+    inputs = (hidden_PH, head.weight, head.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _FusedLoss.apply(*inputs, true_P, targets_P, config, scale)
+    kd_sum_D, ce_sum, _ = _chunked(*inputs, true_P, targets_P, config, scale, needs=(False, False, False))
+    return _loss(kd_sum_D, ce_sum, config, scale, hidden_PH.shape[0]), kd_sum_D, ce_sum
+
+
+class _FusedLoss(torch.autograd.Function):
+    """(hidden_PH, weight_VH, bias_V or None) -> (loss, summed divergences [D], summed CE); the gradients are
+    computed in forward, backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden_PH, weight_VH, bias_V, true_P, targets_P, config, scale):
+        needs = tuple(ctx.needs_input_grad[:3])
+        kd_sum_D, ce_sum, grads = _chunked(hidden_PH, weight_VH, bias_V, true_P, targets_P, config, scale, needs)
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(kd_sum_D, ce_sum)
+        return _loss(kd_sum_D, ce_sum, config, scale, hidden_PH.shape[0]), kd_sum_D, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        # The buffers keep their dtype (the hidden states', the parameters'); the product is taken in fp32.
+        grads = [None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.saved_tensors]
+        return *grads, None, None, None, None
+
+
+def _loss(kd_sum_D: torch.Tensor, ce_sum: torch.Tensor, config: LossConfig, scale: float,
+          positions: int) -> torch.Tensor:
+    kd_weights, ce_weight = term_weights(config, scale, positions)
+    return (kd_sum_D * kd_sum_D.new_tensor(kd_weights)).sum() + ce_weight * ce_sum
+
+
+def _chunked(
+    hidden_PH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None, true_P: torch.Tensor,
+    targets_P: dict[str, torch.Tensor], config: LossConfig, scale: float, needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Summed divergences [D] and CE over all P positions, a chunk at a time, and the gradients `needs` asks for
+    (of the hidden states, weight, bias; None where not asked) of the loss."""
+    positions, size = hidden_PH.shape[0], config.chunk_positions
+    kd_weights, ce_weight = term_weights(config, scale, positions)
+    need_h, need_w, need_b = needs
+    grad_PH = torch.zeros_like(hidden_PH) if need_h else None
+    grad_VH = torch.zeros_like(weight_VH) if need_w else None
+    grad_V = torch.zeros_like(bias_V) if need_b else None
+    compute_weight_VH = None  # the weight in the logits' compute dtype, for the backward products
+    kd_sum_D = ce_sum = 0.0
+    # With no trained position, one empty chunk still runs: sums of 0 and gradients of 0.
+    for start in range(0, max(positions, 1), size):
+        rows = slice(start, start + size)
+        hidden_CH = hidden_PH[rows]
+        logits_CV = F.linear(hidden_CH, weight_VH, bias_V)  # as head(h): under autocast, in its dtype
+        compute_dtype = logits_CV.dtype
+        logits_CV = logits_CV.to(torch.promote_types(compute_dtype, torch.float32))
+        reads = _Reads(logits_CV, track=any(needs))
+        kd_D, ce, objective = _chunk_sums(reads, true_P[rows], {k: v[rows] for k, v in targets_P.items()}, config,
+                                          kd_weights, ce_weight)
+        kd_sum_D, ce_sum = kd_sum_D + kd_D, ce_sum + ce
+        if not any(needs):
+            continue
+        if objective is None:  # every weight is 0 at this step: the gradient is 0
+            logits_CV.zero_()
+        else:
+            leaf_grads = torch.autograd.grad(objective, [read.leaf for read in reads.reads], allow_unused=True)
+            _logits_grad_(logits_CV, reads.reads, leaf_grads)
+        grad_CV = logits_CV
+        with torch.autocast(hidden_PH.device.type, enabled=False):  # the products in the head's compute dtype
+            compute_grad_CV = grad_CV.to(compute_dtype)
+            if need_h:
+                if compute_weight_VH is None:
+                    compute_weight_VH = weight_VH.to(compute_dtype)
+                grad_PH[rows] = compute_grad_CV @ compute_weight_VH
+            if need_w:  # accumulated in the parameter's dtype, as autograd accumulates a chunk's gradient
+                if grad_VH.dtype == compute_dtype:
+                    grad_VH.addmm_(compute_grad_CV.mT, hidden_CH.to(compute_dtype))
+                else:
+                    grad_VH.add_(compute_grad_CV.mT @ hidden_CH.to(compute_dtype))
+            if need_b:
+                grad_V.add_(grad_CV.sum(0))
+    return kd_sum_D, ce_sum, (grad_PH, grad_VH, grad_V)
+
+
+def _chunk_sums(
+    reads: _Reads, true_C: torch.Tensor, targets_C: dict[str, torch.Tensor], config: LossConfig,
+    kd_weights: list[float], ce_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(summed divergences [D], summed CE), detached, and the chunk's weighted sum over the leaves (None when every
+    weight is 0), with autograd on the small leaves only."""
+    with torch.enable_grad():
+        ce = (reads.lse() - reads.gather(true_C[:, None])).sum()
+        kd = []
+        if config.kd_weights:
+            logp_CJ, logq_CJ = TARGETS_FROM[config.targets](reads, targets_C, config.temperature)
+            kd = [DIVERGENCES[name](logp_CJ, logq_CJ, config.parameter(name)).sum() for name in config.kd_weights]
+        terms = [weight * value for weight, value in zip([*kd_weights, ce_weight], [*kd, ce], strict=True) if weight]
+        objective = sum(terms) if terms and reads.track else None
+    kd_D = torch.stack(kd).detach() if kd else ce.new_zeros(0)
+    return kd_D, ce.detach(), objective
+
+
+def _logits_grad_(logits_CV: torch.Tensor, reads: list[_Read], leaf_grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Overwrite the logits z with dL/dz, from the gradients of the leaves the representation read."""
+    exps, scatters = [], []
+    for read, grad in zip(reads, leaf_grads, strict=True):
+        if grad is not None:  # None: a read the weighted terms do not depend on (e.g. CE's at weight 0)
+            (scatters if read.kind == "gather" else exps).append((read, grad / read.temperature))
+    rows_C = logits_CV.shape[0]
+    block = -(-rows_C // (ROW_BLOCKS if len(exps) > 1 else 1)) or 1
+    for start in range(0, rows_C, block):
+        rows = slice(start, start + block)
+        z_RV = logits_CV[rows]
+        others_RV = None  # every exp term but the first needs z, so it is computed before z is overwritten
+        for read, coef_C1 in exps[1:]:
+            term_RV = _exp_term_(z_RV / read.temperature if read.temperature != 1.0 else z_RV.clone(), read,
+                                 coef_C1, rows)
+            others_RV = term_RV if others_RV is None else others_RV.add_(term_RV)
+        if exps:
+            read, coef_C1 = exps[0]
+            _exp_term_(z_RV.div_(read.temperature) if read.temperature != 1.0 else z_RV, read, coef_C1, rows)
+        else:
+            z_RV.zero_()
+        if others_RV is not None:
+            z_RV.add_(others_RV)
+    for read, coef_CJ in scatters:
+        logits_CV.scatter_add_(-1, read.ids_CJ, coef_CJ)
+
+
+def _exp_term_(scaled_RV: torch.Tensor, read: _Read, coef_C1: torch.Tensor, rows: slice) -> torch.Tensor:
+    """coef * exp(z / T - value) over some rows, in place on z / T (`scaled_RV`): a softmax for lse; for outside_lse
+    the softmax over the ids not excluded, 0 at the excluded ones (set to -inf before exp, never inf * 0)."""
+    scaled_RV.sub_(read.leaf.detach()[rows])
+    if read.kind == "outside_lse":
+        valid_RJ = None if read.valid_CJ is None else read.valid_CJ[rows]
+        ids_RJ = read.ids_CJ[rows]
+        scaled_RV.scatter_reduce_(-1, ids_RJ, _exclusion(ids_RJ, valid_RJ, -math.inf, scaled_RV.dtype), "amin")
+    return scaled_RV.exp_().mul_(coef_C1[rows])
