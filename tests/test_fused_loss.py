@@ -13,6 +13,7 @@ Legend: B batch, L positions per row, H hidden size, V vocabulary, K top-k, P tr
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 from pathlib import Path
@@ -129,6 +130,33 @@ def test_fused_float64_equals_autograd(representation, divergence, temperature, 
     assert fused[0].dtype == torch.float64
     assert_same(fused, autograd_reference(hidden, head, batch, loss_config, step=1), rtol=1e-12, atol=1e-14,
                 grad_rtol=1e-10, grad_atol=1e-12)
+
+
+@pytest.mark.parametrize("representation", ["topk_tail", "sampled"])
+def test_tail_far_below_the_head_keeps_its_precision(representation):
+    """The student puts exp(-120) (below the smallest fp32) on each id outside the targets' ids: its mass there (the
+    tail bucket, the undrawn rest) and the gradients must still come out right in fp32, as autograd gives them in
+    float64."""
+    vocab, k = 50, 5
+    gen = torch.Generator().manual_seed(13)
+    ids = torch.randperm(vocab, generator=gen)[:k].sort().values.expand(B, L, k)
+    logits = torch.full((B, L, vocab), -120.0).scatter(-1, ids, 0.0) + 0.1 * torch.randn(B, L, vocab, generator=gen)
+    head = nn.Linear(vocab, vocab, bias=False)  # the identity: the hidden states are the logits
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(vocab))
+    counts = torch.arange(1, k + 1, dtype=torch.float32).expand(B, L, k)
+    batch = {"loss_mask": torch.ones(B, L, dtype=torch.bool), "input_ids": torch.randint(k, (B, L + 1), generator=gen),
+             "topk_ids": ids, "topk_logprobs": torch.full((B, L, k), -2.0), "tail_logmass": torch.full((B, L), -3.0),
+             "sampled_ids": ids, "sampled_counts": counts}
+    loss_config = config({"forward_kl": 0.5, "jsd": 0.5, CE: 0.2}, representation, chunk_positions=4)
+    fused = run(logits.clone().requires_grad_(True), head, batch, loss_config)
+    expected = autograd_reference(logits.double().requires_grad_(True), copy.deepcopy(head).double(), batch,
+                                  loss_config)
+    if representation == "topk_tail":  # the tail term: teacher mass exp(-3), the student's about exp(-116)
+        assert float(fused[1]["forward_kl"]) > 1.0
+    assert_same([fused[0].double(), {k: v.double() for k, v in fused[1].items()}, [g.double() for g in fused[2]]],
+                [expected[0], {k: v.double() for k, v in expected[1].items()}, expected[2]],
+                rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("representation", list(REPRESENTATIONS))
