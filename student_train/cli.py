@@ -20,7 +20,7 @@ from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, PRECISIONS, TrainCo
 from student_train.config_file import resolve_options, with_sources
 from student_train.features import FEATURE_LOSSES, PROJECTIONS
 from student_train.liger import FUSED_CE
-from student_train.losses import LOSS_NAMES, REPRESENTATIONS, SCHEDULES, TARGETS_FROM
+from student_train.losses import LOSS_IMPLS, LOSS_NAMES, REPRESENTATIONS, SCHEDULES, TARGETS_FROM
 from student_train.student import compatibility_problems, load_tokenizer
 
 TRAIN_OPTIONS = [
@@ -98,6 +98,12 @@ TRAIN_OPTIONS = [
                  help="A loss of CE alone on CUDA: auto = Liger-kernel's fused linear cross-entropy when installed "
                       "(pip install liger-kernel), else the torch path; liger = require it; torch = never. Same "
                       "loss and gradients either way."),
+    click.option("--loss-impl", type=click.Choice(list(LOSS_IMPLS)), default="fused", show_default=True,
+                 help="How the loss applies the head, a chunk of positions at a time: fused = each chunk's logits "
+                      "computed once, their gradient built in the forward pass from a few values per position "
+                      "(log-normaliser, logits at the target ids) and kept until backward as the gradients of the "
+                      "hidden states and head; checkpoint = activation checkpointing, the logits computed again in "
+                      "backward (slower; the reference). Same loss and gradients. Online KD always uses checkpoint."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--num-workers", type=int, default=0, show_default=True, help="Loader worker processes."),
     click.option("--distributed", type=click.Choice(list(DISTRIBUTED)), default="ddp", show_default=True,

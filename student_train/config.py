@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.liger import FUSED_CE
-from student_train.losses import CE, LOSS_NAMES, ONLINE, TARGETS_FROM, LossConfig
+from student_train.losses import CE, LOSS_IMPLS, LOSS_NAMES, ONLINE, TARGETS_FROM, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -82,6 +82,9 @@ class TrainConfig:
             embeddings, -1 = last) or a list of pairs; resolved to pairs. None: every stored teacher layer, each
             with the student layer at the same relative depth.
         feature_projection: "auto" (a learned linear projection per pair when the widths differ) or "always".
+        loss_impl: how the loss's chunks are computed: "fused" (each chunk's logits once, their gradient built in
+            the forward pass) or "checkpoint" (activation checkpointing: logits recomputed in backward; slower).
+            Same loss and gradients; online KD always uses checkpoint. See student_train/fused_loss.py.
     """
 
     store: str
@@ -126,6 +129,7 @@ class TrainConfig:
     feature_weight: float = 1.0
     feature_layers: list[list[int]] | str | None = None
     feature_projection: str = "auto"
+    loss_impl: str = "fused"
 
     def __post_init__(self) -> None:
         terms = [self.loss] if isinstance(self.loss, str) else list(self.loss)  # one term may come as a string
@@ -152,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"--distributed: {self.distributed!r} is not one of {', '.join(DISTRIBUTED)}.")
         if self.fused_ce not in FUSED_CE:
             raise ValueError(f"--fused-ce: {self.fused_ce!r} is not one of {', '.join(FUSED_CE)}.")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"--loss-impl: {self.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}.")
         self.keep_layers = _check_init(self.student, self.init_from_teacher, self.keep_layers)
         self._check_features()
         self._check_online()
@@ -199,7 +205,7 @@ class TrainConfig:
         return LossConfig(weights=weights, targets=targets, temperature=self.temperature, jsd_beta=self.jsd_beta,
                           skew_alpha=self.skew_alpha, kd_schedule=self.kd_schedule,
                           chunk_positions=self.chunk_positions, sampled_tail_bucket=sampled_tail_bucket,
-                          top_k=self.top_k)
+                          top_k=self.top_k, impl=self.loss_impl)
 
 
 def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | None) -> tuple[list[str], str | None]:

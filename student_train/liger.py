@@ -3,7 +3,7 @@
 Sits under `student_train.losses`: when a run's loss is CE alone, `distillation_loss` hands the trained positions'
 hidden states and the head to Liger's Triton kernel, which applies the head and computes the loss and both
 gradients in one pass over chunks of its own, with no autograd graph through the logits and no recomputation in
-backward. The torch path (the chunks under activation checkpointing of `losses`) is the reference; both compute
+backward. The torch path (the chunks of `losses`, fused or checkpointed) is the reference; both compute
 
     CE = sum over the trained positions (loss_mask true) of -log softmax(h W^T + b)[true next token] / their number
 

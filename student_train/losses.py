@@ -3,9 +3,11 @@
 
 Sits between the loader (which collates a batch of store records) and the trainer. The student gives its final
 hidden states and its output head; the head is applied here, over the trained positions only, in chunks of
-positions, so at most one chunk's [C, V] logits (and, in backward, their gradient) exist at once. Each chunk runs
-under non-reentrant activation checkpointing: the forward keeps only the chunk's inputs and backward recomputes
-its logits. Everything after the head is in fp32, whatever the autocast dtype.
+positions, so at most one chunk's [C, V] logits (and, in backward, their gradient) exist at once. By default
+(`LossConfig.impl` "fused") each chunk's logits are computed once and their gradient is built in the forward pass
+(`student_train.fused_loss`); with "checkpoint", and always with online targets, each chunk runs under
+non-reentrant activation checkpointing: the forward keeps only the chunk's inputs and backward recomputes its
+logits. Both give the same loss and gradients. Everything after the head is in fp32, whatever the autocast dtype.
 
 The loss of a batch, each term a mean over `loss_mask` positions:
 
@@ -55,9 +57,10 @@ from student_train.divergences import (
     TRUE_IDS,
     Logits,
 )
+from student_train.fused_loss import fused_loss
 from student_train.liger import liger_ce_sum
 
-__all__ = ["CE", "DIVERGENCES", "LOSS_NAMES", "ONLINE", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET",
+__all__ = ["CE", "DIVERGENCES", "LOSS_IMPLS", "LOSS_NAMES", "ONLINE", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET",
            "TARGETS_FROM", "TEACHER_HIDDEN", "LossConfig", "distillation_loss", "kd_scale"]
 
 CE = "ce"
@@ -86,6 +89,8 @@ ZERO_OFF_SUPPORT = {
 }
 # The online teacher's output head with its logit post-processing: hidden states [C, G] -> logits [C, V].
 TeacherHead = Callable[[torch.Tensor], torch.Tensor]
+# How the chunks of the loss are computed: see `LossConfig.impl`.
+LOSS_IMPLS = ("fused", "checkpoint")
 
 
 def kd_scale(schedule: str, step: int) -> float:
@@ -132,6 +137,11 @@ class LossConfig:
         top_k: with topk_tail, topk_renorm or topk_residual, use only the `top_k` most probable of the stored ids;
             the others' mass joins the tail (topk_tail, topk_residual) or is dropped with it (topk_renorm). Refused
             with hybrid. None: every stored id.
+        impl: how the chunks are computed, one of LOSS_IMPLS. "fused": each chunk's logits once, their gradient
+            built in forward and kept as the hidden states' and head's gradients until backward (see
+            `student_train.fused_loss`); "checkpoint": each chunk under activation checkpointing, its logits
+            recomputed in backward (slower; the reference). Same loss and gradients. Online targets always use
+            "checkpoint"; `fused_ce` takes precedence for CE alone.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
@@ -144,6 +154,7 @@ class LossConfig:
     sampled_tail_bucket: bool = False
     fused_ce: bool = False
     top_k: int | None = None
+    impl: str = "fused"
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.weights if name not in LOSS_NAMES]
@@ -177,6 +188,8 @@ class LossConfig:
             raise ValueError(f"top_k: {self.top_k} keeps the most probable of the stored top-k ids, which needs a "
                              f"positive number and top-k targets ({' or '.join(TOPK_REPRESENTATIONS)}), and the "
                              f"targets are {self.targets}.")
+        if self.impl not in LOSS_IMPLS:
+            raise ValueError(f"impl: {self.impl!r} is not one of {', '.join(LOSS_IMPLS)}.")
 
     def _check_representation(self) -> None:
         """The temperature and divergences the targets support."""
@@ -253,15 +266,19 @@ def distillation_loss(
     targets_P = _select_targets(batch, config, mask_BL, true_P) if kd_weights else {}
 
     num_positions = hidden_PH.shape[0]
+    scale = kd_scale(config.kd_schedule, step)
+    loss = None
     if config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
         kd_sum_D, ce_sum = hidden_PH.new_zeros(0, dtype=torch.float32), liger_ce_sum(hidden_PH, head, true_P)
+    elif config.impl == "fused" and not (config.targets == ONLINE and kd_weights):
+        loss, kd_sum_D, ce_sum = fused_loss(hidden_PH, true_P, targets_P, head, config, scale)
     else:
         kd_sum_D, ce_sum = _chunked_sums(hidden_PH, true_P, targets_P, head, config, teacher_head)
     kd_mean_D, ce_mean = kd_sum_D / max(num_positions, 1), ce_sum / max(num_positions, 1)
     weights_D = kd_mean_D.new_tensor(list(kd_weights.values()))
-    scale = kd_scale(config.kd_schedule, step)
     kd_total = (weights_D * kd_mean_D).sum()
-    loss = scale * config.temperature**2 * kd_total + config.weights.get(CE, 0.0) * ce_mean
+    if loss is None:  # the fused path's loss carries its own gradient
+        loss = scale * config.temperature**2 * kd_total + config.weights.get(CE, 0.0) * ce_mean
     metrics = {name: value.detach() for name, value in zip(kd_weights, kd_mean_D, strict=True)}
     kd = kd_total.detach() / weights_D.sum() if kd_weights else kd_total.detach()
     metrics |= {"kd": kd, "ce": ce_mean.detach(), "kd_scale": torch.tensor(scale), "tokens": mask_BL.sum()}

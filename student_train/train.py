@@ -105,7 +105,8 @@ class Trainer:
         held_out_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets
         self.eval_loss_config = LossConfig(weights={"forward_kl": 1.0}, targets=eval_targets(held_out_targets),
                                            chunk_positions=config.chunk_positions,
-                                           sampled_tail_bucket=tail_bucket(held_out_targets) is not None)
+                                           sampled_tail_bucket=tail_bucket(held_out_targets) is not None,
+                                           impl=config.loss_impl)
         held_out = 0.0 if config.eval_store else config.eval_fraction
         self.train_loader = StoreLoader(LoaderConfig(
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,

@@ -273,7 +273,8 @@ def test_masked_positions_change_nothing(representation):
 
 
 def test_graph_holds_at_most_one_chunk_of_logits():
-    """As the other representations: the [C, V] logits are recomputed in backward, never saved for all positions."""
+    """On the checkpointed path, as the other representations: the [C, V] logits are recomputed in backward, never
+    saved for all positions."""
     vocab, size = 3000, 2
     gen = torch.Generator().manual_seed(9)
     hidden = torch.randn(B, L, 16, generator=gen, requires_grad=True)
@@ -290,7 +291,8 @@ def test_graph_holds_at_most_one_chunk_of_logits():
         storages.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss, _ = distillation_loss(hidden, head, batch, config({d: 1.0 for d in ALLOWED} | {"ce": 1.0},
-                                                                    representation, chunk_positions=size))
+                                                                    representation, chunk_positions=size,
+                                                                    impl="checkpoint"))
         assert sum(storages.values()) < size * vocab < B * L * vocab, (representation, storages)
         assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, [hidden, *head.parameters()]))
 

@@ -351,7 +351,8 @@ def test_sampled_gradient_is_unbiased():
 
 
 def test_graph_holds_at_most_one_chunk_of_logits():
-    """Forward keeps only chunk inputs; the [C, V] logits are recomputed in backward, never saved for all P."""
+    """Checkpointed chunks: forward keeps only chunk inputs; the [C, V] logits are recomputed in backward, never saved
+    for all P. (The fused path keeps the gradients instead: test_fused_loss.)"""
     vocab, length, size = 5000, 32, 2
     hidden, head, _, batch = make_case(8, vocab=vocab, k=8, length=length)
     batch["loss_mask"] = torch.ones(B, length, dtype=torch.bool)
@@ -369,7 +370,8 @@ def test_graph_holds_at_most_one_chunk_of_logits():
         weights = {d: 1.0 for d, r in PAIRS if r == representation} | {"ce": 1.0}
         storages.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss, _ = distillation_loss(hidden, head, batch, config(weights, representation, chunk_positions=size))
+            loss, _ = distillation_loss(hidden, head, batch, config(weights, representation, chunk_positions=size,
+                                                                    impl="checkpoint"))
         assert sum(storages.values()) < size * vocab, (representation, storages)
         assert all(torch.isfinite(g).all() for g in grads(loss, hidden, head))
 

@@ -1,0 +1,258 @@
+"""The reads a representation makes of one chunk's logits, answered with small leaf tensors, and the [C, V] gradient
+of the logits assembled from those leaves' gradients: the two halves of `student_train.fused_loss`.
+
+A representation reads the student's logits z only through `Logits` (`student_train.divergences`): `lse(T)`,
+`gather(ids, T)`, `outside_lse(ids, T, valid)`. `LogitReads` answers those calls with the same values, computed
+without autograd, each as a leaf ([C, 1] or [C, J]) that may require gradients, and records what was asked. Given
+the gradients of the loss with respect to the leaves, `logits_grad_` overwrites the logits with dL/dz:
+
+    d lse_T / dz            = softmax(z / T) / T
+    d gather_T(ids) / dz    = one-hot(ids) / T
+    d outside_lse_T / dz    = exp(z / T - outside_lse_T) / T  off the ids, 0 at them
+
+Passes over the vocabulary are what a chunk costs beyond its matrix products, so both halves save them:
+- lse(T), when the representation also reads an outside_lse at T (as topk_tail and sampled do), comes from that
+  outside_lse and a few ids (`Probe` finds the ids before the representation runs), so one log-sum-exp over the
+  vocabulary gives both;
+- outside_lse masks the excluded ids in place and restores them, with no [C, V] mask or masked copy;
+- the exp terms of one temperature share one exp over the vocabulary, written in place over the logits; only a
+  second temperature (CE's T = 1 beside the divergences' T) needs a temporary, a share of the rows at a time.
+
+Legend: C positions in a chunk, R rows of a chunk, V vocabulary, J entries a read covers, U ids a group of reads
+excludes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# With two temperatures in a chunk's gradient, the second's terms are computed 1 / ROW_BLOCKS of the rows at a time.
+ROW_BLOCKS = 4
+
+
+@dataclass(frozen=True)
+class Read:
+    """One answer a representation got from `LogitReads`: its leaf and what it was asked."""
+
+    kind: str  # "lse", "gather" or "outside_lse"
+    leaf: torch.Tensor  # [C, 1] or [C, J]
+    temperature: float
+    ids_CJ: torch.Tensor | None = None
+    valid_CJ: torch.Tensor | None = None
+
+
+class Probe:
+    """What a representation will ask of `Logits`, found by running it on answers of zeros: the ids of its
+    outside_lse reads (they come from the targets, never from the logits' values)."""
+
+    def __init__(self, rows: int, like: torch.Tensor):
+        self._zeros_C1 = like.new_zeros(rows, 1)
+        self.outside: list[tuple[float, torch.Tensor, torch.Tensor | None]] = []  # (T, ids, valid) in call order
+
+    def lse(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._zeros_C1
+
+    def gather(self, ids_CJ: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return self._zeros_C1.new_zeros(ids_CJ.shape)
+
+    def outside_lse(self, ids_CJ: torch.Tensor, temperature: float = 1.0,
+                    valid_CJ: torch.Tensor | None = None) -> torch.Tensor:
+        self.outside.append((temperature, ids_CJ, valid_CJ))
+        return self._zeros_C1
+
+    def full(self, temperature: float = 1.0) -> torch.Tensor:
+        raise AssertionError("a dense read of the logits (online targets) has no fused form; losses keeps online "
+                             "targets on the checkpointed path")
+
+
+class LogitReads:
+    """A chunk's logits as `Logits` shows them to a representation, each answer computed without autograd and
+    returned as a small leaf tensor; with `track`, the leaves require gradients and are recorded in `reads`.
+
+    The values are those of `Logits`, computed with fewer passes over the vocabulary:
+    - outside_lse: the excluded ids are set to the most negative float by a scatter into the logits themselves (at
+      T = 1; into z / T otherwise), restored afterwards, instead of through a [C, V] mask and a masked copy.
+    - lse(T), when the representation also reads an outside_lse at T (`outside`, from `Probe`): computed from the
+      first of them as log(exp(outside_lse) + sum over the excluded ids of exp(z / T)), a sum of positive terms over
+      a few ids (each id once), so that one pass over the vocabulary gives both. That outside_lse value is kept for
+      its own call.
+    """
+
+    def __init__(self, logits_CV: torch.Tensor, track: bool,
+                 outside: list[tuple[float, torch.Tensor, torch.Tensor | None]] = ()):
+        self.logits_CV = logits_CV
+        self.track = track
+        self.reads: list[Read] = []
+        self._lse: dict[float, torch.Tensor] = {}
+        self._outside = outside
+        self._planned = {}  # T -> (index of the outside_lse call, its ids and valid), the first at each T
+        for index, (temperature, ids_CJ, valid_CJ) in enumerate(outside):
+            self._planned.setdefault(temperature, (index, ids_CJ, valid_CJ))
+        self._outside_values: dict[int, torch.Tensor] = {}  # outside_lse values computed early, by call index
+        self._outside_calls = 0
+
+    def _leaf(self, read: Read) -> torch.Tensor:
+        if self.track:
+            read.leaf.requires_grad_(True)
+            self.reads.append(read)
+        return read.leaf
+
+    def _scaled(self, temperature: float) -> torch.Tensor:
+        return self.logits_CV if temperature == 1.0 else self.logits_CV / temperature
+
+    def lse(self, temperature: float = 1.0) -> torch.Tensor:
+        if temperature not in self._lse:
+            if temperature in self._planned:
+                index, ids_CJ, valid_CJ = self._planned[temperature]
+                outside_C1 = self._outside_values[index] = self._outside_lse(ids_CJ, temperature, valid_CJ)
+                value_C1 = torch.logaddexp(outside_C1, self._excluded_lse(ids_CJ, temperature, valid_CJ))
+            else:
+                value_C1 = _logsumexp(self._scaled(temperature))
+            self._lse[temperature] = self._leaf(Read("lse", value_C1, temperature))
+        return self._lse[temperature]
+
+    def gather(self, ids_CJ: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        value_CJ = self.logits_CV.gather(-1, ids_CJ)
+        value_CJ = value_CJ if temperature == 1.0 else value_CJ / temperature
+        return self._leaf(Read("gather", value_CJ, temperature, ids_CJ))
+
+    def outside_lse(self, ids_CJ: torch.Tensor, temperature: float = 1.0,
+                    valid_CJ: torch.Tensor | None = None) -> torch.Tensor:
+        index, self._outside_calls = self._outside_calls, self._outside_calls + 1
+        value_C1 = self._outside_values.pop(index, None)
+        if value_C1 is not None:
+            assert self._outside[index][1].shape == ids_CJ.shape, "the probe saw other reads than the representation"
+        else:
+            value_C1 = self._outside_lse(ids_CJ, temperature, valid_CJ)
+        return self._leaf(Read("outside_lse", value_C1, temperature, ids_CJ, valid_CJ))
+
+    def full(self, temperature: float = 1.0) -> torch.Tensor:
+        raise AssertionError("a dense read of the logits (online targets) has no fused form; losses keeps online "
+                             "targets on the checkpointed path")
+
+    def _outside_lse(self, ids_CJ: torch.Tensor, temperature: float, valid_CJ: torch.Tensor | None) -> torch.Tensor:
+        tiny = torch.finfo(self.logits_CV.dtype).min
+        scaled_CV = self._scaled(temperature)
+        kept_CJ = scaled_CV.gather(-1, ids_CJ) if temperature == 1.0 else None
+        scaled_CV.scatter_reduce_(-1, ids_CJ, _exclusion(ids_CJ, valid_CJ, tiny, scaled_CV.dtype), "amin")
+        value_C1 = _logsumexp(scaled_CV)
+        if kept_CJ is not None:  # the logits back as they were (entries of one id all kept the same value)
+            scaled_CV.scatter_(-1, ids_CJ, kept_CJ)
+        return value_C1
+
+    def _excluded_lse(self, ids_CJ: torch.Tensor, temperature: float, valid_CJ: torch.Tensor | None) -> torch.Tensor:
+        """log sum exp(z / T) over the distinct ids among the valid entries, [C, 1] (-inf for none)."""
+        key_CJ = ids_CJ if valid_CJ is None else ids_CJ.masked_fill(~valid_CJ, -1)
+        key_CJ = key_CJ.sort(-1).values
+        distinct_CJ = key_CJ >= 0
+        distinct_CJ[:, 1:] &= key_CJ[:, 1:] != key_CJ[:, :-1]
+        scaled_CJ = self.logits_CV.gather(-1, key_CJ.clamp_min(0))
+        if temperature != 1.0:
+            scaled_CJ = scaled_CJ / temperature
+        return scaled_CJ.masked_fill(~distinct_CJ, -math.inf).logsumexp(-1, keepdim=True)
+
+
+def _logsumexp(x_CV: torch.Tensor) -> torch.Tensor:
+    """log sum exp over the last axis, [C, 1]: torch.logsumexp's operations (for finite x), one temporary fewer."""
+    max_C1 = x_CV.amax(-1, keepdim=True)
+    return (x_CV - max_C1).exp_().sum(-1, keepdim=True).log_().add_(max_C1)
+
+
+def _exclusion(ids_CJ: torch.Tensor, valid_CJ: torch.Tensor | None, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """What an "amin" scatter of `ids_CJ` writes: `value` at the valid entries, +inf (no change) at padding."""
+    fill_CJ = torch.full(ids_CJ.shape, value, dtype=dtype, device=ids_CJ.device)
+    return fill_CJ if valid_CJ is None else fill_CJ.masked_fill_(~valid_CJ, math.inf)
+
+
+def logits_grad_(logits_CV: torch.Tensor, reads: list[Read], leaf_grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Overwrite the logits z with dL/dz, from the gradients of the leaves the representation read.
+
+    The exp terms (lse and outside_lse reads) of one temperature share one exp over the vocabulary (`_exp_terms_`);
+    a second temperature (CE's T = 1 beside the divergences' T) is computed into a temporary, 1 / ROW_BLOCKS of
+    the rows at a time. The gathered ids' gradients are scatter-added last.
+    """
+    by_temperature: dict[float, list[tuple[Read, torch.Tensor]]] = {}
+    scatters = []
+    for read, grad in zip(reads, leaf_grads, strict=True):
+        if grad is not None:  # None: a read the weighted terms do not depend on (e.g. CE's at weight 0)
+            terms = scatters if read.kind == "gather" else by_temperature.setdefault(read.temperature, [])
+            terms.append((read, grad / read.temperature))
+    groups = list(by_temperature.items())
+    rows_C = logits_CV.shape[0]
+    block = -(-rows_C // (ROW_BLOCKS if len(groups) > 1 else 1)) or 1
+    for start in range(0, rows_C, block):
+        rows = slice(start, start + block)
+        z_RV = logits_CV[rows]
+        # Every group but the first reads z, so it is computed before z is overwritten.
+        exact = [_excluded_ids_grad(z_RV, temperature, terms, rows) for temperature, terms in groups]
+        others_RV = None
+        for (temperature, terms), exact_ids in zip(groups[1:], exact[1:], strict=True):
+            scaled_RV = z_RV / temperature if temperature != 1.0 else z_RV.clone()
+            term_RV = _exp_terms_(scaled_RV, terms, exact_ids, rows)
+            others_RV = term_RV if others_RV is None else others_RV.add_(term_RV)
+        if groups:
+            temperature, terms = groups[0]
+            _exp_terms_(z_RV.div_(temperature) if temperature != 1.0 else z_RV, terms, exact[0], rows)
+        else:
+            z_RV.zero_()
+        if others_RV is not None:
+            z_RV.add_(others_RV)
+    for read, coef_CJ in scatters:
+        logits_CV.scatter_add_(-1, read.ids_CJ, coef_CJ)
+
+
+def _exp_terms_(
+    scaled_RV: torch.Tensor, terms: list[tuple[Read, torch.Tensor]],
+    exact: tuple[torch.Tensor, torch.Tensor] | None, rows: slice,
+) -> torch.Tensor:
+    """sum over the terms of coef_t * exp(y - value_t) [excluded by none of t's ids], in place on y = z / T over
+    some rows.
+
+    On an id no term excludes, each exp(y - value_t) = exp(y - m) * exp(m - value_t) with m the smallest value: one
+    exp over the vocabulary, times a coefficient per row. exp(y - m) <= 1 there (m is the log-sum-exp of a set
+    holding the id), and exp(m - value_t) <= 1, so nothing overflows; a factor that underflows is one whose term is
+    below the smallest float anyway. The ids some term excludes (where exp(y - m) may overflow) are then written
+    with their exact values, `exact` (from `_excluded_ids_grad`).
+    """
+    values_TR1 = torch.stack([read.leaf.detach()[rows] for read, _ in terms])
+    shift_R1 = values_TR1.amin(0)
+    coef_R1 = sum(coef_C1[rows] * (shift_R1 - value_R1).exp()
+                  for (_, coef_C1), value_R1 in zip(terms, values_TR1, strict=True))
+    scaled_RV.sub_(shift_R1).exp_().mul_(coef_R1)
+    if exact is not None:
+        scaled_RV.scatter_(-1, *exact)
+    return scaled_RV
+
+
+def _excluded_ids_grad(
+    z_RV: torch.Tensor, temperature: float, terms: list[tuple[Read, torch.Tensor]], rows: slice,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(ids [R, U], their dL/dz over the terms [R, U]) for every id an outside_lse term of the group names (U of
+    them, padding included), computed term by term; None when no term excludes ids. Entries of one id get equal
+    values, so a scatter of them is deterministic."""
+    outside = [read for read, _ in terms if read.kind == "outside_lse"]
+    if not outside:
+        return None
+    ids_RU = torch.cat([read.ids_CJ[rows] for read in outside], -1)
+    scaled_RU = z_RV.gather(-1, ids_RU)
+    if temperature != 1.0:
+        scaled_RU = scaled_RU / temperature
+    grad_RU = torch.zeros_like(scaled_RU)
+    for read, coef_C1 in terms:
+        term_RU = coef_C1[rows] * (scaled_RU - read.leaf.detach()[rows]).exp()
+        if read.kind == "outside_lse":  # 0 at the ids this read excludes (where exp may have overflowed)
+            valid_RJ = None if read.valid_CJ is None else read.valid_CJ[rows]
+            term_RU = torch.where(_among(ids_RU, read.ids_CJ[rows], valid_RJ), 0.0, term_RU)
+        grad_RU += term_RU
+    return ids_RU, grad_RU
+
+
+def _among(ids_RU: torch.Tensor, ids_RJ: torch.Tensor, valid_RJ: torch.Tensor | None) -> torch.Tensor:
+    """[R, U] bool: whether each id of `ids_RU` is among the valid entries of `ids_RJ` in its row."""
+    same_RUJ = ids_RU[:, :, None] == ids_RJ[:, None, :]
+    if valid_RJ is not None:
+        same_RUJ &= valid_RJ[:, None, :]
+    return same_RUJ.any(-1)
