@@ -16,7 +16,7 @@ Rows (`ROWS`; KD rows train on forward_kl=ALPHA, ce=1-ALPHA):
   sampled_n50      the N = 50 draws (RS-KD)
   topk_residual_k64  the 64 stored ids, the tail mass given to the true next token (a baseline from the literature)
   hybrid_kK_nN     the exact top-K head + N draws from the tail outside it (`--targets hybrid`), one store per (K, N):
-                   (8, 16), (16, 32), (64, 50)
+                   (8, 16), (16, 32), (64, 50), and (64, 200) to show what the tail estimate's variance costs
   online           the teacher's full distribution, computed during training (`--online-teacher`, the upper one)
 A row is a `RowSpec` (the TrainConfig options that select its targets) on the store of a `StoreSpec`.
 
@@ -114,6 +114,7 @@ STORES = {
     "hybrid_k8_n16": StoreSpec(targets=("hybrid",), top_k=8, num_draws=16),
     "hybrid_k16_n32": StoreSpec(targets=("hybrid",), top_k=16, num_draws=32),
     "hybrid_k64_n50": StoreSpec(targets=("hybrid",), top_k=64, num_draws=50),
+    "hybrid_k64_n200": StoreSpec(targets=("hybrid",), top_k=64, num_draws=200),
 }
 ROWS = (
     RowSpec(CE_ROW, "CE only", kd=False),
@@ -126,6 +127,9 @@ ROWS = (
     RowSpec("hybrid_k8_n16", "hybrid, top-8 + 16 tail draws", {"targets_from": "hybrid"}, store="hybrid_k8_n16"),
     RowSpec("hybrid_k16_n32", "hybrid, top-16 + 32 tail draws", {"targets_from": "hybrid"}, store="hybrid_k16_n32"),
     RowSpec("hybrid_k64_n50", "hybrid, top-64 + 50 tail draws", {"targets_from": "hybrid"}, store="hybrid_k64_n50"),
+    # 4x the draws of the row above: how much of what hybrid misses is the variance of the tail estimate.
+    RowSpec("hybrid_k64_n200", "hybrid, top-64 + 200 tail draws", {"targets_from": "hybrid"},
+            store="hybrid_k64_n200"),
     RowSpec(FULL_ROW, "online full KD", online=True),
 )
 # The stored arrays each representation reads, for its bytes per token (`target_bytes`).
@@ -541,10 +545,6 @@ def main(rows: str, **options) -> None:
     click.echo(f"Written to {setup.output}: quality.md, quality.json, quality.png.")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def bytes_chart(report: dict) -> bytes:
     """PNG: each cached row's share of the CE -> online gap against the bytes per token of its targets."""
     from matplotlib.figure import Figure
@@ -572,3 +572,7 @@ def bytes_chart(report: dict) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    main()
