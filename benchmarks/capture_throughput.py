@@ -62,7 +62,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("forward", "transformers", "vllm")
 # Random teachers built when no --model is given (`--shape`): "small" is the demo teacher's shape with a 32k
-# vocabulary, the default on CPU; "large" (~190M parameters) the default on CUDA. The target extraction costs the
+# vocabulary, the default on CPU; "large" (220M parameters) the default on CUDA. The target extraction costs the
 # same per position whatever the model, so its share of the time falls as the model grows.
 SHAPES = {
     "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},

@@ -548,16 +548,18 @@ def main(rows: str, **options) -> None:
 def bytes_chart(report: dict) -> bytes:
     """PNG: each cached row's share of the CE -> online gap against the bytes per token of its targets."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     figure = Figure(figsize=(7.5, 4.8), layout="constrained")
     axis = figure.subplots()
     points = [row for row in report["rows"]
               if row.get("target_bytes_per_token") and row["gap_share"] is not None]
-    for row in points:
+    for index, row in enumerate(sorted(points, key=lambda row: row["target_bytes_per_token"])):
         marker = "s" if row["name"].startswith("hybrid") else "o"
         axis.scatter(row["target_bytes_per_token"], 100 * row["gap_share"], marker=marker)
+        # Labels alternate above and below their points, so that neighbours on the curve stay readable.
         axis.annotate(row["label"], (row["target_bytes_per_token"], 100 * row["gap_share"]), fontsize=7,
-                      xytext=(4, 3), textcoords="offset points")
+                      xytext=(5, 6 if index % 2 else -11), textcoords="offset points")
     hybrids = sorted((row for row in points if row["name"].startswith("hybrid")),
                      key=lambda row: row["target_bytes_per_token"])
     if len(hybrids) > 1:
@@ -566,6 +568,11 @@ def bytes_chart(report: dict) -> bytes:
     axis.axhline(100, color="black", linewidth=0.8, linestyle=":", label="online full KD")
     axis.axhline(0, color="red", linewidth=0.8, linestyle=":", label="CE only")
     axis.set_xscale("log")
+    axis.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500, 1000)
+                     if min(r["target_bytes_per_token"] for r in points) / 2 <= t
+                     <= 2 * max(r["target_bytes_per_token"] for r in points)] if points else [])
+    axis.xaxis.set_major_formatter(ScalarFormatter())
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.set(xlabel="stored target bytes per token (log scale)", ylabel="share of the CE -> online gap (%)",
              title="Bytes vs quality of the target kinds")
     axis.legend(fontsize=8)
