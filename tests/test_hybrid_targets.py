@@ -347,3 +347,43 @@ def test_vllm_hybrid_is_refused_at_config_time(tmp_path):
                                        "--output", str(tmp_path / "out"), "--backend", "vllm", "--targets", "hybrid"])
     assert result.exit_code == 2 and "--backend transformers" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_student_train_cli_learns_the_hybrid_target_of_a_cli_built_store(tmp_path, hybrid_store, llama_dir):
+    """End to end: `teacher-cache build --targets hybrid`, then `student-train` on it with its default targets. The
+    first step's forward KL is KL(p^ || q) over the whole vocabulary, p^ built here from the stored records (head
+    renormalised with the tail, each drawn tail id at tail x count / N), q the student at its seeded init."""
+    from conftest import make_student_config
+    from transformers import AutoConfig
+
+    from student_train.cli import main as train_main
+    from student_train.loader import LoaderConfig, StoreLoader
+
+    store, _ = hybrid_store
+    student = make_student_config(tmp_path / "student", llama_dir)
+    seed, batch_size = 3, 2
+    result = CliRunner().invoke(train_main, [
+        "--store", str(store), "--student", str(student), "--output", str(tmp_path / "run"), "--batch-size",
+        str(batch_size), "--max-steps", "2", "--seed", str(seed), "--eval-store", str(store), "--loss", "forward_kl=1",
+        "--device", "cpu", "--log-every", "1"])
+    assert result.exit_code == 0, result.output
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+
+    batch = next(iter(StoreLoader(LoaderConfig(store=str(store), batch_size=batch_size, seed=seed))))
+    torch.manual_seed(seed)  # the student's random init, as training makes it
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student), dtype=torch.float32)
+    with torch.no_grad():
+        logq = model(batch["input_ids"][:, :-1]).logits.double().log_softmax(-1)
+    kls = []
+    for b, t in zip(*torch.nonzero(batch["loss_mask"], as_tuple=True), strict=True):
+        head = torch.cat([batch["topk_logprobs"][b, t].double(), batch["tail_logmass"][b, t, None].double()])
+        head = head.softmax(-1)  # the stored log-probs are rounded to 1/64 nat: renormalised with the tail
+        p = torch.zeros(logq.shape[-1], dtype=torch.float64)
+        p[batch["topk_ids"][b, t]] = head[:-1]
+        counts, ids = batch["sampled_counts"][b, t].double(), batch["sampled_ids"][b, t]
+        drawn = counts > 0
+        assert drawn.any() and not torch.isin(ids[drawn], batch["topk_ids"][b, t]).any()
+        p[ids[drawn]] += head[-1] * counts[drawn] / counts.sum()
+        held = p > 0
+        kls.append(float((p[held] * (p[held].log() - logq[b, t][held])).sum()))
+    assert first["forward_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
