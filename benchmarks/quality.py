@@ -58,6 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storage.fs import Location  # noqa: E402
+from storage.layout import draws_from_tail  # noqa: E402
 from storage.manifest import Manifest  # noqa: E402
 from storage.reader import Store  # noqa: E402
 from student_train.checkpoint import latest_checkpoint  # noqa: E402
@@ -215,7 +216,7 @@ def ensure_store(path: Path, spec: StoreSpec, setup: QualitySetup, dataset: str,
 
 def _target_kinds(targets: dict) -> tuple[str, ...]:
     """The build's --targets of a store, from its manifest's targets section."""
-    if targets.get("sampled", {}).get("draws_from") == "tail":
+    if draws_from_tail(targets):
         return ("hybrid",)
     return tuple(kind for kind in ("topk", "sampled") if kind in targets)
 
@@ -243,7 +244,7 @@ def _subset_topk_bytes(store: Store, k: int, names: tuple[str, ...], max_shards:
     import zarr
     from zarr.storage import MemoryStore
 
-    from storage.layout import array_specs
+    from storage.layout import array_specs, logical_sizes
     from storage.writer import quantized_record, write_arrays
 
     total, tokens = 0, 0
@@ -260,9 +261,8 @@ def _subset_topk_bytes(store: Store, k: int, names: tuple[str, ...], max_shards:
         specs = array_specs(vocab_size=store.manifest.teacher["vocab_size"], targets={"topk": {"k": k}})
         specs = {name: spec for name, spec in specs.items() if name.startswith("topk_") or name in names}
         group = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
-        stored = write_arrays(group, specs, quantized_record(narrowed, specs))
-        total += sum(size for name, size in stored.items()
-                     if name in names or (name.startswith("topk_logprob") and "topk_logprobs" in names))
+        stored = logical_sizes(write_arrays(group, specs, quantized_record(narrowed, specs)))
+        total += sum(size for name, size in stored.items() if name in names)
         tokens += int(record["loss_mask"].sum())
     return total / max(tokens, 1)
 

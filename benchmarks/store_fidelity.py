@@ -68,9 +68,8 @@ from benchmarks.machine_info import machine  # noqa: E402
 from storage.layout import (  # noqa: E402
     LOGPROB_FLOOR,
     LOGPROB_SCALE,
-    TOPK_EXCESS,
-    TOPK_FLOOR,
     array_specs,
+    logical_sizes,
     quantize_logprobs,
 )
 from storage.reader import Store  # noqa: E402
@@ -255,9 +254,8 @@ def topk_bytes(dense: dict[str, np.ndarray], vocab_size: int) -> dict[str, float
     specs = {name: spec for name, spec in specs.items() if name in TOPK_ARRAYS or name.startswith("topk_")}
     tokens = int(dense["loss_mask"].sum())
     group = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
-    stored = write_arrays(group, specs, quantized_record({name: dense[name] for name in TOPK_ARRAYS}, specs))
-    if TOPK_EXCESS in stored:  # reported as the logical array, as `Store.bytes_per_token` does
-        stored["topk_logprobs"] = stored.pop(TOPK_FLOOR) + stored.pop(TOPK_EXCESS)
+    stored = logical_sizes(write_arrays(group, specs, quantized_record({name: dense[name] for name in TOPK_ARRAYS},
+                                                                       specs)))
     out = {name: stored[name] / tokens for name in TOPK_ARRAYS}
     return out | {"total": sum(out.values())}
 

@@ -72,14 +72,21 @@ def physical_names(names: list[str], specs: dict) -> list[str]:
     return out
 
 
+def logical_name(name: str) -> str:
+    """The array a reader returns for the stored array `name` (version 3's floor and excesses: topk_logprobs)."""
+    return TOPK_LOGPROBS if name in (TOPK_FLOOR, TOPK_EXCESS) else name
+
+
 def logical_names(names: list[str]) -> list[str]:
     """The inverse of `physical_names`: what a reader returns for the stored arrays `names`."""
-    out = []
-    for name in names:
-        if name in (TOPK_FLOOR, TOPK_EXCESS):
-            name = TOPK_LOGPROBS
-        if name not in out:
-            out.append(name)
+    return list(dict.fromkeys(map(logical_name, names)))
+
+
+def logical_sizes(sizes: dict[str, float]) -> dict[str, float]:
+    """Sizes (bytes, bytes per token) of stored arrays summed by the array a reader returns for each."""
+    out: dict[str, float] = {}
+    for name, size in sizes.items():
+        out[logical_name(name)] = out.get(logical_name(name), 0) + size
     return out
 
 

@@ -22,6 +22,8 @@ from storage.layout import (
     array_specs,
     join_logprobs,
     logical_names,
+    logical_sizes,
+    physical_names,
 )
 from storage.manifest import Manifest, ShardInfo
 from storage.stats import STATS_PREFIX, sample_stats, stat_names
@@ -36,11 +38,11 @@ class ShardReader:
     """
 
     def __init__(self, location: Location, info: ShardInfo, array_names: list[str], targets: dict | None = None,
-                 stored_stats: bool = True, split_logprobs: bool = False):
+                 stored_stats: bool = True):
         self.location = location
         self.info = info
         self.array_names = logical_names([name for name in array_names if not name.startswith(STATS_PREFIX)])
-        self.split_logprobs = split_logprobs or TOPK_EXCESS in array_names
+        self.split_logprobs = TOPK_EXCESS in array_names
         self.targets = targets or {}
         self.stored_stats = stored_stats
 
@@ -155,8 +157,8 @@ class Store:
         for shard in self.shards:
             lo, hi = max(start - first, 0), min(stop - first, len(shard))
             if lo < hi:
-                reader = ShardReader(self.location, shard.info, names, split_logprobs=shard.split_logprobs)
-                parts.append(reader.read(slice(lo, hi)))
+                parts.append(ShardReader(self.location, shard.info, physical_names(names, self.specs)).read(
+                    slice(lo, hi)))
             first += len(shard)
         return {name: np.concatenate([part[name] for part in parts]) for name in names}
 
@@ -175,9 +177,8 @@ class Store:
         """Stored bytes per trained token (loss-mask position) for each logical array (a version 3 store's top-k
         log-prob floor and excesses count as `topk_logprobs`), and in total."""
         tokens = max(self.manifest.num_tokens, 1)
-        totals = {name: sum(s.array_bytes.get(name, 0) for s in self.manifest.shards) for name in self.specs}
-        if TOPK_EXCESS in totals:  # reported as the logical array a reader returns
-            totals[TOPK_LOGPROBS] = totals.pop(TOPK_FLOOR) + totals.pop(TOPK_EXCESS)
+        totals = logical_sizes({name: sum(s.array_bytes.get(name, 0) for s in self.manifest.shards)
+                                for name in self.specs})
         out = {name: b / tokens for name, b in totals.items()}
         out["total"] = sum(totals.values()) / tokens
         return out

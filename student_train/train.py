@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from storage.layout import draws_from_tail
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from student_train.config import TrainConfig
@@ -42,11 +43,6 @@ from student_train.student import build_student
 from teacher_cache.teacher import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def draws_from_tail(targets: dict) -> bool:
-    """The store's draws are of the teacher's tail (ids outside its top-k), beside the exact top-k: a hybrid store."""
-    return targets.get("sampled", {}).get("draws_from") == "tail"
 
 
 def default_targets(targets: dict) -> str:
