@@ -76,7 +76,7 @@ def fused_loss(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _FusedLoss.apply(*inputs, true_P, targets_P, config, scale)
     kd_sum_D, ce_sum, _ = _chunked(*inputs, true_P, targets_P, config, scale, needs=(False, False, False))
-    return _loss(kd_sum_D, ce_sum, config, scale, hidden_PH.shape[0]), kd_sum_D, ce_sum
+    return weighted_loss(kd_sum_D, ce_sum, config, scale, hidden_PH.shape[0]), kd_sum_D, ce_sum
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -89,7 +89,7 @@ class _FusedLoss(torch.autograd.Function):
         kd_sum_D, ce_sum, grads = _chunked(hidden_PH, weight_VH, bias_V, true_P, targets_P, config, scale, needs)
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(kd_sum_D, ce_sum)
-        return _loss(kd_sum_D, ce_sum, config, scale, hidden_PH.shape[0]), kd_sum_D, ce_sum
+        return weighted_loss(kd_sum_D, ce_sum, config, scale, hidden_PH.shape[0]), kd_sum_D, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
@@ -98,8 +98,10 @@ class _FusedLoss(torch.autograd.Function):
         return *grads, None, None, None, None
 
 
-def _loss(kd_sum_D: torch.Tensor, ce_sum: torch.Tensor, config: LossConfig, scale: float,
-          positions: int) -> torch.Tensor:
+def weighted_loss(kd_sum_D: torch.Tensor, ce_sum: torch.Tensor, config: LossConfig, scale: float,
+                  positions: int) -> torch.Tensor:
+    """The loss from the summed divergences [D] and summed CE over `positions` trained positions (module
+    docstring); every loss path combines its sums here."""
     kd_weights, ce_weight = term_weights(config, scale, positions)
     return (kd_sum_D * kd_sum_D.new_tensor(kd_weights)).sum() + ce_weight * ce_sum
 

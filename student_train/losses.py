@@ -57,7 +57,7 @@ from student_train.divergences import (
     TRUE_IDS,
     Logits,
 )
-from student_train.fused_loss import fused_loss
+from student_train.fused_loss import fused_loss, weighted_loss
 from student_train.liger import liger_ce_sum
 
 __all__ = ["CE", "DIVERGENCES", "LOSS_IMPLS", "LOSS_NAMES", "ONLINE", "REPRESENTATIONS", "SCHEDULES", "TAIL_BUCKET",
@@ -278,7 +278,7 @@ def distillation_loss(
     weights_D = kd_mean_D.new_tensor(list(kd_weights.values()))
     kd_total = (weights_D * kd_mean_D).sum()
     if loss is None:  # the fused path's loss carries its own gradient
-        loss = scale * config.temperature**2 * kd_total + config.weights.get(CE, 0.0) * ce_mean
+        loss = weighted_loss(kd_sum_D, ce_sum, config, scale, num_positions)
     metrics = {name: value.detach() for name, value in zip(kd_weights, kd_mean_D, strict=True)}
     kd = kd_total.detach() / weights_D.sum() if kd_weights else kd_total.detach()
     metrics |= {"kd": kd, "ce": ce_mean.detach(), "kd_scale": torch.tensor(scale), "tokens": mask_BL.sum()}
