@@ -6,8 +6,10 @@ is the real Llama-2 one from ../shared/data (32k vocabulary).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,15 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     return make_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module, registered in sys.modules (its dataclasses look it up there)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:

@@ -7,7 +7,6 @@ over the whole vocabulary with the same student and teacher.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import REPO, write_jsonl
+from conftest import load_benchmark, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from storage import open_store
@@ -25,15 +24,8 @@ from student_train.student import load_student
 pytestmark = pytest.mark.slow  # real training steps; train_step.py starts three processes
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _invoke(name: str, args: list[str]) -> dict:
-    result = CliRunner().invoke(_script(name).main, args)
+    result = CliRunner().invoke(load_benchmark(name).main, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
 

@@ -8,14 +8,13 @@ Legend: P trained positions, V vocabulary, K top-k entries.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, write_jsonl
+from conftest import load_benchmark, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from storage.layout import quantize_logprobs
@@ -25,14 +24,7 @@ KS = (4, 16, 64)
 DRAWS = 50
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("store_fidelity", REPO / "benchmarks" / "store_fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-store_fidelity = _load_script()
+store_fidelity = load_benchmark("store_fidelity")
 
 
 @pytest.fixture(scope="module")

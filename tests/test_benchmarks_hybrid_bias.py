@@ -10,14 +10,13 @@ Legend: P trained positions, V vocabulary.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, make_llama, make_small_store
+from conftest import load_benchmark, make_llama, make_small_store
 from transformers import AutoModelForCausalLM
 
 from storage.reader import Store
@@ -25,14 +24,7 @@ from storage.reader import Store
 K, NS = 8, (16, 256, 32000)  # n = V: nothing beyond, every figure 0
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("hybrid_vllm_bias", REPO / "benchmarks" / "hybrid_vllm_bias.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hybrid_vllm_bias = _load_script()
+hybrid_vllm_bias = load_benchmark("hybrid_vllm_bias")
 
 
 @pytest.fixture(scope="module")

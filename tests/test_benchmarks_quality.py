@@ -11,16 +11,14 @@ Legend: B batch, L positions, V vocabulary.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, make_student_config, write_jsonl
+from conftest import load_benchmark, make_student_config, write_jsonl
 from torch.special import xlogy
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -30,15 +28,7 @@ from student_train.loader import LoaderConfig, StoreLoader
 STEPS, BATCH, SEQ_LEN, SEED, ALPHA = 2, 2, 32, 4, 0.8
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_script()
+quality = load_benchmark("quality")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 The reference runs each model's full forward (`model(...).logits`, not the base model + head in chunks), builds
 both full softmaxes over the whole vocabulary in float64 and computes each divergence from its textbook formula with
-`xlogy`; losses and gradients with respect to every student parameter must match. The CLI tests train for a few
-steps and check what is saved, what a resumed run does, and each refusal.
+`xlogy` (`test_losses.divergence`); losses and gradients with respect to every student parameter must match. The
+CLI tests train for a few steps and check what is saved, what a resumed run does, and each refusal.
 
 Legend: B batch, L positions, V the teacher's vocabulary, W the student's.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import make_llama, make_small_store, make_student_config
 from safetensors import safe_open
-from torch.special import xlogy
+from test_losses import BETA, SKEW, divergence
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from storage.reader import Store
@@ -29,8 +29,6 @@ from student_train.loader import LoaderConfig, StoreLoader
 from student_train.losses import TEACHER_HIDDEN, LossConfig, distillation_loss
 from student_train.online_teacher import OnlineTeacher
 from student_train.train import Trainer, train
-
-BETA = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +58,6 @@ def make_student(vocab: int = 32000, seed: int = 5) -> LlamaForCausalLM:
                                         tie_word_embeddings=False))
 
 
-def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return (xlogy(p, p) - xlogy(p, q)).sum(-1)
-
-
-def divergence(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    if name == "forward_kl":
-        return kl(p, q)
-    if name == "jsd":
-        m = BETA * p + (1 - BETA) * q
-        return BETA * kl(p, m) + (1 - BETA) * kl(q, m)
-    assert name == "skew_rkl"
-    return kl(q, 0.1 * q + 0.9 * p)
-
-
 def inputs(batch: dict) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"][:, :-1], "attention_mask": batch["attention_mask"][:, :-1].long()}
 
@@ -95,7 +79,7 @@ def dense_loss(student, teacher_model, batch, weights: dict, temperature: float)
 def online_loss(student, teacher: OnlineTeacher, batch, weights: dict, temperature: float, chunk: int = 16):
     batch = batch | {TEACHER_HIDDEN: teacher.hidden(batch)}
     hidden = student.model(**inputs(batch)).last_hidden_state
-    config = LossConfig(weights=weights, targets="online", temperature=temperature, jsd_beta=BETA,
+    config = LossConfig(weights=weights, targets="online", temperature=temperature, jsd_beta=BETA, skew_alpha=SKEW,
                         chunk_positions=chunk)
     return distillation_loss(hidden, student.get_output_embeddings(), batch, config, teacher_head=teacher.logits)
 
