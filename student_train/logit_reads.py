@@ -44,6 +44,11 @@ class Read:
     valid_CJ: torch.Tensor | None = None
 
 
+def _no_dense_read():
+    raise AssertionError("a dense read of the logits (online targets) has no fused form; losses keeps online targets "
+                         "on the checkpointed path")
+
+
 class Probe:
     """What a representation will ask of `Logits`, found by running it on answers of zeros: the ids of its
     outside_lse reads (they come from the targets, never from the logits' values)."""
@@ -64,8 +69,7 @@ class Probe:
         return self._zeros_C1
 
     def full(self, temperature: float = 1.0) -> torch.Tensor:
-        raise AssertionError("a dense read of the logits (online targets) has no fused form; losses keeps online "
-                             "targets on the checkpointed path")
+        _no_dense_read()
 
 
 class LogitReads:
@@ -130,8 +134,7 @@ class LogitReads:
         return self._leaf(Read("outside_lse", value_C1, temperature, ids_CJ, valid_CJ))
 
     def full(self, temperature: float = 1.0) -> torch.Tensor:
-        raise AssertionError("a dense read of the logits (online targets) has no fused form; losses keeps online "
-                             "targets on the checkpointed path")
+        _no_dense_read()
 
     def _outside_lse(self, ids_CJ: torch.Tensor, temperature: float, valid_CJ: torch.Tensor | None) -> torch.Tensor:
         tiny = torch.finfo(self.logits_CV.dtype).min
