@@ -3,9 +3,11 @@
 The loader must never be what a training run waits on. Three measurements on one store, in one run:
   - loader: `StoreLoader` exactly as `student-train` configures it (its `LoaderConfig`: shuffle, held-out tail,
     prefetch), iterated over a whole epoch with nothing else running, for each `--workers` count. The loader decodes
-    every array of the store (top-k, sampled, statistics inputs), whatever `--targets-from` trains on. Reported:
-    tokens/s over the epoch (worker start-up included) and from the second batch on (steady state), and the
-    seconds to the first batch.
+    every array of the store (top-k, sampled, statistics inputs), whatever `--targets-from` trains on. Each worker
+    count is measured with the store's checksums verified (the default: every file hashed before its first read,
+    and every epoch here starts with nothing verified, as a training run's first epoch does) and with
+    `--no-verify`. Reported: tokens/s over the epoch (worker start-up included) and from the second batch on
+    (steady state), and the seconds to the first batch.
   - consumption: `student-train`'s own training step (`Trainer._train_step`: student forward, chunked loss, backward,
     gradient clipping, AdamW) on batches already in memory, one untimed warm-up step, then `--steps` timed ones.
   - fed by the loader: the same steps pulling their batches from the loader, as `student-train` does; the share of
@@ -48,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine_info import machine  # noqa: E402
+from storage import integrity  # noqa: E402
 from storage.reader import Store  # noqa: E402
 from student_train.config import TrainConfig  # noqa: E402
 from student_train.loader import LoaderConfig, StoreLoader  # noqa: E402
@@ -70,7 +73,11 @@ def default_student(path: Path, store: Store) -> str:
 
 
 def loader_epoch(config: LoaderConfig) -> dict:
-    """One epoch of a fresh loader: seconds, seconds to the first batch, and what it delivered."""
+    """One epoch of a fresh loader: seconds, seconds to the first batch, and what it delivered.
+
+    No file counts as verified at the start (a process verifies each file once), so a verifying epoch hashes them all.
+    """
+    integrity._VERIFIED.clear()
     began = time.perf_counter()
     first = None
     tokens = samples = batches = first_tokens = 0
@@ -155,13 +162,15 @@ def print_table(result: dict) -> None:
                f"({result['student_parameters'] / 1e6:.1f}M parameters) on {opts['device']}, loss "
                f"{' + '.join(result['loss'])} over {result['targets_from']} targets, batch {opts['batch_size']}\n")
     rate = result["consumption"]["tokens_per_s"]
-    click.echo("| what | workers | tokens/s | vs consumption | steady tokens/s | vs consumption | first batch s |")
-    click.echo("|---|---:|---:|---:|---:|---:|---:|")
+    click.echo("| what | workers | checksums | tokens/s | vs consumption | steady tokens/s | vs consumption | first "
+               "batch s |")
+    click.echo("|---|---:|---|---:|---:|---:|---:|---:|")
     for row in result["loader"]:
-        click.echo(f"| loader, one epoch ({row['batches']} batches) | {row['workers']} | {row['tokens_per_s']:,.0f} | "
+        click.echo(f"| loader, one epoch ({row['batches']} batches) | {row['workers']} | "
+                   f"{'verified' if row['verify'] else 'not verified'} | {row['tokens_per_s']:,.0f} | "
                    f"{row['tokens_per_s'] / rate:.1f}x | {row['steady_tokens_per_s']:,.0f} | "
                    f"{row['steady_tokens_per_s'] / rate:.1f}x | {row['first_batch_s']:.2f} |")
-    click.echo(f"| student-train step, batches in memory | - | {rate:,.0f} | 1.0x | | | |")
+    click.echo(f"| student-train step, batches in memory | - | - | {rate:,.0f} | 1.0x | | | |")
     click.echo("\n| student-train steps | workers | tokens/s (mean) | waiting for a batch |")
     click.echo("|---|---:|---:|---:|")
     used = result["consumption"]
@@ -204,8 +213,9 @@ def main(store: str, student: str | None, batch_size: int, workers: str, targets
                              device=device)
         trainer = Trainer(config)
         loader_config = trainer.train_loader.config  # student-train's own loader options
-        rows = [{"workers": w, **best_epoch(dataclasses.replace(loader_config, num_workers=w), repeats)}
-                for w in worker_counts]
+        rows = [{"workers": w, "verify": verify,
+                 **best_epoch(dataclasses.replace(loader_config, num_workers=w, verify=verify), repeats)}
+                for w in worker_counts for verify in (True, False)]
         in_memory = list(itertools.islice(StoreLoader(loader_config), min(steps + 1, len(trainer.train_loader))))
         used = consumption(trainer, in_memory, steps)
         fed = [fed_by_loader(trainer, dataclasses.replace(loader_config, num_workers=w), steps) for w in worker_counts]

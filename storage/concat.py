@@ -12,7 +12,7 @@ uniformly of the current version.
 The output's manifest names the inputs in `dataset.sources` (flattened, so concatenating concatenations keeps
 one list); build options that differ between inputs become null there and stay in each source's entry. Shards
 commit to `merging.json` and `manifest.json` is written last (`StoreWriter.open_merged`): an interrupted merge
-never looks like a store, and `resume` finishes it.
+never looks like a store, and `resume` finishes it. The output is locked while it is written (`storage/lock.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from storage.fs import Location
-from storage.layout import FORMAT_VERSION, LOGPROB_SCALE, draws_from_tail
+from storage.layout import CURRENT_SHARD_VERSIONS, LOGPROB_SCALE, draws_from_tail
+from storage.lock import OutputLock
 from storage.manifest import Manifest, header_differences
 from storage.reader import Store
 from storage.writer import StoreWriter
@@ -63,25 +64,28 @@ def concat_stores(inputs: Sequence[str | os.PathLike], output: str | os.PathLike
         ValueError: an input is unfinished or not a store; the inputs differ (every difference is named); the
             output exists (see `StoreWriter.check_merged_output`).
         RuntimeError: an input's file does not match its checksum.
+        LockError: another writer holds the output's lock (`storage/lock.py`).
     """
     if len(inputs) < 2:
         raise ValueError(f"concatenating needs at least 2 stores, got {len(inputs)}.")
-    StoreWriter.check_merged_output(Location(output), resume=resume)
-    stores = open_inputs(inputs)
-    check_concatenable(stores)
-    writer = StoreWriter.open_merged(output, concat_manifest(stores), resume=resume)
-    done = writer.committed_shards
-    plan = [(store, shard) for store in stores for shard in store.shards]
-    positions = sum(store.manifest.num_positions for store in stores)
-    with tqdm(total=positions, unit="tok", unit_scale=True, desc="teacher-cache merge", dynamic_ncols=True) as bar:
-        for index, (store, shard) in enumerate(plan):
-            if index not in done:
-                if store.manifest.format_version == FORMAT_VERSION:
-                    writer.copy_shard(index, store.location, shard.info)
-                else:  # an older version: decoded and written again in the current layout, with its statistics
-                    writer.write_shard(index, shard.read())
-            bar.update(shard.info.num_positions)
-    manifest = writer.finish()
+    with OutputLock(Location(output)):
+        StoreWriter.check_merged_output(Location(output), resume=resume)
+        stores = open_inputs(inputs)
+        check_concatenable(stores)
+        writer = StoreWriter.open_merged(output, concat_manifest(stores), resume=resume)
+        done = writer.committed_shards
+        plan = [(store, shard) for store in stores for shard in store.shards]
+        positions = sum(store.manifest.num_positions for store in stores)
+        with tqdm(total=positions, unit="tok", unit_scale=True, desc="teacher-cache merge",
+                  dynamic_ncols=True) as bar:
+            for index, (store, shard) in enumerate(plan):
+                if index not in done:
+                    if store.manifest.format_version in CURRENT_SHARD_VERSIONS:
+                        writer.copy_shard(index, store.location, shard.info)
+                    else:  # an older version: decoded and written again in the current layout, with its statistics
+                        writer.write_shard(index, shard.read())
+                bar.update(shard.info.num_positions)
+        manifest = writer.finish()
     log.info("concatenated %d stores into %s: %d samples, %d trained tokens in %d shards", len(stores), output,
              manifest.num_samples, manifest.num_tokens, len(manifest.shards))
     return manifest

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from storage.concat import open_inputs
 from storage.fs import Location
 from storage.layout import LOGPROB_SCALE, draws_from_tail
+from storage.lock import OutputLock
 from storage.manifest import Manifest, header_differences
 from storage.mixture import TopkUnion, draw_split, entropy_lower_bound, mix_logprobs, pool_draws
 from storage.reader import Store
@@ -105,23 +106,26 @@ def ensemble_stores(config: EnsembleConfig) -> Manifest:
     Raises:
         ValueError: a member is unfinished or not a store; the members differ in tokenizer, vocabulary or
             samples (named); nothing can be ensembled; `top_k` is too large; the output exists.
+        LockError: another writer holds the output's lock (`storage/lock.py`).
     """
-    StoreWriter.check_merged_output(Location(config.output), resume=config.resume)
-    stores = open_inputs(config.inputs)
-    check_same_samples(stores)
-    plan = _plan(stores, config)
-    writer = StoreWriter.open_merged(config.output, ensemble_manifest(stores, plan, config), resume=config.resume)
-    done = writer.committed_shards
-    first = stores[0]
-    starts = np.cumsum([0] + [len(shard) for shard in first.shards])
-    with tqdm(total=first.manifest.num_positions, unit="tok", unit_scale=True, desc="teacher-cache merge --ensemble",
-              dynamic_ncols=True) as bar:
-        for index, shard in enumerate(first.shards):
-            if index not in done:
-                rng = np.random.default_rng([config.seed, index])
-                writer.write_shard(index, _mix_rows(stores, plan, int(starts[index]), int(starts[index + 1]), rng))
-            bar.update(shard.info.num_positions)
-    manifest = writer.finish()
+    with OutputLock(Location(config.output)):
+        StoreWriter.check_merged_output(Location(config.output), resume=config.resume)
+        stores = open_inputs(config.inputs)
+        check_same_samples(stores)
+        plan = _plan(stores, config)
+        writer = StoreWriter.open_merged(config.output, ensemble_manifest(stores, plan, config), resume=config.resume)
+        done = writer.committed_shards
+        first = stores[0]
+        starts = np.cumsum([0] + [len(shard) for shard in first.shards])
+        with tqdm(total=first.manifest.num_positions, unit="tok", unit_scale=True,
+                  desc="teacher-cache merge --ensemble", dynamic_ncols=True) as bar:
+            for index, shard in enumerate(first.shards):
+                if index not in done:
+                    rng = np.random.default_rng([config.seed, index])
+                    writer.write_shard(index, _mix_rows(stores, plan, int(starts[index]), int(starts[index + 1]),
+                                                        rng))
+                bar.update(shard.info.num_positions)
+        manifest = writer.finish()
     log.info("ensembled %d stores into %s: %d samples, %d trained tokens in %d shards", len(stores), config.output,
              manifest.num_samples, manifest.num_tokens, len(manifest.shards))
     return manifest

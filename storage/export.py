@@ -1,11 +1,14 @@
 """Export a store to Arrow / Parquet: one row per sample, one row group per shard.
 
 Columns hold lists over positions (and, for top-k, sampled and hidden records, lists within them); they are
-built from the flat arrays with offsets, never by looping over tokens.
+built from the flat arrays with offsets, never by looping over tokens. The file's schema metadata carries the
+store's manifest header under `MANIFEST_KEY`, so that a reader of the Parquet file alone knows what the columns
+mean (above all `targets.sampled.draws_from`: hybrid stores' draws come from the tail, not the whole distribution).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -13,7 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from storage.manifest import Manifest
 from storage.reader import ShardReader, Store
+
+# Schema metadata key of the manifest header (JSON) in an exported Parquet file.
+MANIFEST_KEY = "teacher_cache.manifest"
 
 
 def shard_table(shard: ShardReader, first_sample: int) -> pa.Table:
@@ -46,15 +53,24 @@ def _nested_list(values: np.ndarray) -> pa.Array:
     return flat
 
 
+def manifest_metadata(manifest: Manifest) -> dict[str, str]:
+    """The schema metadata of an export: the manifest's format, format version, teacher, dataset, build and
+    targets, as one JSON object under `MANIFEST_KEY`."""
+    header = {"format": manifest.format, "format_version": manifest.format_version, **manifest.header()}
+    return {MANIFEST_KEY: json.dumps(header, sort_keys=True)}
+
+
 def export_parquet(store: Store, output: str | os.PathLike, *, compression: str = "zstd") -> int:
-    """Write every sample of `store` to the Parquet file `output`; returns the number of rows written."""
+    """Write every sample of `store` to the Parquet file `output`, with its manifest header in the schema
+    metadata (`manifest_metadata`); returns the number of rows written."""
     writer = None
     written = 0
     try:
         for shard in tqdm(store.shards, desc="export", unit="shard"):
             table = shard_table(shard, written)
             if writer is None:
-                writer = pq.ParquetWriter(os.fspath(output), table.schema, compression=compression)
+                schema = table.schema.with_metadata(manifest_metadata(store.manifest))
+                writer = pq.ParquetWriter(os.fspath(output), schema, compression=compression)
             writer.write_table(table)
             written += table.num_rows
     finally:

@@ -142,3 +142,25 @@ class Location:
 
     def open_group(self, rel: str, *, mode: str) -> zarr.Group:
         return zarr.open_group(store=self.zarr_store(rel, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Create the file `rel` with `data`, failing when it exists (see `storage/lock.py` for fsspec URLs).
+
+        Raises:
+            FileExistsError: the file exists.
+        """
+        if not self.local:
+            self.fs.pipe_file(self._full(rel), data, mode="create")
+            return
+        fd = os.open(self._full(rel), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def temporaries(self, rel: str) -> list[str]:
+        """The temporary files that interrupted `write_bytes_atomic` calls of `rel` left, as paths below the root."""
+        parent, _, name = rel.rpartition("/")
+        prefix = f".{name}.tmp-"
+        return [f"{parent}/{entry}" if parent else entry for entry in self.listdir(parent) if entry.startswith(prefix)]

@@ -17,12 +17,17 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.codecs.numcodecs import Delta, FixedScaleOffset
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Versions this release reads. Version 1 lacks the per-sample statistics arrays (`storage/stats.py`). Version 3
 # stores `topk_logprobs` as a per-position floor plus the excess above it (`split_logprobs`), and adds
 # `targets.sampled.draws_from` ("tail": hybrid targets), which an older reader would ignore and so misread the
 # draws as draws from the full distribution.
-READABLE_VERSIONS = (1, 2, 3)
+# Version 4 adds the manifest's digest of itself (`storage/integrity.py`); its shards are those of version 3.
+READABLE_VERSIONS = (1, 2, 3, 4)
+# Versions whose manifest carries `manifest_sha256`, which readers check.
+DIGESTED_VERSIONS = (4,)
+# Versions whose shards have this release's layout: merging copies their shards as they are.
+CURRENT_SHARD_VERSIONS = (3, 4)
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 

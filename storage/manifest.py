@@ -14,7 +14,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from storage.fs import Location
-from storage.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, draws_from_tail
+from storage.integrity import DIGEST_KEY, StoreDamaged, canonical_digest, check_digest, manifest_problems
+from storage.layout import (
+    DIGESTED_VERSIONS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    READABLE_VERSIONS,
+    draws_from_tail,
+)
 
 # Sections of the header that decide the store's content; a resumed build must match them exactly.
 CONTENT_SECTIONS = ("teacher", "dataset", "build", "targets")
@@ -91,10 +99,13 @@ class Manifest:
         return {name: getattr(self, name) for name in CONTENT_SECTIONS}
 
     def to_json(self) -> str:
+        """The manifest as JSON; from format version 4 on, it ends with the digest of everything before it."""
         data = asdict(self)
         if self.worker is None:
             del data["worker"]
         data["totals"] = {"samples": self.num_samples, "positions": self.num_positions, "tokens": self.num_tokens}
+        if self.format_version in DIGESTED_VERSIONS:
+            data[DIGEST_KEY] = canonical_digest(data)
         return json.dumps(data, indent=1, sort_keys=False)
 
     @classmethod
@@ -102,7 +113,7 @@ class Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise RuntimeError(f"{source} is damaged: it is not valid JSON ({exc}).") from None
+            raise StoreDamaged(f"{source} is damaged: it is not valid JSON ({exc}).") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise RuntimeError(f"{source} is not a {FORMAT_NAME} manifest (format={found!r}).")
@@ -112,12 +123,18 @@ class Manifest:
                 f"{source} has format version {version}; this release reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))} (up to {FORMAT_VERSION}). Upgrade teacher-cache to read it."
             )
+        if version in DIGESTED_VERSIONS or DIGEST_KEY in data:  # a digest with an older version: the version was edited
+            check_digest(data, source=source)
+        if problems := manifest_problems(data):
+            raise StoreDamaged(f"{source} contradicts itself, so it cannot be trusted:\n  " + "\n  ".join(problems)
+                               + "\nRestore it from a copy of the store, or rebuild the store.")
         data.pop("totals", None)
+        data.pop(DIGEST_KEY, None)
         try:
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
             return cls(**data)
         except (KeyError, TypeError) as exc:
-            raise RuntimeError(f"{source} is damaged: a required entry is missing or malformed ({exc}).") from None
+            raise StoreDamaged(f"{source} is damaged: a required entry is missing or malformed ({exc}).") from None
 
     def save(self, location: Location, name: str = MANIFEST_NAME) -> None:
         """Write atomically to `name` (the store's manifest, or a worker's) below `location`."""
@@ -145,7 +162,7 @@ class Manifest:
         try:
             text = location.read_bytes(name).decode()
         except UnicodeDecodeError:
-            raise RuntimeError(f"{source} is damaged: it is not UTF-8 text.") from None
+            raise StoreDamaged(f"{source} is damaged: it is not UTF-8 text.") from None
         return cls.from_json(text, source=source)
 
 

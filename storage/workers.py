@@ -3,9 +3,9 @@
 Shards are the unit of work. Every worker reads the same sample stream; worker I of W computes and writes the
 global shards s with s % W == I into the one store, and commits each to its own manifest
 `workers/worker-IIIII-of-WWWWW.json` (the format of `manifest.json` plus a `worker` entry). No worker writes
-another's files, so they need no lock and each resumes alone. The merge writes the store's `manifest.json`
-once every worker has finished; that write is the commit point of the whole build. Merging is idempotent:
-two workers that finish at once may both merge, and write the same manifest.
+another's files, so each locks only its own part (`storage/lock.py`) and resumes alone. The merge writes the
+store's `manifest.json` once every worker has finished; that write is the commit point of the whole build. Merging
+is idempotent: two workers that finish at once may both merge, and write the same manifest.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from storage.fs import Location
 from storage.layout import MANIFEST_NAME
+from storage.lock import OutputLock
 from storage.manifest import WORKERS_DIR, Manifest, ShardInfo, header_differences
 
 log = logging.getLogger(__name__)
@@ -159,19 +160,21 @@ def merge_workers(location: Location) -> Manifest:
     Raises:
         RuntimeError: workers that have not finished, shards that are absent, or a store that is no build by
             workers; the message says what to do.
+        LockError: another writer holds the store's lock (`storage/lock.py`).
     """
-    if not location.exists(MANIFEST_NAME) and not location.listdir(WORKERS_DIR):
-        raise RuntimeError(
-            f"{location} has neither {MANIFEST_NAME} nor worker manifests: it is not a teacher-cache store."
-        )
-    merged = merge_if_finished(location)
-    if merged is None:
-        waiting = _waiting(load_workers(location))
-        raise RuntimeError(
-            f"Cannot merge {location}: {_describe_waiting(waiting)}. Rerun them with the same options and "
-            "--resume; the last one to finish merges the store."
-        )
-    return merged
+    with OutputLock(location):
+        if not location.exists(MANIFEST_NAME) and not location.listdir(WORKERS_DIR):
+            raise RuntimeError(
+                f"{location} has neither {MANIFEST_NAME} nor worker manifests: it is not a teacher-cache store."
+            )
+        merged = merge_if_finished(location)
+        if merged is None:
+            waiting = _waiting(load_workers(location))
+            raise RuntimeError(
+                f"Cannot merge {location}: {_describe_waiting(waiting)}. Rerun them with the same options and "
+                "--resume; the last one to finish merges the store."
+            )
+        return merged
 
 
 def _merged(location: Location) -> Manifest | None:

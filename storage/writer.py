@@ -34,6 +34,7 @@ from storage.layout import (
     shard_name,
     split_logprobs,
 )
+from storage.lock import is_lock_file
 from storage.manifest import MERGING_NAME, WORKERS_DIR, Manifest, ShardInfo, header_differences
 from storage.stats import sample_stats
 from storage.workers import WorkerSlot, check_agreement, entry_shard, shard_index
@@ -49,6 +50,9 @@ class StoreWriter:
     With `worker` set, this process is one of several that share the build: it writes only the shards that
     worker owns and commits them to its own manifest; `storage/workers.py` merges the workers' manifests. A store
     made from other stores (`open_merged`) commits its shards to `merging.json` and writes `manifest.json` last.
+
+    The commands that write a store hold its lock (`storage.lock.OutputLock`, a worker its own part's) from before
+    they check the output until they end; a resumed writer then cleans up after the interrupted one.
     """
 
     def __init__(self, location: Location, manifest: Manifest, worker: WorkerSlot | None = None, *,
@@ -68,12 +72,14 @@ class StoreWriter:
     def check_output(cls, location: Location, *, resume: bool, worker: WorkerSlot | None = None) -> None:
         """Refuse an output this build must not write to, before anything is loaded or written.
 
+        Called with the output's lock held (`storage/lock.py`), whose lock files do not count as data.
+
         Raises:
             ValueError: without `resume`, the output holds data (for a worker: its own manifest, a finished
                 store or foreign files); with `resume`, a store of workers resumed by a single process or the
                 other way round.
         """
-        existing = location.listdir()
+        existing = _entries(location)
         if worker is None:
             if existing and not resume:
                 raise ValueError(
@@ -114,7 +120,7 @@ class StoreWriter:
             ValueError: the output is a store already; or it holds data and `resume` is off; or `resume` is on and
                 it holds no unfinished merge.
         """
-        existing = location.listdir()
+        existing = _entries(location)
         if MANIFEST_NAME in existing:
             raise ValueError(f"Output {location} is a store already ({MANIFEST_NAME}); choose a new --output.")
         if resume and existing and MERGING_NAME not in existing:
@@ -146,6 +152,7 @@ class StoreWriter:
                 raise ValueError(f"Cannot resume {location}: the interrupted merge had other inputs or options.\n  "
                                  + "\n  ".join(diffs) + "\nRerun it as it was started, or merge into a new --output.")
             writer = cls(location, stored, manifest_name=MERGING_NAME)
+            writer._remove_temporaries()
             writer._remove_uncommitted()
             log.info("resuming the merge into %s after %d committed shards", location, len(stored.shards))
             return writer
@@ -169,7 +176,7 @@ class StoreWriter:
         cls.check_output(location, resume=resume, worker=worker)
         if worker is not None:
             return cls._open_worker(location, manifest, worker, resume=resume)
-        if resume and location.listdir():
+        if resume and _entries(location):
             return cls._resume(location, manifest)
         location.makedirs(SHARDS_DIR)
         manifest.save(location)
@@ -214,6 +221,7 @@ class StoreWriter:
         if stored.complete and worker is None:
             raise ValueError(f"{location} is already complete ({stored.num_samples} samples); nothing to resume.")
         writer = cls(location, stored, worker)
+        writer._remove_temporaries()
         if stored.complete:
             log.info("worker %d of %d already finished (%d shards)", worker.index, worker.count, len(stored.shards))
             return writer
@@ -221,6 +229,17 @@ class StoreWriter:
         log.info("resuming %s after %d committed shards (%d samples)%s", location, len(stored.shards),
                  stored.num_samples, "" if worker is None else f" of worker {worker.index} of {worker.count}")
         return writer
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporary files that writes of this writer's manifests left when they were interrupted.
+
+        The output's lock is held, so no other process writes these manifests. A worker deletes only its own
+        manifest's: the others may be in flight in another worker. A merge also writes `manifest.json` last.
+        """
+        names = [self.manifest_name, *([MANIFEST_NAME] if self.manifest_name == MERGING_NAME else [])]
+        for rel in (rel for name in names for rel in self.location.temporaries(name)):
+            log.info("removing %s, left by an interrupted manifest write", rel)
+            self.location.remove_file(rel)
 
     def _remove_uncommitted(self) -> None:
         """Delete shard directories the manifest does not list: leftovers of an interrupted commit.
@@ -315,6 +334,11 @@ class StoreWriter:
             return self.manifest
         self.manifest.save(self.location, self.manifest_name)
         return self.manifest
+
+
+def _entries(location: Location) -> list[str]:
+    """The entries of an output's directory, less the lock files of its writers."""
+    return [name for name in location.listdir() if not is_lock_file(name)]
 
 
 def _with_offsets(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -112,3 +112,21 @@ def make_student_config(path: Path, tokenizer_dir: Path, *, layers: int = 1, max
                 tie_word_embeddings=False).save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return path
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Write a hand-edited manifest as a build would have written it: each shard's positions and the totals recounted
+    from its samples and `build.seq_len`, and a version 4 manifest's digest of itself recomputed (FORMAT.md), so that
+    what the edit simulates is a store made that way, not a damaged one."""
+    from storage.integrity import DIGEST_KEY, canonical_digest
+
+    manifest = {key: value for key, value in manifest.items() if key != DIGEST_KEY}
+    seq_len = manifest["build"].get("seq_len")
+    for shard in manifest["shards"]:
+        shard["num_positions"] = shard["num_samples"] * seq_len
+    if "totals" in manifest:
+        manifest["totals"] = {total: sum(s[f"num_{total}"] for s in manifest["shards"])
+                              for total in ("samples", "positions", "tokens")}
+    if manifest["format_version"] >= 4:
+        manifest[DIGEST_KEY] = canonical_digest(manifest)
+    path.write_text(json.dumps(manifest, indent=1))

@@ -47,7 +47,8 @@ def test_loader_speed_counts_the_store_tokens(tmp_path, llama_dir, corpus_texts)
     assert len(opened) == 40
     train = len(opened) - round(0.05 * len(opened))
     tokens = int(opened.read_rows(0, train, ["loss_mask"])["loss_mask"].sum())
-    assert [row["workers"] for row in result["loader"]] == [0, 2]
+    assert [(row["workers"], row["verify"]) for row in result["loader"]] == [(0, True), (0, False), (2, True),
+                                                                             (2, False)]
     for row in result["loader"]:
         assert (row["samples"], row["batches"], row["tokens"]) == (train, train, tokens)
         assert _positive(row["tokens_per_s"], row["steady_tokens_per_s"], row["first_batch_s"])

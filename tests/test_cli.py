@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import write_jsonl, write_manifest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -76,7 +76,7 @@ def test_info_json_matches_the_dataset(built, expected, llama_dir, dataset):
     result = CliRunner().invoke(main, ["info", str(store), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["complete"] is True and report["format_version"] == 3
+    assert report["complete"] is True and report["format_version"] == 4
     assert report["samples"] == expected["samples"]
     assert report["tokens"] == expected["tokens"]
     assert report["positions"] == expected["positions"]
@@ -113,7 +113,7 @@ def test_info_shows_an_incomplete_store(tmp_path, built):
     store = Path(shutil.copytree(built[0], tmp_path / "store"))
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["complete"] = False
-    (store / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(store / "manifest.json", manifest)
     result = CliRunner().invoke(main, ["info", str(store)])
     assert result.exit_code == 0
     assert "INCOMPLETE: resume the build" in result.stdout

@@ -321,7 +321,7 @@ def _manifest_of(complete_store: Path, **changes) -> str:
 
 @pytest.mark.parametrize("change, fragments", [
     ({"format": "something-else"}, ["not a teacher-cache manifest", "'something-else'"]),
-    ({"format_version": 4}, ["format version 4", "up to 3", "Upgrade"]),
+    ({"format_version": 5}, ["format version 5", "up to 4", "Upgrade"]),
 ])
 def test_info_on_a_foreign_or_newer_manifest(tmp_path, complete_store, change, fragments):
     store = _copy(complete_store, tmp_path)

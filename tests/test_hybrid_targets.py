@@ -238,11 +238,11 @@ def topk_store(tmp_path_factory, llama_dir, data) -> Path:
     return _build(llama_dir, data, tmp_path_factory.mktemp("topk") / "store", "--targets", "topk")[0]
 
 
-def test_cli_build_writes_a_version_3_store_of_tail_draws(hybrid_store):
+def test_cli_build_writes_a_version_4_store_of_tail_draws(hybrid_store):
     store, result = hybrid_store
     assert "Wrote 6 samples" in result.output
     manifest, samples = read_with_zarr(store)
-    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 3
+    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 4
     targets = manifest["targets"]
     assert targets["sampled"]["draws_from"] == "tail" and targets["sampled"]["num_draws"] == N
     assert targets["topk"]["k"] == K and "tail_bucket_id" not in targets["sampled"]
@@ -300,7 +300,7 @@ def test_info_and_inspect_show_a_hybrid_store(hybrid_store):
     info = CliRunner().invoke(main, ["info", str(store)])
     assert info.exit_code == 0 and described in info.output, info.output
     report = json.loads(CliRunner().invoke(main, ["info", str(store), "--json"]).output)
-    assert report["targets_summary"] == described and report["format_version"] == 3
+    assert report["targets_summary"] == described and report["format_version"] == 4
     inspect = CliRunner().invoke(main, ["inspect", str(store)])
     assert inspect.exit_code == 0 and f"targets    {described}" in inspect.output, inspect.output
 
@@ -308,7 +308,7 @@ def test_info_and_inspect_show_a_hybrid_store(hybrid_store):
 def test_hybrid_stores_concatenate_only_with_hybrid_stores(tmp_path, hybrid_store, topk_store):
     store, _ = hybrid_store
     manifest = concat_stores([store, store], tmp_path / "twice")
-    assert manifest.format_version == 3 and manifest.targets["sampled"]["draws_from"] == "tail"
+    assert manifest.format_version == 4 and manifest.targets["sampled"]["draws_from"] == "tail"
     _, samples = read_with_zarr(tmp_path / "twice")
     _, once = read_with_zarr(store)
     for a, b in zip(samples, once + once, strict=True):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_llama, make_small_store, make_student_config
+from conftest import make_llama, make_small_store, make_student_config, write_manifest
 from transformers import AutoModelForCausalLM
 
 from storage import StoreWriter, open_store
@@ -77,12 +77,20 @@ def _assert_samples_equal(got: dict, want: dict, where) -> None:
 
 
 def _edited_copy(store: Path, dest: Path, edit) -> Path:
-    """A copy of `store` whose manifest `edit(dict)` changed (the arrays stay those of `store`)."""
+    """A copy of `store` whose manifest `edit(dict)` changed, as if built so (the arrays stay those of `store`)."""
     shutil.copytree(store, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     edit(manifest)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(dest / "manifest.json", manifest)
     return dest
+
+
+def _without_sampled(manifest: dict) -> None:
+    """A store built without sampled targets: neither the targets section nor the shards' entries name them."""
+    manifest["targets"].pop("sampled")
+    for shard in manifest["shards"]:
+        shard["array_bytes"] = {k: v for k, v in shard["array_bytes"].items() if not k.startswith("sampled_")}
+        shard["files"] = {k: v for k, v in shard["files"].items() if not k.startswith("sampled_")}
 
 
 # --- concatenation -------------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def test_student_trains_on_a_concatenation(tmp_path, concatenated, llama_dir):
     (lambda m: m["targets"]["topk"].update(k=16), "targets.topk.k: "),
     (lambda m: m["build"].update(seq_len=64), "build.seq_len: "),
     (lambda m: m["teacher"].update(tokenizer_sha256="0" * 64), "teacher.tokenizer_sha256: "),
-    (lambda m: m["targets"].pop("sampled"), "targets.sampled: "),
+    (_without_sampled, "targets.sampled: "),
 ])
 def test_concatenation_names_each_difference(tmp_path, store_a, edit, named):
     other = _edited_copy(store_a, tmp_path / "other", edit)
@@ -466,9 +474,10 @@ def test_ensemble_of_two_real_teachers_is_a_distribution_below_the_true_mixture(
     true_q = np.take_along_axis(q, got["input_ids"][:, 1:][mask].astype(np.int64)[:, None], 1)[:, 0]
     np.testing.assert_allclose(got["true_logprob"][mask], np.log(true_q), atol=1e-4)
     # The union's mixture is a lower bound of the true one, up to the rounding of stored log-probs: the members'
-    # and the ensemble's, 1/128 nat each.
+    # and the ensemble's, 1/128 nat each; and up to the float32 noise of this forward, which recomputes the builds'
+    # log-probs with other kernels (measured up to 7e-6 nat on the tiny teachers; 1e-4 allowed).
     log_q_top = np.log(np.take_along_axis(q, got["topk_ids"][mask].astype(np.int64), 1))
-    assert (got["topk_logprobs"][mask] <= log_q_top + 2 / 128 + 1e-5).all()
+    assert (got["topk_logprobs"][mask] <= log_q_top + 2 / 128 + 1e-4).all()
     entropy = -(q * np.log(np.maximum(q, 1e-300))).sum(1)
     assert (got["entropy"][mask] <= entropy + 1e-4).all()
     member_entropy = sum(w * open_store(s).read_rows(0, len(store), ["entropy"])["entropy"][mask]

@@ -152,8 +152,9 @@ def test_resuming_a_version_1_build_is_refused_and_leaves_it_readable(tmp_path):
     StoreWriter.open(tmp_path / "v1", manifest, resume=False).write_shard(0, record)  # interrupted: not finished
     before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "v1").rglob("*") if p.is_file())
     fresh = Manifest(teacher={"vocab_size": 32000}, dataset={}, build={"seq_len": 4}, targets={"topk": {"k": K}})
-    with pytest.raises(ValueError, match="format version 1.*writes version 3.*new --output"):
+    with pytest.raises(ValueError, match="format version 1.*writes version 4.*new --output"):
         StoreWriter.open(tmp_path / "v1", fresh, resume=True)
     after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "v1").rglob("*") if p.is_file())
     assert after == before
     assert len(open_store(tmp_path / "v1", allow_incomplete=True)) == S
+

@@ -205,13 +205,13 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, llama_dir, dataset,
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 240
-            while process.poll() is None and _committed_shards(output) < 1 and time.monotonic() < deadline:
+            # No deadline: the build ends by itself, so the wait ends however slow a loaded machine makes it.
+            while process.poll() is None and _committed_shards(output) < 1:
                 time.sleep(0.01)
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
         finally:
-            process.wait(timeout=60)
+            if process.poll() is None:  # mid-build (or the test failed): SIGKILL cannot be ignored, so wait() returns
+                process.send_signal(signal.SIGKILL)
+            process.wait()
     killed = process.returncode == -signal.SIGKILL
     assert killed or process.returncode == 0, log_path.read_text()[-3000:]
 
@@ -234,12 +234,18 @@ def read_with_zarr(root: Path) -> tuple[dict, list[dict]]:
     Each sample holds its dense arrays without the sample axis, and `sampled` = [(ids, counts)] per position.
     """
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 3
+    assert manifest["format"] == "teacher-cache" and manifest["format_version"] == 4
+    # What FORMAT.md says a reader must check: the manifest's digest of itself, then every file's SHA-256.
+    rest = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert manifest["manifest_sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
     samples = []
     for shard in manifest["shards"]:
+        for rel, digest in shard["files"].items():
+            assert hashlib.sha256((root / shard["name"] / rel).read_bytes()).hexdigest() == digest
         group = zarr.open_group(str(root / shard["name"]), mode="r")
         arrays = {name: array[...] for name, array in group.arrays()}
-        # Version 3: the top-k log-probs are the position's floor plus each one's excess above it.
+        # Versions 3 and 4: the top-k log-probs are the position's floor plus each one's excess above it.
         arrays["topk_logprobs"] = arrays.pop("topk_logprob_floor")[..., None] + arrays.pop("topk_logprob_excess")
         offsets, nunique = arrays["sampled_offsets"], arrays["sampled_nunique"]
         assert offsets.shape == (shard["num_samples"] + 1,) and offsets[0] == 0
@@ -361,6 +367,12 @@ def test_stored_statistics_equal_brute_force_over_the_stored_targets(reference):
     assert seen_ranks.sum() == manifest["totals"]["tokens"]
 
 
+# The reference below recomputes the build's log-probs with other kernels (one unpadded sample through the model's own
+# forward, against padded batches through the base model and the head): float32 noise of up to 7e-6 nat measured.
+# Comparisons allow 1e-4 for it, far below a 1/64-nat step.
+RECOMPUTE_NOISE = 1e-4
+
+
 def test_topk_matches_brute_force_teacher(reference, llama_dir):
     """Stored top-k and true-token log-probs against torch.topk of the model's own full log-softmax."""
     _, samples = read_with_zarr(reference)
@@ -374,12 +386,15 @@ def test_topk_matches_brute_force_teacher(reference, llama_dir):
         mask = torch.from_numpy(s["loss_mask"])
         torch.testing.assert_close(torch.from_numpy(s["hidden_states_2"].astype(np.float32))[mask],
                                    out.hidden_states[2][0][mask].half().float(), rtol=2e-3, atol=2e-3)
-        top_logp, top_ids = logp.topk(TOP_K, dim=-1)
-        top_ids, order = top_ids.sort(-1)  # stored in ascending id order
-        top_logp = top_logp.gather(-1, order)
-        assert torch.equal(torch.from_numpy(s["topk_ids"].astype(np.int64))[mask], top_ids[mask])
-        torch.testing.assert_close(torch.from_numpy(s["topk_logprobs"].astype(np.float32))[mask], top_logp[mask],
-                                   rtol=0, atol=1 / 128 + 1e-6)  # steps of 1/64 nat
+        top_logp, top_ids = logp.topk(TOP_K + 1, dim=-1)
+        # The same ids (stored in ascending order) wherever the k-th and (k+1)-th are further apart than the noise.
+        separated = mask & (top_logp[:, TOP_K - 1] - top_logp[:, TOP_K] > RECOMPUTE_NOISE)
+        assert separated.sum() > 0.5 * mask.sum()
+        stored_ids = torch.from_numpy(s["topk_ids"].astype(np.int64))
+        assert torch.equal(stored_ids[separated], top_ids[:, :TOP_K].sort(-1).values[separated])
+        # Steps of 1/64 nat: each within 1/128 of the build's value, so of the reference up to the noise.
+        torch.testing.assert_close(torch.from_numpy(s["topk_logprobs"].astype(np.float32))[mask],
+                                   logp.gather(-1, stored_ids)[mask], rtol=0, atol=1 / 128 + RECOMPUTE_NOISE)
         true_logp = logp.gather(1, torch.from_numpy(s["input_ids"][1:].astype(np.int64))[:, None])[:, 0]
         torch.testing.assert_close(torch.from_numpy(s["true_logprob"])[mask], true_logp[mask], rtol=1e-4, atol=1e-4)
         entropy = -(logp.exp() * logp).sum(-1)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import write_jsonl, write_manifest
 from transformers import AutoTokenizer
 
 from storage import open_store
@@ -160,7 +160,8 @@ def test_two_worker_processes_at_once_equal_one_process(tmp_path, llama_dir, dat
         with open(log_path, "wb") as log:
             processes.append(subprocess.Popen(command, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT))
     for process, log_path in zip(processes, logs, strict=True):
-        assert process.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        # No timeout: the builds end by themselves, however slow a loaded machine makes them.
+        assert process.wait() == 0, log_path.read_text()[-3000:]
 
     texts = [p.read_text() for p in logs]
     assert "worker 1 of 2, from torchrun (WORLD_SIZE, RANK)" in texts[1]
@@ -261,7 +262,7 @@ def test_merge_names_what_is_missing_and_runs_by_hand(tmp_path, monkeypatch, lla
     path = tampered / "workers" / "worker-00001-of-00002.json"
     data = json.loads(path.read_text())
     data["shards"] = [s for s in data["shards"] if s["name"] != "shards/shard-000003"]
-    path.write_text(json.dumps(data))
+    write_manifest(path, data)
     result = _cli("merge", tampered)
     assert result.exit_code == 1 and "shards 3 of 0..6 are absent (40 samples in the stream)" in result.output
     assert not (tampered / "manifest.json").exists()
