@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from storage.fs import Location
 from storage.layout import LOGPROB_SCALE
+from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.config import BuildConfig
 from teacher_cache.data import Rows, iter_rows, load_text_dataset
-from teacher_cache.targets import TargetSpec
-from teacher_cache.teacher import TORCH_DTYPES, TeacherBackend, load_teacher
+from teacher_cache.targets import NonFiniteLogits, TargetSpec
+from teacher_cache.teacher import TORCH_DTYPES, TeacherBackend, check_context_length, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,28 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
     Returns:
         The completed store's manifest. A worker of several (`config.num_workers` > 1) returns its own manifest
         (with a `worker` entry) unless it finished last and merged the store.
+
+    Raises:
+        LockError: another build writes to `config.output` (a worker: another process runs the same worker).
+        NonFiniteLogits: the teacher gave no distribution (NaN or infinite logits) at a position; the shards
+            committed before its batch stay.
     """
     output = Location(config.output)
     if output.local and output.root.exists() and not output.root.is_dir():
         raise ValueError(f"--output {config.output} is an existing file; give a directory for the store.")
-    StoreWriter.check_output(output, resume=config.resume, worker=_worker(config))
-    dataset = load_text_dataset(config.dataset, split=config.split, text_field=config.text_field)
-    owned = teacher is None
-    teacher = teacher or load_teacher(config)
-    try:
-        return _build(config, output, dataset, teacher)
-    finally:
-        if owned:
-            teacher.close()
+    worker = _worker(config)
+    # Locked before the output is checked, so no other build can start writing between the check and this one.
+    with OutputLock(output, lock_name(None if worker is None else worker.index)):
+        StoreWriter.check_output(output, resume=config.resume, worker=worker)
+        dataset = load_text_dataset(config.dataset, split=config.split, text_field=config.text_field)
+        check_context_length(config.model, config.seq_len, allow_long=config.allow_long_context)
+        owned = teacher is None
+        teacher = teacher or load_teacher(config)
+        try:
+            return _build(config, output, dataset, teacher)
+        finally:
+            if owned:
+                teacher.close()
 
 
 def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBackend) -> Manifest:
@@ -128,7 +138,10 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
         for first_row, batch in iter_batches(stream, config.batch_size, config.samples_per_shard, keep=keep,
                                              stop=config.max_samples):
             generator = torch.Generator(device).manual_seed(_batch_seed(config.seed, first_row))
-            record = teacher.compute(batch, spec, layers, generator, TORCH_DTYPES[config.hidden_dtype])
+            try:
+                record = teacher.compute(batch, spec, layers, generator, TORCH_DTYPES[config.hidden_dtype])
+            except NonFiniteLogits as exc:  # leaving the block aborts the writer: no shard holds this batch
+                raise exc.in_store(first_row) from None
             entropy_sum += record["entropy"].sum(dtype=torch.float64)  # zero at untrained positions
             record = {name: value.to("cpu", non_blocking=True) for name, value in record.items()}
             record |= {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,

@@ -17,7 +17,9 @@ from storage.concat import concat_stores
 from storage.ensemble import EnsembleConfig, ensemble_stores
 from storage.export import export_parquet
 from storage.fs import Location
+from storage.integrity import StoreDamaged
 from storage.layout import MANIFEST_NAME
+from storage.lock import LockError
 from storage.manifest import describe_targets
 from storage.reader import Store
 from storage.workers import WorkerProgress, merge_workers, worker_progress
@@ -30,6 +32,7 @@ from teacher_cache.config import (
     resolve_workers,
     worker_device,
 )
+from teacher_cache.targets import NonFiniteLogits
 from tools.inspect_store import KEYS, inspect_store, plot_report
 from tools.inspect_store import format_report as format_inspection
 from tools.select_samples import ORDERS, SelectConfig, parse_band, select_samples
@@ -44,7 +47,17 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Commands(click.Group):
+    """The commands; a damaged store is an error message, whichever command reads it."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StoreDamaged as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Run a teacher LLM once over a dataset and cache its next-token targets for offline distillation.
@@ -66,7 +79,11 @@ def main(verbose: bool) -> None:
 @click.option("--text-field", default="text", show_default=True, help="Dataset column holding the text.")
 @click.option("--split", default="train", show_default=True, help="Dataset split.")
 @click.option("--max-samples", type=int, help="Stop after this many samples (store rows). Default: all.")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Positions per sample (teacher context).")
+@click.option("--seq-len", type=int, default=2048, show_default=True,
+              help="Positions per sample (teacher context); at most the teacher's max_position_embeddings.")
+@click.option("--allow-long-context", is_flag=True,
+              help="Allow --seq-len beyond the teacher's max_position_embeddings (a warning, not an error): the "
+                   "positions past what the teacher was trained on usually get poor targets.")
 @click.option("--pack/--no-pack", default=True, show_default=True,
               help="Join documents with EOS into full samples, or one padded document per sample.")
 @click.option("--targets", default=",".join(DEFAULT_TARGETS), show_default=True,
@@ -138,6 +155,10 @@ def build(**options) -> None:
         manifest = build_cache(config)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except LockError as exc:
+        raise click.ClickException(str(exc)) from None
+    except NonFiniteLogits as exc:
+        raise click.ClickException(str(exc)) from None
     if manifest.worker is not None:
         click.echo(
             f"Worker {config.worker_index} of {config.num_workers} wrote {manifest.num_samples} samples, "
@@ -379,11 +400,14 @@ def _parse_weights(text: str | None) -> tuple[float, ...] | None:
 @main.command()
 @click.argument("store")
 def verify(store: str) -> None:
-    """Recompute the checksum of every file of STORE against its manifest."""
+    """Check all of STORE against its manifest: the manifest's digest, names and counts; every file's checksum
+    (SHA-256); each array's shape against the store's options; each shard's trained tokens. Lists every problem
+    (exit code 1)."""
     problems = _open(store, allow_incomplete=True).verify()
     if problems:
-        raise click.ClickException("store is damaged:\n  " + "\n  ".join(problems))
-    click.echo(f"{store}: every file matches its checksum.")
+        raise click.ClickException(f"{store}: the store is damaged:\n  " + "\n  ".join(problems)
+                                   + "\nRestore the damaged shards from a copy of the store, or rebuild the store.")
+    click.echo(f"{store}: the manifest is intact, every file matches its checksum and every array its manifest entry.")
 
 
 @main.command()

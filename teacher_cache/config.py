@@ -33,7 +33,11 @@ class BuildConfig:
         text_field: dataset column holding the text.
         split: dataset split.
         max_samples: stop after this many samples (rows of the store); None for the whole dataset.
-        seq_len: positions per sample (the teacher's context length).
+        seq_len: positions per sample (the teacher's context length); at most the teacher's
+            `max_position_embeddings` unless `allow_long_context`.
+        allow_long_context: build with a `seq_len` beyond the positions the teacher's config says it was trained on
+            (its `max_position_embeddings`), with a warning instead of an error; the targets past them are
+            usually poor. Does not change what a given `seq_len` stores, so a resume need not repeat it.
         pack: join documents with EOS into full rows (True) or one padded document per row (False).
         targets: target kinds to store, from TARGET_KINDS: "topk" (top-k log-probs + tail mass), "sampled" (draws
             from the full distribution), "hybrid" (the top-k record, and draws from the distribution conditioned
@@ -70,6 +74,7 @@ class BuildConfig:
     split: str = "train"
     max_samples: int | None = None
     seq_len: int = 2048
+    allow_long_context: bool = False
     pack: bool = True
     targets: tuple[str, ...] = DEFAULT_TARGETS
     top_k: int = 64

@@ -56,8 +56,8 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
     """Load `source` with `datasets` and check it has a non-empty text column.
 
     Raises:
-        ValueError: a local path that does not exist, an unknown split, a missing column (the available ones are
-            named), or no rows.
+        ValueError: a local path that does not exist, a file that is not UTF-8 text, an unknown split, a missing
+            column (the available ones are named), no rows, or no text in any row.
     """
     path = Path(source).expanduser()
     looks_local = source.startswith(("/", ".", "~")) or path.suffix.lower() in FILE_BUILDERS
@@ -69,6 +69,8 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
     try:
         dataset = _load(path, source, split)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, IndexError) as exc:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # the text and csv builders wrap it
+            raise _not_utf8(source, exc.__cause__) from None
         # What `datasets` raises on files and folders without rows.
         raise ValueError(f"{empty} ({type(exc).__name__}: {exc})") from None
     except ValueError as exc:
@@ -82,7 +84,34 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
         )
     if len(dataset) == 0:
         raise ValueError(empty)
+    try:
+        found_text = any(map(has_text, _texts(dataset, text_field)))  # stops at the first text: one block, as a rule
+    except UnicodeDecodeError as exc:  # the json builder keeps undecodable bytes: reading them fails
+        raise _not_utf8(source, exc) from None
+    if not found_text:
+        raise ValueError(
+            f"{source} (split {split!r}) has no text: column {text_field!r} is empty or whitespace in every one of "
+            f"its {len(dataset)} rows. Check --text-field, or the dataset's content."
+        )
     return dataset
+
+
+def has_text(text: str | None) -> bool:
+    """Whether a document holds text: not missing, empty or whitespace only (those are skipped)."""
+    return bool(text) and not text.isspace()
+
+
+def _texts(dataset: datasets.Dataset, text_field: str) -> Iterator[str | None]:
+    for batch in dataset.iter(batch_size=DOCS_PER_BLOCK):
+        yield from batch[text_field]
+
+
+def _not_utf8(source: str, exc: UnicodeDecodeError) -> ValueError:
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return ValueError(
+        f"{source} is not UTF-8 text (byte 0x{byte} is not valid UTF-8). Convert it, e.g. `iconv -f latin1 -t utf-8 "
+        f"{source} > converted{Path(source).suffix}` for Latin-1, or give the text as UTF-8 jsonl or parquet."
+    )
 
 
 def _load(path: Path, source: str, split: str) -> datasets.Dataset:
@@ -103,13 +132,22 @@ def _load(path: Path, source: str, split: str) -> datasets.Dataset:
 
 
 def iter_documents(dataset: datasets.Dataset, tokenizer, text_field: str) -> Iterator[list[list[int]]]:
-    """Token ids of each document, tokenized a block at a time, each ending with EOS."""
+    """Token ids of each document with text (`has_text`), tokenized a block at a time, each ending with EOS.
+
+    The others are skipped (their count is logged at the end of the stream): they would be samples of BOS and EOS.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the teacher's tokenizer has no EOS token, which packing needs between documents.")
+    skipped = 0
     for batch in dataset.iter(batch_size=DOCS_PER_BLOCK):
-        encoded = tokenizer(batch[text_field], add_special_tokens=True)["input_ids"]
-        yield [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
+        texts = [text for text in batch[text_field] if has_text(text)]
+        skipped += len(batch[text_field]) - len(texts)
+        if texts:
+            encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+            yield [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
+    if skipped:
+        log.info("skipped %d of %d documents: empty or whitespace only", skipped, len(dataset))
 
 
 def iter_rows(dataset: datasets.Dataset, tokenizer, *, text_field: str, seq_len: int, pack: bool) -> Iterator[Rows]:

@@ -9,6 +9,9 @@ Runs on the teacher's device, batched over positions, in chunks of positions so 
   - N draws with replacement from the full distribution, encoded as distinct ids (ascending) + counts;
   - or, for hybrid targets, N draws from the distribution conditioned on the tail (the ids outside the top-k),
     encoded the same way; positions without a tail get no entries.
+A logit of -inf is a probability of 0. A NaN or +inf logit, or every logit -inf, leaves a position without a
+distribution: its log-probs are all NaN, and so is its entropy. The entropy, a reduction over the vocabulary
+computed anyway, thus flags those positions, and the backends refuse a batch with one (`NonFiniteLogits`).
 
 Legend: P positions (flattened batch x time), V vocabulary, H hidden size, K top-k, N draws, E entries.
 """
@@ -40,6 +43,53 @@ class TargetSpec:
 
     def __post_init__(self) -> None:
         assert not self.draws_from_tail or (self.top_k is not None and self.num_draws is not None), self
+
+
+class NonFiniteLogits(RuntimeError):
+    """The teacher gave no distribution at a trained position (NaN or +inf logits, or every logit -inf).
+
+    A backend raises it with the position's place in its batch; the build raises `in_store` of it.
+
+    Attributes:
+        row: the sample within the batch.
+        position: the position within the sample.
+        found: what the teacher gave there, e.g. "NaN logits".
+    """
+
+    def __init__(self, row: int, position: int, found: str, *, first_sample: int | None = None):
+        self.row, self.position, self.found = row, position, found
+        where = f"row {row} of the batch" if first_sample is None else f"sample {first_sample + row} of the store"
+        stopped = "" if first_sample is None else (
+            " Nothing of this batch was written; the shards committed before it stay, and --resume continues after "
+            "them with the same teacher (another --dtype or other weights make another teacher: build into a new "
+            "--output)."
+        )
+        super().__init__(
+            f"The teacher gave {found} at {where}, position {position}: there is no distribution to store there. "
+            "The teacher's weights or its dtype are at fault: float16 overflows easily, so try --dtype bfloat16 or "
+            f"float32, and check the weights for NaN or inf.{stopped}"
+        )
+
+    def in_store(self, first_sample: int) -> NonFiniteLogits:
+        """The same error from a build, whose batch starts at sample `first_sample` of the store."""
+        return NonFiniteLogits(self.row, self.position, self.found, first_sample=first_sample)
+
+
+def first_nonfinite(values_P: torch.Tensor) -> int | None:
+    """The index of the first NaN or infinite value, None when all are finite (one host sync)."""
+    bad_P = ~values_P.isfinite()
+    if not bad_P.any():
+        return None
+    return int(bad_P.nonzero()[0])
+
+
+def describe_nonfinite(values: torch.Tensor, what: str) -> str:
+    """What is not finite in `values`, for a message: "NaN `what`", "+inf `what`", "only -inf `what`", "-inf `what`"."""
+    if values.isnan().any():
+        return f"NaN {what}"
+    if values.isposinf().any():
+        return f"+inf {what}"
+    return f"{'only ' if values.isneginf().all() else ''}-inf {what}"
 
 
 def extract_targets(
@@ -81,11 +131,16 @@ def _chunk_targets(
     del logits_pV
     probs_pV = logp_pV.exp()
     out = {
-        "entropy": -(probs_pV * logp_pV).sum(-1),
+        # p log p is 0 at p = 0 (logit -inf); the clamp keeps that 0 * -inf from becoming NaN, and passes NaN on.
+        "entropy": -(probs_pV * logp_pV.clamp_min(torch.finfo(logp_pV.dtype).min)).sum(-1),
         "true_logprob": logp_pV.gather(1, true_ids_p[:, None].long()).squeeze(1),
     }
+    # Positions without a valid distribution (NaN entropy, see the module docstring) are refused by the backend after
+    # extraction; until then the draws get a valid stand-in there, without a host sync: multinomial fails on NaN.
+    invalid_p1 = ~out["entropy"].isfinite()[:, None]
     if spec.num_draws is not None and not spec.draws_from_tail:
-        draws_pN = torch.multinomial(probs_pV, spec.num_draws, replacement=True, generator=generator)
+        draws_pN = torch.multinomial(probs_pV.masked_fill_(invalid_p1, 1.0), spec.num_draws, replacement=True,
+                                     generator=generator)
         out.update(encode_draws(draws_pN))
     if spec.top_k is not None:
         top_logp_pK, top_ids_pK = logp_pV.topk(spec.top_k, dim=-1, sorted=False)
@@ -97,7 +152,9 @@ def _chunk_targets(
         del probs_pV
         out["tail_logmass"] = logp_pV.scatter_(1, top_ids_pK, float("-inf")).logsumexp(-1)
         if spec.draws_from_tail:  # logp_pV now holds the tail's log-probs, -inf on the top-k
-            out |= tail_draws(logp_pV, out["tail_logmass"], spec.num_draws, generator)
+            # An invalid position has a NaN tail mass: with no tail left either, it draws nothing.
+            out |= tail_draws(logp_pV.masked_fill_(invalid_p1, float("-inf")), out["tail_logmass"], spec.num_draws,
+                              generator)
     return out
 
 

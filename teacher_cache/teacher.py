@@ -15,12 +15,12 @@ from typing import Protocol
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from storage.identity import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from storage.layout import hidden_array_name
 from teacher_cache.data import Rows
-from teacher_cache.targets import TargetSpec, extract_targets
+from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, extract_targets, first_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,11 @@ class TeacherBackend(Protocol):
 
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
                 hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name."""
+        """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name.
+
+        Raises:
+            NonFiniteLogits: the teacher gave no distribution at some trained position of the batch.
+        """
 
 
 def model_directory(path: str) -> str:
@@ -62,6 +66,23 @@ def model_directory(path: str) -> str:
             "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
         )
     return str(local.resolve())
+
+
+def check_context_length(model: str, seq_len: int, *, allow_long: bool) -> None:
+    """Refuse a `seq_len` beyond the positions the teacher's config allows (`max_position_embeddings`, which GPT-2's
+    config maps to `n_positions`); a config without it is not checked. `allow_long` makes it a warning.
+
+    Raises:
+        ValueError: `seq_len` exceeds them and `allow_long` is off.
+    """
+    limit = getattr(AutoConfig.from_pretrained(model_directory(model)), "max_position_embeddings", None)
+    if limit is None or seq_len <= limit:
+        return
+    found = f"--seq-len {seq_len} exceeds the {limit} positions of the teacher (max_position_embeddings in its config)"
+    if not allow_long:
+        raise ValueError(f"{found}: past them its targets are usually poor. Use --seq-len {limit} or less, or pass "
+                         "--allow-long-context to build anyway.")
+    log.warning("%s; building anyway (--allow-long-context): the targets past them are usually poor.", found)
 
 
 def teacher_identity(path: str, backend: str, config, tokenizer, vocab_size: int, dtype, architecture: str) -> dict:
@@ -171,10 +192,11 @@ class TransformersTeacher:
             use_cache=False,
         )
         B, L, H = out.last_hidden_state.shape
-        targets = extract_targets(
-            out.last_hidden_state.reshape(B * L, H)[trained_P], ids_BL1[:, 1:].reshape(-1)[trained_P],
-            self.logits, spec, generator,
-        )
+        hidden_PH = out.last_hidden_state.reshape(B * L, H)[trained_P]
+        targets = extract_targets(hidden_PH, ids_BL1[:, 1:].reshape(-1)[trained_P], self.logits, spec, generator)
+        if (bad := first_nonfinite(targets["entropy"])) is not None:  # the batch's one host sync
+            row, position = divmod(int(trained_P[bad]), L)
+            raise NonFiniteLogits(row, position, describe_nonfinite(self.logits(hidden_PH[bad]), "logits"))
         record = dense_record(targets, trained_P, B, L)
         mask_BL1 = rows.loss_mask[:, :, None]
         for layer in layers:

@@ -19,6 +19,8 @@ manifest says so):
   - hybrid targets (draws from the tail outside the top-k) are refused when the options are checked
     (`BuildConfig`): they need the whole distribution. `benchmarks/hybrid_vllm_bias.py` measures the bias of
     drawing from vLLM's top-n instead.
+A NaN or infinite log-prob among those returned stops the build (`check_finite`), as NaN or infinite logits do with
+the transformers backend.
 
 Legend: B batch, L seq_len, K top-k, P trained positions, N draws.
 """
@@ -35,7 +37,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from teacher_cache.data import Rows
-from teacher_cache.targets import TargetSpec, encode_draws
+from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, encode_draws
 from teacher_cache.teacher import dense_record, model_directory, teacher_identity
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,7 @@ class VLLMTeacher:
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
                 hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         ids_BK1, logp_BK1 = self.prompt_logprobs(rows)  # [B, L, K + 1]: true token, then ranks 1..K
+        check_finite(logp_BK1)
         B, L = rows.loss_mask.shape
         trained_P = torch.from_numpy(rows.loss_mask).flatten().nonzero().squeeze(1)
         ids_PK1 = torch.from_numpy(ids_BK1).reshape(B * L, -1)[trained_P]
@@ -185,6 +188,22 @@ class VLLMTeacher:
             ids[b, :n] = token_ids.reshape(n, K1)
             logps[b, :n] = values.reshape(n, K1)
         return ids, logps
+
+
+def check_finite(logp_BK1: np.ndarray) -> None:
+    """Refuse a batch whose returned log-probs are not all finite (the teacher's logits were NaN or infinite).
+
+    The tail mass and the entropy bound need every top-k log-prob finite. Positions past a row's real tokens hold
+    zeros.
+
+    Raises:
+        NonFiniteLogits: at the first such position.
+    """
+    bad_BL = ~np.isfinite(logp_BK1).all(-1)
+    if bad_BL.any():
+        row, position = (int(i) for i in np.argwhere(bad_BL)[0])
+        found = describe_nonfinite(torch.from_numpy(logp_BK1[row, position]), "log-probs from vLLM")
+        raise NonFiniteLogits(row, position, found)
 
 
 def local_gpus(tensor_parallel_size: int, environ: Mapping[str, str]) -> str | None:
