@@ -15,6 +15,7 @@ import click
 from transformers import AutoConfig
 
 from storage.fs import Location
+from storage.integrity import StoreDamaged
 from storage.manifest import Manifest
 from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, PRECISIONS, TrainConfig
 from student_train.config_file import resolve_options, with_sources
@@ -106,6 +107,10 @@ TRAIN_OPTIONS = [
                       "backward (slower; the reference). Same loss and gradients. Online KD always uses checkpoint."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--num-workers", type=int, default=0, show_default=True, help="Loader worker processes."),
+    click.option("--verify/--no-verify", default=True, show_default=True,
+                 help="Check every store file against its SHA-256 in the manifest before its first read (a damaged "
+                      "store is an error, not wrong targets). --no-verify skips the hashing; files are still checked "
+                      "for presence and size."),
     click.option("--distributed", type=click.Choice(list(DISTRIBUTED)), default="ddp", show_default=True,
                  help="Under torchrun: ddp (each GPU holds the whole student) or fsdp (FSDP2: parameters, gradients "
                       "and optimizer states sharded over the GPUs)."),
@@ -136,6 +141,12 @@ class _TrainGroup(click.Group):
             return super().parse_args(ctx, args)
         ctx.allow_interspersed_args = ctx.allow_extra_args = True
         return click.Command.parse_args(self, ctx, args)  # the overrides are left in ctx.args
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StoreDamaged as exc:  # from any command that reads a store: a message, not a traceback
+            raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=_TrainGroup, invoke_without_command=True, subcommand_metavar="[KEY=VALUE]... | COMMAND [ARGS]...",

@@ -63,6 +63,8 @@ class TrainConfig:
         keep_checkpoints: most recent checkpoints kept.
         seed: seed of the data order and of a random student init.
         num_workers: DataLoader workers reading the store.
+        verify: check every store file against its SHA-256 in the manifest before its first read (once per file
+            per process); off, files are still checked for presence and size.
         distributed: under torchrun, "ddp" (each rank holds the whole student) or "fsdp" (FSDP2: parameters,
             gradients and optimizer states sharded over the ranks); unused in a single process.
         chunk_positions: positions whose student logits exist at once in the loss.
@@ -118,6 +120,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     num_workers: int = 0
+    verify: bool = True
     distributed: str = "ddp"
     chunk_positions: int = 256
     fused_ce: str = "auto"

@@ -26,8 +26,8 @@ RESOLVED_CONFIG = "resolved_config.yaml"  # for people, and for `student-train -
 RESUME_CONFIG = "train_config.json"  # what --resume compares the new options with
 # What a resumed run may change: how long it trains and how it runs, logs and checkpoints, not what it learns.
 # More steps (or epochs) stretch the rest of the learning-rate schedule to the new end.
-CHANGEABLE_ON_RESUME = ("resume", "max_steps", "epochs", "device", "num_workers", "chunk_positions", "fused_ce",
-                        "loss_impl", "eval_every", "save_every", "log_every", "keep_checkpoints")
+CHANGEABLE_ON_RESUME = ("resume", "max_steps", "epochs", "device", "num_workers", "verify", "chunk_positions",
+                        "fused_ce", "loss_impl", "eval_every", "save_every", "log_every", "keep_checkpoints")
 
 
 class _Loader(yaml.SafeLoader):

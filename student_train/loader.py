@@ -64,6 +64,7 @@ class LoaderConfig:
         only_fraction_from_end: read only that held-out tail (for the evaluation loader).
         drop_last: drop the epoch's tail that does not fill a batch on every rank. Otherwise every rank ends with
             one short batch of the same size, and the fewer than world_size samples left over are dropped.
+        verify: check each store file against its SHA-256 before its first read in a process (see `storage.Store`).
     """
 
     store: str
@@ -77,6 +78,7 @@ class LoaderConfig:
     exclude_fraction_from_end: float = 0.0
     only_fraction_from_end: float = 0.0
     drop_last: bool = True
+    verify: bool = True
 
     def __post_init__(self) -> None:
         for name, minimum in (("batch_size", 1), ("shuffle_window", 1), ("prefetch_factor", 1), ("seed", 0),
@@ -335,15 +337,15 @@ class StoreDataset(IterableDataset):
     """
 
     def __init__(self, url: str, order: SampleOrder, *, rank: int, epoch: int, start_batch: int, cache_shards: int,
-                 stride: int = 1):
+                 stride: int = 1, verify: bool = True):
         self.url, self.order, self.rank, self.epoch = url, order, rank, epoch
-        self.start_batch, self.cache_shards, self.stride = start_batch, cache_shards, stride
+        self.start_batch, self.cache_shards, self.stride, self.verify = start_batch, cache_shards, stride, verify
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = self.order.epoch_order(self.epoch)
-        store = Store(self.url)
+        store = Store(self.url, verify=self.verify)
         tail_bucket_id = tail_bucket(store.manifest.targets)
         cache = ShardCache(store, self.cache_shards)
         for index in range(self.start_batch + worker * self.stride, self.order.num_batches, num_workers * self.stride):
@@ -371,7 +373,7 @@ class StoreLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}.")
         self.config = config
-        store = Store(config.store)
+        store = Store(config.store, verify=config.verify)
         self.targets: dict = store.manifest.targets
         num_samples = len(store)
         id_range = held_out_range(num_samples, config)
@@ -430,7 +432,7 @@ class StoreLoader:
         """This rank's remaining batches of the current epoch, for a DataLoader(batch_size=None) of your own."""
         start = self._first + self._stride * (self.samples_consumed // self.order.batch_size)
         return StoreDataset(self.config.store, self.order, rank=self._order_rank, epoch=self.epoch, start_batch=start,
-                            cache_shards=self.config.shuffle_window, stride=self._stride)
+                            cache_shards=self.config.shuffle_window, stride=self._stride, verify=self.config.verify)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.samples_consumed >= self.order.rank_samples:

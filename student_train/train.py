@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from storage.fs import Location
 from storage.layout import draws_from_tail
+from storage.lock import OutputLock, is_lock_file
 from storage.reader import Store
-from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_staging, save_checkpoint
 from student_train.config import TrainConfig
 from student_train.config_file import refuse_changed_config, save_run_config
 from student_train.distributed import TrainedModules, World, launch
@@ -84,6 +86,7 @@ class Trainer:
         if self.loss_config.kd_weights:
             _check_targets(self.loss_config.targets, manifest.targets)
         _check_top_k(config.top_k, manifest.targets)
+        _check_split(manifest.num_samples, config, self.world.world_size)
         self.model, self.tokenizer = build_student(config, manifest)
         self.model.to(self.device)
         self.head = self.model.get_output_embeddings()
@@ -106,11 +109,11 @@ class Trainer:
         held_out = 0.0 if config.eval_store else config.eval_fraction
         self.train_loader = StoreLoader(LoaderConfig(
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
-            selection=config.selection, exclude_fraction_from_end=held_out),
+            selection=config.selection, exclude_fraction_from_end=held_out, verify=config.verify),
             rank=self.world.rank, world_size=self.world.world_size)
         self.eval_loader_config = LoaderConfig(
             store=config.eval_store or config.store, batch_size=config.batch_size, shuffle=False, drop_last=False,
-            only_fraction_from_end=held_out)
+            only_fraction_from_end=held_out, verify=config.verify)
         per_epoch = len(self.train_loader) // config.grad_accum
         if per_epoch < 1 and config.max_steps is None:
             ranks = f" on each of {self.world.world_size} ranks" if self.world.world_size > 1 else ""
@@ -136,12 +139,14 @@ class Trainer:
         self.step = 0
 
     def _check_output(self) -> None:
+        _check_writable(self.output)
         has_checkpoints = latest_checkpoint(self.output) is not None
         if self.config.resume and not has_checkpoints:
             raise ValueError(f"--resume: {self.output} holds no checkpoint to resume from.")
         if self.config.resume:
             refuse_changed_config(self.config, self.output)
-        if not self.config.resume and self.output.exists() and any(self.output.iterdir()):
+        if not self.config.resume and self.output.exists() and any(not is_lock_file(path.name)
+                                                                    for path in self.output.iterdir()):
             raise ValueError(f"--output {self.output} already exists and is not empty; pass --resume to continue "
                              "the run in it, or choose a new --output.")
         if self.config.resume:
@@ -149,7 +154,7 @@ class Trainer:
 
     def _check_world_size(self, checkpoint: Path) -> None:
         """Refuse to resume on another number of processes: the global batch, and each rank's samples, would change."""
-        saved = json.loads((checkpoint / "state.json").read_text())["loader"]["world_size"]
+        saved = read_state(checkpoint)["loader"]["world_size"]
         if saved != self.world.world_size:
             raise ValueError(f"--resume: {checkpoint} was written by a run on {saved} process(es) and this run has "
                              f"{self.world.world_size}; resume on {saved} (e.g. torchrun --nproc-per-node {saved}), "
@@ -162,6 +167,8 @@ class Trainer:
         if main:
             self.output.mkdir(parents=True, exist_ok=True)
             save_run_config(config, self.output)
+            if config.resume:
+                remove_staging(self.output)
         if config.resume:
             with self.world.loading():
                 state = load_checkpoint(latest_checkpoint(self.output), model=self.model, optimizer=self.optimizer,
@@ -308,9 +315,21 @@ class Trainer:
 
 def train(config: TrainConfig) -> dict:
     """Train a student as configured, on the processes torchrun started if it did; returns the final held-out
-    evaluation (on every rank)."""
-    with launch(config.distributed, config.device) as world:
+    evaluation (on every rank).
+
+    Raises:
+        LockError: another run writes to `config.output` (`storage/lock.py`).
+    """
+    with launch(config.distributed, config.device) as world, _output_lock(Path(config.output), world):
         return Trainer(config, world).run()
+
+
+def _output_lock(output: Path, world: World) -> contextlib.AbstractContextManager:
+    """The lock of the run's --output, held by rank 0 from before the output is checked to the end of the run."""
+    if not world.is_main:
+        return contextlib.nullcontext()
+    _check_writable(output)  # before the lock creates the directory
+    return OutputLock(Location(output))
 
 
 def _check_targets(representation: str, targets: dict) -> None:
@@ -356,15 +375,65 @@ def _check_top_k(top_k: int | None, targets: dict) -> None:
                          f"{stored} or fewer, or a store built with `teacher-cache build --top-k {top_k}`.")
 
 
+def _check_writable(output: Path) -> None:
+    """--output must name a directory, existing or to create, where this process can write.
+
+    Raises:
+        ValueError: it, or the nearest of its parents that exists, is a file or cannot be written.
+    """
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {output}: {existing} is a file, and --output names the run's directory; choose "
+                         "another --output, or move the file away.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output}: {existing} is not writable (a read-only filesystem, or no write "
+                         "permission); choose an --output where this user can write.")
+
+
+def _check_split(num_samples: int, config: TrainConfig, world_size: int) -> None:
+    """Without --eval-store, the store's last samples are held out (--eval-fraction): they must hold at least one
+    sample, and the samples before them a batch for each rank (but with --selection, which the loader checks).
+
+    Raises:
+        ValueError: naming the split and the ways to fix it.
+    """
+    if config.eval_store:
+        return
+    held_out = round(num_samples * config.eval_fraction)
+    left = num_samples - held_out
+    if held_out >= 1 and (left >= config.batch_size * world_size or config.selection):
+        return
+    ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+    problem = (" and nothing to evaluate on" if held_out < 1 else
+               f", fewer than one batch of --batch-size {config.batch_size}{ranks}")
+    raise ValueError(f"--eval-fraction {config.eval_fraction}: the store has {num_samples} samples; it holds out the "
+                     f"last {held_out} for evaluation, leaving {left} for training{problem}. Evaluate on another "
+                     "store (--eval-fraction 0 --eval-store STORE), choose an --eval-fraction that holds out at least "
+                     "one sample and leaves a batch, a smaller --batch-size, or build a bigger store.")
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a run wrote after its last checkpoint: the resumed run writes them again."""
+    """Drop the records a run wrote after its last checkpoint (the resumed run writes them again), and a last line
+    that a kill cut short in the middle of its writing.
+
+    Raises:
+        RuntimeError: a line before the last is not a JSON record.
+    """
     if not path.exists():
         return
-    def record_step(line: str) -> int:
-        record = json.loads(line)
-        return record["eval"]["step"] if "eval" in record else record["step"]
-
-    kept = [line for line in path.read_text().splitlines(keepends=True) if record_step(line) <= step]
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise RuntimeError(f"{path}, line {number}: expected a JSON record, found {line[:80]!r} ({error}); "
+                                   "repair or delete that line, then resume again.") from None
+            log.warning("%s: dropping its last line, cut short by an interrupted write: %r", path, line[:80])
+            continue
+        if (record["eval"]["step"] if "eval" in record else record["step"]) <= step:
+            kept.append(line + "\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)

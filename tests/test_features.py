@@ -14,7 +14,7 @@ from conftest import make_small_store, make_student_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from student_train.checkpoint import FEATURE_HEAD, latest_checkpoint, load_checkpoint
+from student_train.checkpoint import FEATURE_HEAD, latest_checkpoint, load_checkpoint, read_state_file
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.features import FeatureProjector, parse_layer_map, resolve_layer_map, uniform_layer_map
@@ -159,7 +159,7 @@ def test_feature_loss_trains_projections_kept_out_of_the_student(tmp_path, store
     for r in records:
         assert r["loss"] == pytest.approx(0.9 * r["kd"] + 0.1 * r["ce"] + 0.5 * r["feature"], rel=1e-5)
 
-    saved = torch.load(latest_checkpoint(tmp_path / "run") / FEATURE_HEAD, weights_only=True)
+    saved = read_state_file(latest_checkpoint(tmp_path / "run") / FEATURE_HEAD)
     assert {name: tuple(value.shape) for name, value in saved.items() if name != "_extra_state"} == {
         "projections.0.weight": (64, 32), "projections.0.bias": (64,),
         "projections.1.weight": (64, 32), "projections.1.bias": (64,)}
@@ -200,7 +200,7 @@ def test_resume_with_feature_loss_continues_exactly(tmp_path, store, narrow_stud
     for a, b in zip(full, resumed, strict=True):
         for key in ("loss", "kd", "ce", "feature", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    heads = [torch.load(latest_checkpoint(tmp_path / run) / FEATURE_HEAD, weights_only=True) for run in ("full", "cut")]
+    heads = [read_state_file(latest_checkpoint(tmp_path / run) / FEATURE_HEAD) for run in ("full", "cut")]
     assert heads[0].keys() == heads[1].keys()
     for name, value in heads[0].items():
         if name != "_extra_state":
@@ -220,7 +220,7 @@ def test_checkpoint_refuses_other_feature_options(tmp_path, store, narrow_studen
     other = FeatureProjector([(2, 2)], kind="mse", student_width=32, teacher_width=64)
     with pytest.raises(ValueError, match=r"layer map \(student, teacher\) \[\[1, 1\], \[2, 2\]\], this run's is "
                                          r"mse over \[\[2, 2\]\]"):
-        other.load_state_dict(torch.load(checkpoint / FEATURE_HEAD, weights_only=True))
+        other.load_state_dict(read_state_file(checkpoint / FEATURE_HEAD))
     (checkpoint / FEATURE_HEAD).unlink()
     with pytest.raises(ValueError, match="written without a feature loss and this run is with one"):
         load_checkpoint(checkpoint, model=None, optimizer=None, scheduler=None, feature_head=other)

@@ -23,6 +23,7 @@ from test_losses import BETA, SKEW, divergence
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from storage.reader import Store
+from student_train.checkpoint import OPTIMIZER, RNG, read_state_file
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.loader import LoaderConfig, StoreLoader
@@ -172,10 +173,10 @@ def test_cli_trains_online_and_saves_the_student_alone(tmp_path, store, student_
     for weights in (run / "model.safetensors", run / "checkpoints" / "step-0000004" / "model" / "model.safetensors"):
         with safe_open(weights, "pt") as f:
             assert {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()} == expected
-    optim = torch.load(run / "checkpoints" / "step-0000004" / "optim.pt", weights_only=False)["optimizer"]
+    optim = read_state_file(run / "checkpoints" / "step-0000004" / OPTIMIZER)["optimizer"]
     assert sum(s["exp_avg"].numel() for s in optim["state"].values()) == student.num_parameters()
     assert sorted(p.name for p in (run / "checkpoints" / "step-0000004").iterdir()) == [
-        "model", "optim.pt", "rng.pt", "state.json"]
+        "model", OPTIMIZER, RNG, "state.json"]
 
 
 def test_resumed_online_run_continues_exactly(tmp_path, store, student_config, llama_dir, monkeypatch):
