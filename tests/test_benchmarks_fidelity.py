@@ -136,9 +136,11 @@ def test_sampled_figures_match_the_dense_counts(run, exact):
     entropy = -(p * logp).sum(-1)
     sampled = result["sampled"]
     assert sampled["unique_ids"]["mean"] == pytest.approx(float(nunique.double().mean()))
-    assert sampled["covered_mass"]["mean"] == pytest.approx(float((p * (counts_PV > 0)).sum(-1).mean()), rel=1e-6)
-    assert sampled["l2"] == pytest.approx(float(((f - p) ** 2).sum(-1).mean()), rel=1e-6)
-    assert sampled["expected_l2"] == pytest.approx(float(((1 - (p * p).sum(-1)) / DRAWS).mean()), rel=1e-6)
+    # The script's log-probs come from the head applied in chunks, these from the model's own forward: equal on the CPU
+    # this was written on, but other kernels would round float32 differently (about 1e-6 relative), hence 1e-5.
+    assert sampled["covered_mass"]["mean"] == pytest.approx(float((p * (counts_PV > 0)).sum(-1).mean()), rel=1e-5)
+    assert sampled["l2"] == pytest.approx(float(((f - p) ** 2).sum(-1).mean()), rel=1e-5)
+    assert sampled["expected_l2"] == pytest.approx(float(((1 - (p * p).sum(-1)) / DRAWS).mean()), rel=1e-5)
     loss_error = (f * -logp).sum(-1) - entropy
     assert sampled["loss_bias"] == pytest.approx(float(loss_error.mean()), rel=1e-5, abs=1e-7)
     assert sampled["loss_rms"] == pytest.approx(float(loss_error.pow(2).mean().sqrt()), rel=1e-5)

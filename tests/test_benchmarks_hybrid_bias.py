@@ -86,9 +86,12 @@ def test_every_figure_matches_its_definition(run, setup, llama_dir):
     want = _brute_force(setup, llama_dir)
     assert [(row["k"], row["n"]) for row in report["rows"]] == [(K, n) for n in (K, *NS)]
     assert report["positions"] == want[K]["positions"] and report["machine"]["cpu_cores"]
+    # The script runs one sample at a time, the brute force all at once: equal on the CPU this was written on, but
+    # other batch shapes may pick other kernels and so other float32 rounding (log-probs measured to differ by up to
+    # 1e-6 relative between such forwards). 1e-4 allows for it; a figure computed wrongly is off by far more.
     for row in report["rows"]:
         for name in ("residual_share", "tail_kl", "tail_kl_uniform", "grad_bias", "tail_mass"):
-            assert row[name] == pytest.approx(float(want[row["n"]][name]), rel=1e-6, abs=1e-9), (row["n"], name)
+            assert row[name] == pytest.approx(float(want[row["n"]][name]), rel=1e-4, abs=1e-9), (row["n"], name)
     assert report["rows"][0]["residual_share"] == pytest.approx(1.0)  # n = k: the whole tail in one bucket
     shares = [row["residual_share"] for row in report["rows"]]
     assert shares == sorted(shares, reverse=True) and shares[-1] == 0 and report["rows"][-1]["grad_bias"] == 0

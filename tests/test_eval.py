@@ -20,6 +20,7 @@ import student_train.evaluate as evaluate_module
 from storage.reader import Store
 from student_train.cli import main
 from student_train.eval_metrics import (
+    ECE_BINS,
     calibration_bins,
     ece,
     expected_calibration_error,
@@ -34,6 +35,11 @@ from teacher_cache.data import Rows
 from teacher_cache.teacher import TransformersTeacher
 
 HELD_OUT = 0.2
+# The scores recompute the brute force's log-probs with other kernels and batch shapes: float32 noise, measured at up
+# to 7e-6 nat on the tiny models. ECE's bins and the argmax are discontinuous in them: a confidence within the noise
+# of a bin edge, or two top ids within the noise of each other, may land on either side. Such positions, rare, widen
+# the tolerance by what each can change (`_brute_force`); elsewhere the comparison is as tight as float arithmetic.
+RECOMPUTE_NOISE = 1e-4
 STUDENT = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 
@@ -73,13 +79,21 @@ def _brute_force(teacher_dir: Path, student_dir: Path, rows) -> dict:
             logp[name] = model(input_ids=ids[:, :-1], attention_mask=attention).logits.log_softmax(-1)[mask]
     target = ids[:, 1:][mask]
     out = {"tokens": int(mask.sum())}
+    edges = torch.arange(1, ECE_BINS, dtype=torch.float64) / ECE_BINS  # the inner edges of ECE's bins
+    tied = {}
     for name, lp in logp.items():
+        top2 = lp.topk(2, -1).values
         confidence, top = lp.max(-1)
+        tied[name] = top2[:, 0] - top2[:, 1] < RECOMPUTE_NOISE  # the argmax may be either id
+        on_edge = (confidence.exp().double()[:, None] - edges).abs().min(-1).values < RECOMPUTE_NOISE
+        # Moving one position to the neighbouring bin, or flipping whether it is right, changes ECE by at most 2 / n.
         out[name] = {"lm_loss": -lp.gather(1, target[:, None]).mean().item(),
-                     "ece": ece(confidence.exp(), top == target)}
+                     "ece": ece(confidence.exp(), top == target),
+                     "ece_slack": 1e-5 + 2 * int((on_edge | tied[name]).sum()) / len(target)}
     t, s = logp["teacher"], logp["student"]
     out["kl"] = (t.exp() * (t - s)).sum(-1).mean().item()
     out["agreement"] = (t.argmax(-1) == s.argmax(-1)).double().mean().item()
+    out["agreement_slack"] = 1e-9 + int((tied["teacher"] | tied["student"]).sum()) / len(target)
     return out
 
 
@@ -158,9 +172,9 @@ def test_scored_metrics_equal_a_brute_force_forward(llama_dir, student_dir, held
     for name in ("teacher", "student"):
         assert result[name]["lm_loss"] == pytest.approx(brute[name]["lm_loss"], rel=1e-5)
         assert result[name]["perplexity"] == pytest.approx(math.exp(brute[name]["lm_loss"]), rel=1e-4)
-        assert result[name]["ece"] == pytest.approx(brute[name]["ece"], abs=1e-5)
+        assert result[name]["ece"] == pytest.approx(brute[name]["ece"], abs=brute[name]["ece_slack"])
     assert result["student"]["kl_to_teacher"] == pytest.approx(brute["kl"], rel=1e-4)
-    assert result["student"]["top1_agreement"] == pytest.approx(brute["agreement"])
+    assert result["student"]["top1_agreement"] == pytest.approx(brute["agreement"], abs=brute["agreement_slack"])
     assert brute["kl"] > 1.0  # the models differ: the comparison means something
 
     itself = score(teacher, teacher, held_out, batch_size=4, chunk_positions=64).result()
@@ -196,7 +210,7 @@ def test_cli_writes_json_markdown_and_png(llama_dir, student_dir, store, held_ou
     teacher, student = report["teacher"], report["student"]
     for name in ("teacher", "student"):
         assert report[name]["lm_loss"] == pytest.approx(brute[name]["lm_loss"], rel=1e-5)
-        assert report[name]["ece"] == pytest.approx(brute[name]["ece"], abs=1e-5)
+        assert report[name]["ece"] == pytest.approx(brute[name]["ece"], abs=brute[name]["ece_slack"])
         assert len(report[name]["reliability"]) == 15
         assert report[name]["tokens_per_s"] > 0
         # a fresh process that loaded the weights and ran them holds at least most of their bytes

@@ -63,8 +63,9 @@ def test_a_trained_student_is_the_next_teacher(tmp_path, corpus_texts):
         ids_PK = torch.as_tensor(sample["topk_ids"][sample["loss_mask"]].astype(np.int64))
         stored_PK = torch.as_tensor(sample["topk_logprobs"][sample["loss_mask"]].astype(np.float32))
         # Each stored id's log-prob is the model's own within the store's 1/128 nat, and the ids are its top 8:
-        # none is less likely than the model's 8th most likely id.
-        torch.testing.assert_close(stored_PK, full.gather(1, ids_PK), rtol=0, atol=1 / 128 + 1e-5)
+        # none is less likely than the model's 8th most likely id. The forward here recomputes the build's log-probs
+        # with other kernels: 1e-4 allows for that float32 noise (measured up to 7e-6 nat on the tiny teachers).
+        torch.testing.assert_close(stored_PK, full.gather(1, ids_PK), rtol=0, atol=1 / 128 + 1e-4)
         eighth = full.topk(8, dim=-1).values[:, -1:]
         assert (full.gather(1, ids_PK) >= eighth - 1e-4).all()  # up to ties between the 8th and 9th
         true_next = torch.as_tensor(sample["input_ids"][1:].astype(np.int64))[trained]
