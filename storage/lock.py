@@ -121,6 +121,8 @@ class OutputLock:
             data = self.location.read_bytes(self.name)
         except FileNotFoundError:
             return None
+        if not data:  # created an instant ago, its owner not yet written: a writer that started at the same moment
+            raise LockError(self._refusal(None))
         try:
             holder = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):

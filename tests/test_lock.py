@@ -240,6 +240,18 @@ def test_damaged_lock_is_an_error_naming_it(tmp_path, llama_dir, dataset):
     assert lock.read_text() == "{half a lock"
 
 
+def test_a_lock_being_taken_refuses_without_calling_it_damaged(tmp_path, llama_dir, dataset):
+    """Between its O_EXCL creation and the write of its owner, a lock file is empty: another writer starting then is
+    refused as one that started at the same moment."""
+    lock = tmp_path / "store" / ".lock"
+    lock.parent.mkdir()
+    lock.write_bytes(b"")
+    result = _cli_build(llama_dir, dataset, tmp_path / "store")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "started at the same moment" in result.output and "damaged" not in result.output
+    assert lock.read_bytes() == b""
+
+
 def test_readers_ignore_a_lock_in_a_store(tmp_path, store):
     copy = Path(shutil.copytree(store, tmp_path / "store"))
     _write_lock(copy / ".lock", host="node-elsewhere.invalid")
