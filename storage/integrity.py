@@ -157,7 +157,8 @@ def damaged(location: Location, where: str, problem: str) -> StoreDamaged:
     """The error for a damaged file or array of a store, naming the store, the place and the fix."""
     return StoreDamaged(
         f"{location}: {where} {problem}. The store is damaged: `teacher-cache verify {location}` lists every "
-        "damaged file. Restore the damaged shards from a copy of the store, or rebuild the store.",
+        f"damaged file, and `teacher-cache verify {location} --repair` then the store's build command with --resume "
+        "rebuild the damaged shards (or restore them from a copy of the store).",
         problem=f"{where} {problem}",
     )
 

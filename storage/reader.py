@@ -280,22 +280,26 @@ class Store:
         intact shard's arrays are opened: shapes and dtypes against the store's options, the trained tokens
         against `num_tokens` (and `stats_num_tokens`), the sampled offsets against the entries.
         """
+        return [problem for problems in self.damaged_shards().values() for problem in problems]
+
+    def damaged_shards(self) -> dict[str, list[str]]:
+        """The problems `verify` finds, by the name of the shard they are in (only shards with problems)."""
+        found = {info.name: self._file_problems(info) for info in self.manifest.shards}
+        found = {info.name: found[info.name] or self._shard_problems(info) for info in self.manifest.shards}
+        return {name: problems for name, problems in found.items() if problems}
+
+    def _file_problems(self, info: ShardInfo) -> list[str]:
+        """Files of one shard that are missing, do not match their checksum, or are not in the manifest."""
+        if not self.location.exists(info.name):
+            return [f"{info.name}: missing"]
+        found = set(self.location.files(info.name))
         problems = []
-        for info in self.manifest.shards:
-            if not self.location.exists(info.name):
-                problems.append(f"{info.name}: missing")
-                continue
-            found = set(self.location.files(info.name))
-            before = len(problems)
-            for rel, digest in info.files.items():
-                if rel not in found:
-                    problems.append(f"{info.name}/{rel}: missing")
-                elif self.location.sha256(f"{info.name}/{rel}") != digest:
-                    problems.append(f"{info.name}/{rel}: checksum mismatch")
-            problems += [f"{info.name}/{rel}: not in the manifest" for rel in sorted(found - set(info.files))]
-            if len(problems) == before:
-                problems += self._shard_problems(info)
-        return problems
+        for rel, digest in info.files.items():
+            if rel not in found:
+                problems.append(f"{info.name}/{rel}: missing")
+            elif self.location.sha256(f"{info.name}/{rel}") != digest:
+                problems.append(f"{info.name}/{rel}: checksum mismatch")
+        return problems + [f"{info.name}/{rel}: not in the manifest" for rel in sorted(found - set(info.files))]
 
     def _shard_problems(self, info: ShardInfo) -> list[str]:
         """Shapes and counts of one shard whose files match their checksums, as `StoreDamaged` messages."""

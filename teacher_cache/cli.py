@@ -22,6 +22,7 @@ from storage.layout import MANIFEST_NAME
 from storage.lock import LockError
 from storage.manifest import describe_targets
 from storage.reader import Store
+from storage.repair import drop_damaged_shards
 from storage.workers import WorkerProgress, merge_workers, worker_progress
 from teacher_cache.build import build_cache
 from teacher_cache.config import (
@@ -399,15 +400,45 @@ def _parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 @main.command()
 @click.argument("store")
-def verify(store: str) -> None:
+@click.option("--repair", is_flag=True,
+              help="Drop the damaged shards from the manifest (the store becomes incomplete), so that the build "
+                   "command that made the store, rerun with --resume, recomputes exactly those shards.")
+def verify(store: str, repair: bool) -> None:
     """Check all of STORE against its manifest: the manifest's digest, names and counts; every file's checksum
     (SHA-256); each array's shape against the store's options; each shard's trained tokens. Lists every problem
-    (exit code 1)."""
+    (exit code 1).
+
+    \b
+    A damaged shard is rebuilt by the build that made the store:
+      teacher-cache verify STORE --repair      # drops the damaged shards from the manifest
+      teacher-cache build ... --resume          # the same command as before: recomputes exactly those
+    """
+    if repair:
+        _repair(store)
+        return
     problems = _open(store, allow_incomplete=True).verify()
     if problems:
         raise click.ClickException(f"{store}: the store is damaged:\n  " + "\n  ".join(problems)
-                                   + "\nRestore the damaged shards from a copy of the store, or rebuild the store.")
+                                   + f"\nRebuild the damaged shards (`teacher-cache verify {store} --repair`, then the "
+                                   "store's build command with --resume), or restore them from a copy of the store.")
     click.echo(f"{store}: the manifest is intact, every file matches its checksum and every array its manifest entry.")
+
+
+def _repair(store: str) -> None:
+    try:
+        damaged = drop_damaged_shards(store)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not damaged:
+        click.echo(f"{store}: nothing is damaged; the store is unchanged.")
+        return
+    problems = [problem for found in damaged.values() for problem in found]
+    click.echo(f"{store}: dropped {len(damaged)} damaged shard(s) from the manifest: {', '.join(damaged)}\n  "
+               + "\n  ".join(problems)
+               + "\nThe store is incomplete now. Rerun the `teacher-cache build` command that made it, with --resume, "
+               "to recompute exactly those shards (`teacher-cache info` shows its options).")
 
 
 @main.command()

@@ -291,3 +291,47 @@ def test_checked_reads_equal_unchecked_reads(pristine):
         assert a.keys() == b.keys()
         for name in a:
             assert np.array_equal(a[name], b[name]), name
+
+
+# --- repair: the damaged shards rebuilt by the build's resume --------------------------------------------------------
+
+
+def test_repair_then_resume_rebuilds_exactly_the_damaged_shards(store, pristine, llama_dir):
+    chunk_file(store, "topk_ids").unlink()
+    (store / "shards/shard-000003/entropy/zarr.json").write_text("{}")
+    untouched = {p: p.stat().st_mtime_ns for p in (store / "shards/shard-000000").rglob("*") if p.is_file()}
+
+    result = CliRunner().invoke(cache_main, ["verify", str(store), "--repair"])
+    assert result.exit_code == 0, result.output
+    assert "dropped 2 damaged shard(s)" in result.output and "--resume" in result.output
+    manifest = manifest_of(store)
+    assert not manifest["complete"]
+    assert [s["name"] for s in manifest["shards"]] == [s["name"] for s in manifest_of(pristine)["shards"]
+                                                       if s["name"] not in (SHARD, "shards/shard-000003")]
+
+    # The same build, resumed: the two shards are computed again, the others are not touched.
+    from teacher_cache import BuildConfig, build_cache
+
+    build_cache(BuildConfig(model=str(llama_dir), dataset=str(pristine.parent / "docs.jsonl"), output=str(store),
+                            seq_len=32, batch_size=4, samples_per_shard=8, top_k=8, num_draws=16, device="cpu",
+                            dtype="float32", resume=True))
+    rebuilt, reference = manifest_of(store), manifest_of(pristine)
+    assert rebuilt["complete"]
+    assert [(s["name"], s["files"]) for s in rebuilt["shards"]] == [
+        (s["name"], s["files"]) for s in reference["shards"]]
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+    for shard in reference["shards"]:  # every file as the undamaged build wrote it, hashed here
+        for rel, digest in shard["files"].items():
+            assert hashlib.sha256((store / shard["name"] / rel).read_bytes()).hexdigest() == digest
+
+
+def test_repair_leaves_an_intact_store_and_refuses_a_damaged_manifest(store):
+    before = (store / "manifest.json").read_bytes()
+    result = CliRunner().invoke(cache_main, ["verify", str(store), "--repair"])
+    assert result.exit_code == 0 and "nothing is damaged" in result.output
+    assert (store / "manifest.json").read_bytes() == before
+    manifest = manifest_of(store)
+    manifest["shards"][0]["num_tokens"] -= 1  # an edit: the digest no longer matches
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cache_main, ["verify", str(store), "--repair"])
+    assert result.exit_code == 1 and "manifest_sha256" in result.output and "Traceback" not in result.output
