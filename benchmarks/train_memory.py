@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from student_train.losses import DIVERGENCES, REPRESENTATIONS, LossConfig, distillation_loss  # noqa: E402
+from student_train.loss_config import LossConfig  # noqa: E402
+from student_train.losses import DIVERGENCES, REPRESENTATIONS, distillation_loss  # noqa: E402
 
 K, DRAWN = 64, 24  # top-k ids, distinct sampled ids per position (about what 50 draws give)
 

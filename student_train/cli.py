@@ -19,9 +19,10 @@ from storage.integrity import StoreDamaged
 from storage.manifest import Manifest
 from student_train.config import DEFAULT_ALPHA, DISTRIBUTED, PRECISIONS, TrainConfig
 from student_train.config_file import resolve_options, with_sources
+from student_train.divergences import REPRESENTATIONS, TARGETS_FROM
 from student_train.features import FEATURE_LOSSES, PROJECTIONS
 from student_train.liger import FUSED_CE
-from student_train.losses import LOSS_IMPLS, LOSS_NAMES, REPRESENTATIONS, SCHEDULES, TARGETS_FROM
+from student_train.loss_config import LOSS_IMPLS, LOSS_NAMES, SCHEDULES
 from student_train.student import compatibility_problems, load_tokenizer
 
 TRAIN_OPTIONS = [

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from student_train.divergences import ONLINE, TARGETS_FROM
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.liger import FUSED_CE
-from student_train.losses import CE, LOSS_IMPLS, LOSS_NAMES, ONLINE, TARGETS_FROM, LossConfig
+from student_train.loss_config import CE, LOSS_IMPLS, LOSS_NAMES, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")

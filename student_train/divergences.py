@@ -90,8 +90,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# Id of the tail bucket in collated sampled targets (draws the vllm backend makes from top-k + one tail bucket).
-TAIL_BUCKET = -1
+from student_train.collate import TAIL_BUCKET
+
 # The targets' entry of the true next token, [C] (see READS_TRUE_IDS).
 TRUE_IDS = "true_ids"
 

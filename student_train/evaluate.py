@@ -35,7 +35,8 @@ from storage.reader import Store
 from student_train.eval_metrics import ScoreTotals, parameter_count, weight_bytes
 from student_train.eval_report import ratios, write_report
 from student_train.eval_speed import measure_in_fresh_process
-from student_train.loader import LoaderConfig, held_out_range
+from student_train.loader import LoaderConfig
+from student_train.order import held_out_range
 from student_train.student import WEIGHT_FILES, compatibility_problems
 from teacher_cache.data import Rows, iter_rows, load_text_dataset
 from teacher_cache.teacher import TransformersTeacher, resolve_device

@@ -33,17 +33,13 @@ divergences in the mix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from student_train.divergences import DIVERGENCES, TARGETS_FROM
 from student_train.logit_reads import LogitReads, Probe, logits_grad_
-
-if TYPE_CHECKING:
-    from student_train.losses import LossConfig
+from student_train.loss_config import CE, LossConfig
 
 
 def term_weights(config: LossConfig, scale: float, positions: int) -> tuple[list[float], float]:
@@ -51,7 +47,7 @@ def term_weights(config: LossConfig, scale: float, positions: int) -> tuple[list
     divergences and the summed CE (module docstring)."""
     per_position = 1 / max(positions, 1)
     kd = [scale * config.temperature**2 * weight * per_position for weight in config.kd_weights.values()]
-    return kd, config.weights.get("ce", 0.0) * per_position  # losses.CE
+    return kd, config.weights.get(CE, 0.0) * per_position
 
 
 def fused_loss(

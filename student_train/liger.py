@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from student_train.losses import LossConfig
+from student_train.loss_config import LossConfig
 
 log = logging.getLogger(__name__)
 

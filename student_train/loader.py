@@ -1,24 +1,14 @@
 """Phase-2 loader: stream a teacher-cache store into student training as collated batches.
 
-Flow: manifest -> `SampleOrder` (which global sample ids each rank reads, in which batches, per epoch) ->
-`StoreDataset` (one torch IterableDataset per rank; each DataLoader worker collates its own batches through a
-`ShardCache`) -> `StoreLoader` (what the trainer iterates: prefetching, epoch and resume state).
+Flow: manifest -> `SampleOrder` (`student_train.order`: which global sample ids each rank reads, in which batches,
+per epoch) -> `StoreDataset` (one torch IterableDataset per rank; each DataLoader worker reads its own batches
+through a `ShardCache`, `student_train.shard_cache`, and collates them, `student_train.collate`) -> `StoreLoader`
+(what the trainer iterates: prefetching, epoch and resume state).
 
-The order is a pure function of (seed, epoch, shard sizes, options): every rank and worker computes it alone, so
-resuming or changing the worker count needs no shared memory. Shuffling is shard-aware: the shards are permuted,
-grouped into windows of `shuffle_window` shards, and samples are shuffled within a window, so a worker that holds
-one window's shards can serve every batch of that window.
-
-Partition: step b of the epoch takes the block `order[b*W*B : (b+1)*W*B]` (W ranks, B samples per rank) and rank
-r gets its r-th B-sized part; so the samples of a step do not depend on the world size for a given global batch.
-Batches of a rank are numbered b = 0, 1, ...; DataLoader worker w of N produces the batches b = w (mod N), which
-torch's round-robin collection returns in the order 0, 1, 2, ... whatever N is.
-
-An evaluation shared by ranks wants every sample exactly once rather than equal batches on every rank:
-`StoreLoader(..., interleave=True)` gives rank r the batches r, r + W, r + 2W, ... of the single-rank order.
-
-Legend: B samples in a batch, L positions per sample (`seq_len`), K top-k entries, M sampled ids per position
-(padded to the batch's maximum), H hidden size, E flat sampled entries, P = B*L positions.
+The order is a pure function of (seed, epoch, shard sizes, options), so the loader's state is tiny: epoch, samples
+consumed, seed. An evaluation shared by ranks wants every sample exactly once rather than equal batches on every
+rank: `StoreLoader(..., interleave=True)` gives rank r the batches r, r + W, r + 2W, ... of the single-rank order
+(W ranks).
 """
 
 from __future__ import annotations
@@ -29,21 +19,19 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from storage.layout import FLAT_ARRAYS
 from storage.reader import Store
-from student_train.losses import TAIL_BUCKET
+from student_train.collate import Batch, collate, tail_bucket
+from student_train.order import SampleOrder, held_out_range
+from student_train.shard_cache import ShardCache
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass(kw_only=True)
@@ -96,92 +84,6 @@ class LoaderConfig:
                              "only_fraction_from_end.")
 
 
-# --- order and partition ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class SampleOrder:
-    """Which global sample ids each rank reads in each epoch, batch by batch; a pure function of its fields.
-
-    Attributes:
-        shard_sizes: samples per shard, in store order.
-        seed: shuffle seed.
-        shuffle: shard-aware shuffle (ignored with a selection).
-        shuffle_window: shards per shuffle window.
-        id_range: [start, stop) of the global ids read (the held-out split); unused with a selection.
-        selection: explicit ids in order, or None.
-        batch_size: samples per batch per rank.
-        world_size: number of ranks.
-        drop_last: see `LoaderConfig.drop_last`.
-    """
-
-    shard_sizes: tuple[int, ...]
-    seed: int
-    shuffle: bool
-    shuffle_window: int
-    id_range: tuple[int, int]
-    selection: np.ndarray | None
-    batch_size: int
-    world_size: int
-    drop_last: bool
-
-    @cached_property
-    def shard_starts(self) -> np.ndarray:
-        return np.cumsum([0, *self.shard_sizes], dtype=np.int64)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples in an epoch's order, before the partition drops its tail."""
-        return len(self.selection) if self.selection is not None else self.id_range[1] - self.id_range[0]
-
-    @property
-    def _full_batches(self) -> int:
-        return self.num_samples // (self.world_size * self.batch_size)
-
-    @property
-    def last_batch_size(self) -> int:
-        """Size of each rank's short final batch; 0 when there is none."""
-        if self.drop_last:
-            return 0
-        return (self.num_samples - self._full_batches * self.world_size * self.batch_size) // self.world_size
-
-    @property
-    def num_batches(self) -> int:
-        """Batches per epoch, the same on every rank."""
-        return self._full_batches + (self.last_batch_size > 0)
-
-    @property
-    def rank_samples(self) -> int:
-        """Samples per epoch on each rank."""
-        return self._full_batches * self.batch_size + self.last_batch_size
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Every global id of the epoch, in reading order (int64)."""
-        if self.selection is not None:
-            return self.selection
-        start, stop = self.id_range
-        if not self.shuffle:
-            return np.arange(start, stop, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, epoch])
-        shards = rng.permutation(len(self.shard_sizes))
-        windows = []
-        for first in range(0, len(shards), self.shuffle_window):
-            ids = np.concatenate([np.arange(self.shard_starts[j], self.shard_starts[j + 1])
-                                  for j in shards[first:first + self.shuffle_window]])
-            windows.append(rng.permutation(ids[(ids >= start) & (ids < stop)]))
-        return np.concatenate(windows)
-
-    def batch(self, order: np.ndarray, rank: int, index: int) -> np.ndarray:
-        """Global ids of batch `index` of `rank`, given the epoch's `order`."""
-        assert 0 <= index < self.num_batches
-        step = self.world_size * self.batch_size
-        if index < self._full_batches:
-            first = index * step + rank * self.batch_size
-            return order[first:first + self.batch_size]
-        first = self._full_batches * step + rank * self.last_batch_size
-        return order[first:first + self.last_batch_size]
-
-
 def read_selection(path: str, num_samples: int, held_out_from: int | None = None) -> np.ndarray:
     """The ids of a selection file ({"sample_ids": [...]} or a bare list), checked against the store's size and,
     given `held_out_from`, against the held-out tail (ids from there on are evaluated on, never trained on)."""
@@ -201,128 +103,6 @@ def read_selection(path: str, num_samples: int, held_out_from: int | None = None
                          "below it (`teacher-cache select --held-out-fraction` equal to --eval-fraction) or evaluate "
                          "on another store (--eval-store).")
     return ids
-
-
-def held_out_range(num_samples: int, config: LoaderConfig) -> tuple[int, int]:
-    """[start, stop) of the global ids read: all, all but the held-out tail, or only that tail."""
-    if config.only_fraction_from_end:
-        return num_samples - round(num_samples * config.only_fraction_from_end), num_samples
-    return 0, num_samples - round(num_samples * config.exclude_fraction_from_end)
-
-
-# --- reading and collation ----------------------------------------------------------------------------------------
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n), without a Python loop."""
-    ends = np.cumsum(lengths)
-    return np.repeat(starts - ends + lengths, lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
-
-
-def _take(record: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of a shard record; flat sampled arrays become those rows' entries, in row order."""
-    out = {name: value[rows] for name, value in record.items() if name not in FLAT_ARRAYS and name != "sampled_offsets"}
-    if "sampled_offsets" in record:
-        offsets = record["sampled_offsets"].astype(np.int64)
-        entries = _ranges(offsets[rows], offsets[rows + 1] - offsets[rows])
-        out.update({name: record[name][entries] for name in FLAT_ARRAYS})
-    return out
-
-
-class ShardCache:
-    """Reads the rows of a batch, holding at most `capacity` whole shards decoded between batches.
-
-    A shard a batch needs is read whole and kept, least recently used evicted first. When a batch needs more shards
-    than fit, those appearing last in the batch (the direction the order is heading) are kept and the others are
-    read as a single row range each, without keeping them.
-    """
-
-    def __init__(self, store: Store, capacity: int):
-        self.store = store
-        self.capacity = capacity
-        self._shards: dict[int, dict[str, np.ndarray]] = {}  # in order of last use
-        self._starts = np.cumsum([0, *(len(s) for s in store.shards)], dtype=np.int64)
-
-    def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Arrays of the samples `ids`, in that order: dense ones [B, ...], flat sampled ones [E] in sample order."""
-        shard_B = np.searchsorted(self._starts, ids, side="right") - 1
-        row_B = ids - self._starts[shard_B]
-        needed = {int(j): np.flatnonzero(shard_B == j) for j in np.unique(shard_B)}
-        keep = sorted(needed, key=lambda j: -needed[j][-1])[:self.capacity]
-        parts = {j: _take(self._use(j), row_B[needed[j]]) for j in needed if j in self._shards}
-        missing = [j for j in keep if j not in self._shards]
-        excess = max(0, len(self._shards) + len(missing) - self.capacity)
-        for j in [j for j in self._shards if j not in keep][:excess]:  # least recently used first
-            del self._shards[j]
-        for j in missing:
-            self._shards[j] = self.store.shards[j].read()
-            parts[j] = _take(self._shards[j], row_B[needed[j]])
-        for j in needed.keys() - parts.keys():
-            rows = row_B[needed[j]]
-            first = int(rows.min())
-            parts[j] = _take(self.store.shards[j].read(slice(first, int(rows.max()) + 1)), rows - first)
-        return _in_batch_order(parts, needed)
-
-    def _use(self, shard: int) -> dict[str, np.ndarray]:
-        self._shards[shard] = self._shards.pop(shard)
-        return self._shards[shard]
-
-
-def _in_batch_order(parts: dict[int, dict], positions: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-    """Concatenate per-shard parts and put their rows (and their flat entries) back in batch order."""
-    inverse = np.argsort(np.concatenate([positions[j] for j in parts]))
-    out = {name: np.concatenate([p[name] for p in parts.values()]) for name in next(iter(parts.values()))}
-    if "sampled_nunique" in out:
-        lengths = out["sampled_nunique"].sum(axis=1, dtype=np.int64)
-        entries = _ranges((np.cumsum(lengths) - lengths)[inverse], lengths[inverse])
-        for name in FLAT_ARRAYS:
-            out[name] = out[name][entries]
-    return {name: value if name in FLAT_ARRAYS else value[inverse] for name, value in out.items()}
-
-
-def tail_bucket(targets: dict) -> int | None:
-    """The store id of the sampled draws' tail bucket (see the manifest's targets.sampled), or None."""
-    return targets.get("sampled", {}).get("tail_bucket_id")
-
-
-def pad_sampled(ids_E: np.ndarray, counts_E: np.ndarray, nunique_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat sampled entries -> [B, L, M] ids (int64) and counts (float32); padding is id 0 with count 0."""
-    n_P = nunique_BL.reshape(-1).astype(np.int64)
-    start_P = np.cumsum(n_P) - n_P
-    m = int(n_P.max()) if len(n_P) else 0
-    col_M = np.arange(m)
-    valid_PM = col_M < n_P[:, None]
-    index_PM = np.where(valid_PM, start_P[:, None] + col_M, 0)
-    ids_PM = np.where(valid_PM, ids_E[index_PM], 0).astype(np.int64)
-    counts_PM = np.where(valid_PM, counts_E[index_PM], 0).astype(np.float32)
-    shape = (*nunique_BL.shape, m)
-    return ids_PM.reshape(shape), counts_PM.reshape(shape)
-
-
-def collate(record: dict[str, np.ndarray], ids: np.ndarray, tail_bucket_id: int | None = None) -> Batch:
-    """Torch batch of the rows `record` (from `ShardCache.rows`) of the global samples `ids`.
-
-    `tail_bucket_id` is the store's id for the tail bucket of sampled draws (None when draws are from the full
-    distribution); it becomes `losses.TAIL_BUCKET`.
-    """
-    batch = {
-        "input_ids": torch.from_numpy(record["input_ids"].astype(np.int64)),
-        "attention_mask": torch.from_numpy(record["attention_mask"]),
-        "loss_mask": torch.from_numpy(record["loss_mask"]),
-        "segment_ids": torch.from_numpy(record["segment_ids"].astype(np.int64)),
-        "sample_ids": torch.from_numpy(np.array(ids, dtype=np.int64)),
-    }
-    floats = ["entropy", "true_logprob", "topk_logprobs", "tail_logmass"]
-    floats += [name for name in record if name.startswith("hidden_states_")]
-    batch.update({name: torch.from_numpy(record[name].astype(np.float32)) for name in floats if name in record})
-    if "topk_ids" in record:
-        batch["topk_ids"] = torch.from_numpy(record["topk_ids"].astype(np.int64))
-    if "sampled_nunique" in record:
-        ids_BLM, counts_BLM = pad_sampled(record["sampled_ids"], record["sampled_counts"], record["sampled_nunique"])
-        if tail_bucket_id is not None:
-            ids_BLM[ids_BLM == tail_bucket_id] = TAIL_BUCKET
-        batch["sampled_ids"], batch["sampled_counts"] = torch.from_numpy(ids_BLM), torch.from_numpy(counts_BLM)
-    return batch
 
 
 # --- datasets and the loader --------------------------------------------------------------------------------------

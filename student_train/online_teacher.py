@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from storage.identity import weights_fingerprint
 from storage.manifest import Manifest
-from student_train.losses import LossConfig
+from student_train.loss_config import LossConfig
 from student_train.student import compatibility_problems
 from teacher_cache.teacher import TransformersTeacher
 

@@ -33,13 +33,15 @@ from storage.layout import draws_from_tail
 from storage.lock import OutputLock, is_lock_file
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_staging, save_checkpoint
+from student_train.collate import tail_bucket
 from student_train.config import TrainConfig
 from student_train.config_file import refuse_changed_config, save_run_config
 from student_train.distributed import TrainedModules, World, launch
 from student_train.features import build_feature_head
 from student_train.liger import use_liger
-from student_train.loader import LoaderConfig, StoreLoader, tail_bucket
-from student_train.losses import TEACHER_HIDDEN, LossConfig, distillation_loss
+from student_train.loader import LoaderConfig, StoreLoader
+from student_train.loss_config import LossConfig
+from student_train.losses import TEACHER_HIDDEN, distillation_loss
 from student_train.online_teacher import OnlineTeacher
 from student_train.student import build_student
 from teacher_cache.teacher import resolve_device

@@ -27,9 +27,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from student_train.cli import main
+from student_train.collate import TAIL_BUCKET
 from student_train.config import TrainConfig
-from student_train.divergences import DIVERGENCES, REPRESENTATIONS, TAIL_BUCKET, TARGETS_FROM, Logits
-from student_train.losses import CE, TEACHER_HIDDEN, LossConfig, _select_targets, distillation_loss, kd_scale
+from student_train.divergences import DIVERGENCES, REPRESENTATIONS, TARGETS_FROM, Logits
+from student_train.loss_config import CE, LossConfig, kd_scale
+from student_train.losses import TEACHER_HIDDEN, _select_targets, distillation_loss
 from student_train.train import train
 
 

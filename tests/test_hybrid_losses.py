@@ -32,7 +32,8 @@ from storage.writer import StoreWriter
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.divergences import TARGETS_FROM, TRUE_IDS, Logits
-from student_train.losses import DIVERGENCES, REPRESENTATIONS, LossConfig, distillation_loss
+from student_train.loss_config import LossConfig
+from student_train.losses import DIVERGENCES, REPRESENTATIONS, distillation_loss
 from student_train.train import Trainer, train
 
 B, L, V, K, N = 2, 9, 61, 5, 8

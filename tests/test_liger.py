@@ -27,7 +27,8 @@ from torch import nn
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.liger import use_liger
-from student_train.losses import LossConfig, distillation_loss
+from student_train.loss_config import LossConfig
+from student_train.losses import distillation_loss
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 HAS_CUDA = torch.cuda.is_available()

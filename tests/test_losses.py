@@ -24,8 +24,10 @@ from torch import nn
 from torch.special import xlogy
 
 from student_train.cli import main
+from student_train.collate import TAIL_BUCKET
 from student_train.config import TrainConfig
-from student_train.losses import DIVERGENCES, TAIL_BUCKET, LossConfig, distillation_loss, kd_scale
+from student_train.loss_config import LossConfig, kd_scale
+from student_train.losses import DIVERGENCES, distillation_loss
 
 B, L, H, V, K, N = 2, 7, 16, 97, 6, 20
 BETA, SKEW = 0.3, 0.2

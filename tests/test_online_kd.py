@@ -27,7 +27,8 @@ from student_train.checkpoint import OPTIMIZER, RNG, read_state_file
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.loader import LoaderConfig, StoreLoader
-from student_train.losses import TEACHER_HIDDEN, LossConfig, distillation_loss
+from student_train.loss_config import LossConfig
+from student_train.losses import TEACHER_HIDDEN, distillation_loss
 from student_train.online_teacher import OnlineTeacher
 from student_train.train import Trainer, train
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from student_train.cli import main
 from student_train.config import TrainConfig
-from student_train.losses import LossConfig, distillation_loss
+from student_train.loss_config import LossConfig
+from student_train.losses import distillation_loss
 
 B, L, H, V, K = 2, 9, 16, 97, 12
 
