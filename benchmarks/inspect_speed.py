@@ -36,11 +36,11 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storage import Manifest, StoreWriter  # noqa: E402
+from storage.inspection import format_report, inspect_store  # noqa: E402
 from storage.layout import shard_name  # noqa: E402
 from storage.reader import Store  # noqa: E402
+from storage.selection import SelectConfig, select_samples  # noqa: E402
 from storage.stats import stat_names  # noqa: E402
-from tools.inspect_store import format_report, inspect_store  # noqa: E402
-from tools.select_samples import SelectConfig, select_samples  # noqa: E402
 
 TEMPLATES = 16
 

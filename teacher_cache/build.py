@@ -24,10 +24,12 @@ from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
+from teacher_cache.backend import TeacherBackend
+from teacher_cache.backend_registry import load_teacher
 from teacher_cache.config import BuildConfig
 from teacher_cache.data import Rows, iter_rows, load_text_dataset
 from teacher_cache.targets import NonFiniteLogits, TargetSpec
-from teacher_cache.teacher import TORCH_DTYPES, TeacherBackend, check_context_length, load_teacher
+from teacher_cache.teacher import TORCH_DTYPES, check_context_length
 
 log = logging.getLogger(__name__)
 

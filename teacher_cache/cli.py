@@ -17,12 +17,16 @@ from storage.concat import concat_stores
 from storage.ensemble import EnsembleConfig, ensemble_stores
 from storage.export import export_parquet
 from storage.fs import Location
+from storage.inspection import KEYS, inspect_store, plot_report
+from storage.inspection import format_report as format_inspection
 from storage.integrity import StoreDamaged
 from storage.layout import MANIFEST_NAME
 from storage.lock import LockError
 from storage.manifest import describe_targets
 from storage.reader import Store
 from storage.repair import drop_damaged_shards
+from storage.selection import ORDERS, SelectConfig, parse_band, select_samples
+from storage.selection import summary as selection_summary
 from storage.workers import WorkerProgress, merge_workers, worker_progress
 from teacher_cache.build import build_cache
 from teacher_cache.config import (
@@ -34,10 +38,6 @@ from teacher_cache.config import (
     worker_device,
 )
 from teacher_cache.targets import NonFiniteLogits
-from tools.inspect_store import KEYS, inspect_store, plot_report
-from tools.inspect_store import format_report as format_inspection
-from tools.select_samples import ORDERS, SelectConfig, parse_band, select_samples
-from tools.select_samples import summary as selection_summary
 
 log = logging.getLogger("teacher_cache")
 

@@ -1,6 +1,6 @@
-"""Teacher backends: run the teacher over a batch of samples and return its targets as tensors.
+"""The transformers teacher backend: run the teacher over a batch of samples and return its targets as tensors.
 
-`TeacherBackend` is the protocol the build talks to. `TransformersTeacher` runs a Hugging Face causal LM: its
+`TransformersTeacher` implements `teacher_cache.backend.TeacherBackend` with a Hugging Face causal LM: its
 base model gives final hidden states (and chosen layers), and the output head is applied by
 `teacher_cache.targets` a chunk of positions at a time, so [batch, time, vocab] logits never exist.
 
@@ -10,62 +10,19 @@ Legend: B batch, L seq_len, H hidden size, P trained positions of the batch.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Protocol
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from storage.identity import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from storage.layout import hidden_array_name
+from teacher_cache.backend import dense_record, model_directory, teacher_identity
 from teacher_cache.data import Rows
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, extract_targets, first_nonfinite
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Per-position records that are scattered back to [B, L] (flat sampled entries are not).
-DENSE_TARGETS = ("entropy", "true_logprob", "topk_ids", "topk_logprobs", "tail_logmass", "sampled_nunique")
-
-
-class TeacherBackend(Protocol):
-    """What a build needs from a teacher."""
-
-    tokenizer: object
-    vocab_size: int
-    num_hidden_states: int
-
-    def identity(self) -> dict:
-        """The manifest's `teacher` section."""
-
-    def target_properties(self) -> dict:
-        """Per target kind, entries merged into the manifest's `targets` section (how records are approximated)."""
-
-    def resolve_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
-        """Hidden-state indices in [0, num_hidden_states), or a ValueError naming the problem."""
-
-    def close(self) -> None:
-        """Release the teacher's resources."""
-
-    def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
-                hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name.
-
-        Raises:
-            NonFiniteLogits: the teacher gave no distribution at some trained position of the batch.
-        """
-
-
-def model_directory(path: str) -> str:
-    """The absolute path of the local model directory `path`; a ValueError naming the fix when there is none."""
-    local = Path(path).expanduser()
-    if not local.is_dir():
-        raise ValueError(
-            f"--model {path}: no such directory. Pass the local directory of a Hugging Face model "
-            "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
-        )
-    return str(local.resolve())
 
 
 def check_context_length(model: str, seq_len: int, *, allow_long: bool) -> None:
@@ -83,25 +40,6 @@ def check_context_length(model: str, seq_len: int, *, allow_long: bool) -> None:
         raise ValueError(f"{found}: past them its targets are usually poor. Use --seq-len {limit} or less, or pass "
                          "--allow-long-context to build anyway.")
     log.warning("%s; building anyway (--allow-long-context): the targets past them are usually poor.", found)
-
-
-def teacher_identity(path: str, backend: str, config, tokenizer, vocab_size: int, dtype, architecture: str) -> dict:
-    """The manifest's `teacher` section, the same for every backend; `architecture` names models without one."""
-    return {
-        "model": path,
-        "backend": backend,
-        "architecture": (config.architectures or [architecture])[0],
-        "config_sha256": config_fingerprint(config.to_dict()),
-        "weights_sha256": weights_fingerprint(path),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        "vocab_size": int(vocab_size),
-        "tokenizer_vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "dtype": str(dtype).removeprefix("torch."),
-        "num_hidden_layers": int(config.num_hidden_layers),
-        "hidden_size": int(config.hidden_size),
-    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,38 +141,6 @@ class TransformersTeacher:
             hidden = out.hidden_states[layer] * torch.from_numpy(mask_BL1).to(self.device)
             record[hidden_array_name(layer)] = hidden.to(hidden_dtype)
         return record
-
-
-def dense_record(targets: dict[str, torch.Tensor], trained_P: torch.Tensor, B: int, L: int) -> dict[str, torch.Tensor]:
-    """Per-position targets of the trained positions -> [B, L, ...] records (zero elsewhere), compacted."""
-    record = {}
-    for name, value in targets.items():
-        if name in DENSE_TARGETS:
-            full = value.new_zeros((B * L, *value.shape[1:]))
-            full[trained_P] = value
-            value = full.reshape(B, L, *value.shape[1:])
-        record[name] = _compact(name, value)
-    return record
-
-
-def load_teacher(config) -> TeacherBackend:
-    """The backend `config.backend` names, loaded from `config.model` (a BuildConfig)."""
-    if config.backend == "vllm":
-        from teacher_cache.vllm_backend import VLLMTeacher
-
-        return VLLMTeacher(
-            config.model, top_k=config.top_k, seq_len=config.seq_len, dtype=config.dtype,
-            tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
-            max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed,
-        )
-    return TransformersTeacher(config.model, device=config.device, dtype=config.dtype)
-
-
-def _compact(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Shrink before the device-to-host copy: ids to int32 (log-probs stay fp32 for the store's 1/64-nat steps)."""
-    if value.dtype == torch.int64:
-        return value.to(torch.int32)
-    return value
 
 
 def _dtype_kwarg(dtype) -> dict:

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from teacher_cache.backend import dense_record, model_directory, teacher_identity
 from teacher_cache.data import Rows
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, encode_draws
-from teacher_cache.teacher import dense_record, model_directory, teacher_identity
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from conftest import make_llama, make_small_store
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from storage import StoreWriter
+from storage.inspection import QUANTILES, SHARD_LINES, inspect_store
 from storage.manifest import Manifest
 from storage.reader import open_store
 from storage.stats import rank_bin_labels
 from teacher_cache.cli import main
-from tools.inspect_store import QUANTILES, SHARD_LINES, inspect_store
 
 SEQ_LEN = 32
 TOP_K = 8

@@ -24,10 +24,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import teacher_cache.build
 from storage import open_store
 from teacher_cache import BuildConfig, build_cache
+from teacher_cache.backend_registry import load_teacher
 from teacher_cache.cli import main
 from teacher_cache.data import Rows
 from teacher_cache.targets import TargetSpec, extract_targets
-from teacher_cache.teacher import TransformersTeacher, load_teacher
+from teacher_cache.teacher import TransformersTeacher
 from teacher_cache.vllm_backend import vllm_available
 
 L, PER_SHARD = 32, 2

@@ -20,10 +20,10 @@ import student_train.train
 from storage import StoreWriter
 from storage.manifest import Manifest
 from storage.reader import open_store
+from storage.selection import SelectConfig, select_samples
 from student_train.cli import main as student_main
 from student_train.loader import LoaderConfig, StoreLoader
 from teacher_cache.cli import main
-from tools.select_samples import SelectConfig, select_samples
 
 L = 4
 # Per sample: mean entropy, trained positions, mean NLL, positions whose true token is the top-1, tail mass.
@@ -33,7 +33,7 @@ TOKENS = [4, 4, 4, 4, 4, 0, 4, 4, 4, 4, 4, 4, 1, 4, 4, 4, 4, 2, 4, 4]
 NLL = [3.0, 1.0, 2.5, 4.0, 0.5, 9.0, 1.5, 3.5, 2.0, 0.2, 5.0, 0.1, 4.5, 0.3, 6.0, 0.4, 7.0, 0.6, 8.0, 0.7]
 TOP1 = [4, 0, 2, 1, 3, 0, 2, 4, 1, 0, 3, 2, 1, 4, 0, 2, 1, 1, 3, 2]
 TAIL = [0.01, 0.5, 0.02, 0.4, 0.03, 0.9, 0.3, 0.04, 0.2, 0.05, 0.1, 0.06, 0.08, 0.07, 0.15, 0.25, 0.35, 0.45, 0.6, 0.7]
-# The candidates (all but sample 5) ranked by (entropy, id), as the module docstring of select_samples says.
+# The candidates (all but sample 5) ranked by (entropy, id), as the module docstring of storage.selection says.
 BY_ENTROPY = [1, 3, 11, 14, 8, 16, 6, 12, 0, 7, 10, 17, 18, 2, 13, 19, 9, 15, 4]
 
 

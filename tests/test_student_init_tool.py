@@ -31,14 +31,14 @@ from transformers import (
 )
 
 from student_train.init_student import select_layers
-from tools.prune import choose_heads, find_family, head_counts, prune, shape_of, top_channels
-from tools.prune_importance import (
+from student_train.prune import choose_heads, find_family, head_counts, prune, shape_of, top_channels
+from student_train.prune_cli import REPORT_NAME, StudentInitConfig, _head_count, evenly_spaced, main, prune_teacher
+from student_train.prune_importance import (
     block_importance,
     calibration_batches,
     head_and_channel_importance,
     mean_loss,
 )
-from tools.student_init import REPORT_NAME, StudentInitConfig, _head_count, evenly_spaced, main, prune_teacher
 
 V, H, FFN = 32000, 64, 128  # the store's vocabulary; width and FFN width of the Llama-family models
 

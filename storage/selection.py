@@ -1,8 +1,9 @@
-"""`teacher-cache select`: choose training samples by a per-sample statistic, for `student-train --selection`.
+"""Sample selection (`teacher-cache select`): training samples chosen by a per-sample statistic, for
+`student-train --selection`.
 
 Sits between the build and training: reads the store's per-sample statistics (`storage/stats.py`, through
 `Store.stats()`; never the targets of a version 2 store), ranks the candidate samples by one key
-(`tools.inspect_store.KEYS`: entropy, nll, tail_mass, top1), cuts a share of them, orders the cut (a curriculum,
+(`storage.inspection.KEYS`: entropy, nll, tail_mass, top1), cuts a share of them, orders the cut (a curriculum,
 or a shuffle) and writes a selection file: {"sample_ids": [...], plus what was selected and how}, which
 `student-train --selection` trains on exactly, in its order.
 
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.inspection import KEYS, available_keys, sample_values
 from storage.reader import Store
-from tools.inspect_store import KEYS, available_keys, sample_values
 
 ORDERS = ("shuffle", "ascending", "descending", "store")
 SELECTION_FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ class SelectConfig:
     Attributes:
         store: the store to select from.
         output: the selection file to write (JSON).
-        key: the per-sample statistic ranked: entropy, nll, tail_mass or top1 (see `tools.inspect_store.KEYS`).
+        key: the per-sample statistic ranked: entropy, nll, tail_mass or top1 (see `storage.inspection.KEYS`).
         top: keep the highest this share of the candidates, in (0, 1].
         bottom: keep the lowest this share of the candidates, in (0, 1].
         band: keep the candidates between these two quantiles (low, high), 0 <= low < high <= 1.

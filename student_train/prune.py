@@ -1,7 +1,7 @@
 """Structured pruning of a decoder's attention heads and FFN channels, by surgery on its state dict.
 
-Part of `student-init` (tools/student_init.py), after layer dropping (`student_train.init_student.select_layers`)
-and the importance scores of `tools.prune_importance`: `choose_heads` and `top_channels` turn scores into the
+Part of `student-init` (student_train/prune_cli.py), after layer dropping (`student_train.init_student.select_layers`)
+and the importance scores of `student_train.prune_importance`: `choose_heads` and `top_channels` turn scores into the
 units to keep, and `prune` slices every block's weights to them and loads the result into a fresh model of the
 teacher's class built from the shrunk config, so what is returned saves and loads like any model of its class.
 

@@ -1,10 +1,10 @@
 """Importance of a decoder's blocks, attention heads and FFN channels, measured on a calibration slice of a store.
 
-Part of `student-init` (tools/student_init.py): these scores decide what `tools.prune` keeps. The calibration slice
-is `samples` rows spread evenly over a store written by `teacher-cache build` (its tokens, attention and loss
-masks; the teacher's tokenizer is checked against the store's). The loss is the CE of the model's next-token
-predictions at the store's trained positions (`loss_mask`), computed a chunk of positions at a time by
-`student_train.losses.distillation_loss`, so no [batch, time, vocab] logits exist.
+Part of `student-init` (student_train/prune_cli.py): these scores decide what `student_train.prune` keeps. The
+calibration slice is `samples` rows spread evenly over a store written by `teacher-cache build` (its tokens,
+attention and loss masks; the teacher's tokenizer is checked against the store's). The loss is the CE of the
+model's next-token predictions at the store's trained positions (`loss_mask`), computed a chunk of positions at a
+time by `student_train.losses.distillation_loss`, so no [batch, time, vocab] logits exist.
 
 - Block: how much that loss rises when the block alone is skipped (its output replaced by its input). This measures
   what is lost directly, first and last blocks included, where a similarity of the block's input and output
@@ -32,9 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from storage.reader import Store
-from student_train.losses import LossConfig, distillation_loss
+from student_train.loss_config import LossConfig
+from student_train.losses import distillation_loss
+from student_train.prune import Family, blocks, shape_of
 from student_train.student import compatibility_problems
-from tools.prune import Family, blocks, shape_of
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ The seed recipe, in this order:
    one, as DistilBERT), or with --layer-importance the N whose removal alone raises the calibration loss most;
    `student_train.init_student.select_layers` builds the model of the kept blocks.
 2. attention heads (--heads) by Taylor importance (gradient x activation) and FFN channels (--ffn) by activation
-   magnitude, both measured on the model of step 1 (`tools.prune_importance`) and cut by `tools.prune`.
+   magnitude, both measured on the model of step 1 (`student_train.prune_importance`) and cut by `student_train.prune`.
 Importance is measured on a calibration slice of a store (--store) built with the teacher's tokenizer.
 
 The output is a standard HF model directory (weights, config, the teacher's tokenizer) that
@@ -28,8 +28,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_train.init_student import resolve_layers, select_layers
-from tools.prune import Shape, check_head_count, choose_heads, find_family, head_counts, prune, shape_of, top_channels
-from tools.prune_importance import block_importance, calibration_batches, head_and_channel_importance
+from student_train.prune import (
+    Shape,
+    check_head_count,
+    choose_heads,
+    find_family,
+    head_counts,
+    prune,
+    shape_of,
+    top_channels,
+)
+from student_train.prune_importance import block_importance, calibration_batches, head_and_channel_importance
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`teacher-cache inspect`: what a store holds, from its manifest and per-sample statistics alone.
+"""Store inspection (`teacher-cache inspect`): what a store holds, from its manifest and per-sample statistics.
 
 Sits after the build, beside `teacher-cache info`: the counts and stored bytes come from the manifest, the
 distributions from the `stats_*` arrays (`storage/stats.py`), never from the targets, so a store of a million
