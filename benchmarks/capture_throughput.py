@@ -51,11 +51,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine_info import machine  # noqa: E402
+from storage.causal_lm import resolve_device  # noqa: E402
+from storage.samples import Rows, iter_rows, load_text_dataset  # noqa: E402
 from teacher_cache.build import LOGIT_CHUNK_BYTES, build_cache, iter_batches  # noqa: E402
 from teacher_cache.config import BuildConfig  # noqa: E402
-from teacher_cache.data import Rows, iter_rows, load_text_dataset  # noqa: E402
 from teacher_cache.targets import TargetSpec  # noqa: E402
-from teacher_cache.teacher import TransformersTeacher, resolve_device  # noqa: E402
+from teacher_cache.teacher import TransformersTeacher  # noqa: E402
 from teacher_cache.vllm_backend import vllm_available  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -57,6 +57,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from storage.causal_lm import resolve_device  # noqa: E402
 from storage.fs import Location  # noqa: E402
 from storage.layout import draws_from_tail  # noqa: E402
 from storage.manifest import Manifest  # noqa: E402
@@ -68,7 +69,7 @@ from student_train.evaluate import read_rows, score  # noqa: E402
 from student_train.train import train  # noqa: E402
 from teacher_cache.build import build_cache  # noqa: E402
 from teacher_cache.config import BuildConfig  # noqa: E402
-from teacher_cache.teacher import TransformersTeacher, resolve_device  # noqa: E402
+from teacher_cache.teacher import TransformersTeacher  # noqa: E402
 
 REPORT_VERSION = 1
 RUN_RECORD = "quality_run.json"  # written when a row's training finished: its options, wall time

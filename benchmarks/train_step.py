@@ -349,7 +349,7 @@ def main(only: str | None, loss_impls: str, workdir: str | None, json_path: str,
          **options) -> None:
     """Print ms/step and peak memory of CE, cached KD of each target kind and online KD, as ratios to CE."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from teacher_cache.teacher import resolve_device
+    from storage.causal_lm import resolve_device
 
     options["device"] = str(resolve_device(options["device"]))
     if child:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from teacher_cache.teacher import resolve_device
+from storage.causal_lm import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ does) -> both models forward on the same batches, each output head applied a chu
 memory, each model alone in a fresh process (`eval_speed`) -> report.json, report.md, report.png (`eval_report`).
 
 Unlike training, the teacher runs here: its metrics come from its own full softmax and KL(teacher || student) is
-exact over the whole vocabulary; a store provides only token ids and masks. Both models are loaded as the build's
-`TransformersTeacher`, whose `logits` applies the output head (and any logit post-processing) to hidden states.
+exact over the whole vocabulary; a store provides only token ids and masks. Both models are loaded as
+`storage.causal_lm.CausalLM`, whose `logits` applies the output head (and any logit post-processing) to hidden states,
+as the build does.
 
 Legend: B batch, L positions, H hidden size, P trained positions, V / W teacher / student vocabulary.
 """
@@ -30,16 +31,16 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
+from storage.causal_lm import CausalLM, resolve_device
 from storage.identity import tokenizer_fingerprint, weights_fingerprint
 from storage.reader import Store
+from storage.samples import Rows, iter_rows, load_text_dataset
 from student_train.eval_metrics import ScoreTotals, parameter_count, weight_bytes
 from student_train.eval_report import ratios, write_report
 from student_train.eval_speed import measure_in_fresh_process
 from student_train.loader import LoaderConfig
 from student_train.order import held_out_range
 from student_train.student import WEIGHT_FILES, compatibility_problems
-from teacher_cache.data import Rows, iter_rows, load_text_dataset
-from teacher_cache.teacher import TransformersTeacher, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def evaluate(config: EvalConfig) -> dict:
              int(rows.loss_mask.sum()), device, dtype)
 
     models = {"teacher": config.teacher, "student": config.student}
-    loaded = {name: TransformersTeacher(path, device=str(device), dtype=dtype) for name, path in models.items()}
+    loaded = {name: CausalLM(path, device=str(device), dtype=dtype) for name, path in models.items()}
     metrics = score(loaded["teacher"], loaded["student"], rows, batch_size=config.batch_size,
                     chunk_positions=config.chunk_positions).result()
     for name, lm in loaded.items():
@@ -158,7 +159,7 @@ def evaluate(config: EvalConfig) -> dict:
 
 
 @torch.inference_mode()
-def score(teacher: TransformersTeacher, student: TransformersTeacher, rows: Rows, *, batch_size: int,
+def score(teacher: CausalLM, student: CausalLM, rows: Rows, *, batch_size: int,
           chunk_positions: int) -> ScoreTotals:
     """Both models over the rows, batch by batch; the metrics' sums over every loss-mask position."""
     device = teacher.device

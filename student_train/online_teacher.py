@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from storage.causal_lm import CausalLM
 from storage.identity import weights_fingerprint
 from storage.manifest import Manifest
 from student_train.loss_config import LossConfig
 from student_train.student import compatibility_problems
-from teacher_cache.teacher import TransformersTeacher
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class OnlineTeacher:
                             "built the store.")
         if problems:
             raise ValueError("\n".join(problems))
-        self.lm = TransformersTeacher(path, device=str(device), dtype="bfloat16" if bf16 else "float32")
+        self.lm = CausalLM(path, device=str(device), dtype="bfloat16" if bf16 else "float32")
         self.lm.model.requires_grad_(False)
         self.vocab_size = self.lm.vocab_size
         if weights_fingerprint(self.lm.path) != manifest.teacher["weights_sha256"]:

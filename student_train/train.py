@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from storage.causal_lm import resolve_device
 from storage.fs import Location
 from storage.layout import draws_from_tail
 from storage.lock import OutputLock, is_lock_file
@@ -44,7 +45,6 @@ from student_train.loss_config import LossConfig
 from student_train.losses import TEACHER_HIDDEN, distillation_loss
 from student_train.online_teacher import OnlineTeacher
 from student_train.student import build_student
-from teacher_cache.teacher import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,12 @@ Legend: B batch, L seq_len, P trained positions of the batch.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from storage.identity import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
-from teacher_cache.data import Rows
+from storage.samples import Rows
 from teacher_cache.targets import TargetSpec
 
 # Per-position records that are scattered back to [B, L] (flat sampled entries are not).
@@ -48,17 +47,6 @@ class TeacherBackend(Protocol):
         Raises:
             NonFiniteLogits: the teacher gave no distribution at some trained position of the batch.
         """
-
-
-def model_directory(path: str) -> str:
-    """The absolute path of the local model directory `path`; a ValueError naming the fix when there is none."""
-    local = Path(path).expanduser()
-    if not local.is_dir():
-        raise ValueError(
-            f"--model {path}: no such directory. Pass the local directory of a Hugging Face model "
-            "(config, weights and tokenizer), e.g. one fetched with `huggingface-cli download`."
-        )
-    return str(local.resolve())
 
 
 def teacher_identity(path: str, backend: str, config, tokenizer, vocab_size: int, dtype, architecture: str) -> dict:

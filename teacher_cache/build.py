@@ -18,18 +18,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from storage.causal_lm import TORCH_DTYPES
 from storage.fs import Location
 from storage.layout import LOGPROB_SCALE
 from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
+from storage.samples import Rows, iter_rows, load_text_dataset
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.backend import TeacherBackend
 from teacher_cache.backend_registry import load_teacher
 from teacher_cache.config import BuildConfig
-from teacher_cache.data import Rows, iter_rows, load_text_dataset
 from teacher_cache.targets import NonFiniteLogits, TargetSpec
-from teacher_cache.teacher import TORCH_DTYPES, check_context_length
+from teacher_cache.teacher import check_context_length
 
 log = logging.getLogger(__name__)
 

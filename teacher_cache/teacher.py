@@ -12,18 +12,15 @@ from __future__ import annotations
 import logging
 
 import torch
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 
+from storage.causal_lm import CausalLM, model_directory
 from storage.layout import hidden_array_name
-from teacher_cache.backend import dense_record, model_directory, teacher_identity
-from teacher_cache.data import Rows
+from storage.samples import Rows
+from teacher_cache.backend import dense_record, teacher_identity
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, extract_targets, first_nonfinite
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def check_context_length(model: str, seq_len: int, *, allow_long: bool) -> None:
     """Refuse a `seq_len` beyond the positions the teacher's config allows (`max_position_embeddings`, which GPT-2's
@@ -42,34 +39,15 @@ def check_context_length(model: str, seq_len: int, *, allow_long: bool) -> None:
     log.warning("%s; building anyway (--allow-long-context): the targets past them are usually poor.", found)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class TransformersTeacher:
-    """A local Hugging Face causal LM as teacher.
+class TransformersTeacher(CausalLM):
+    """A local Hugging Face causal LM as teacher: `storage.causal_lm.CausalLM` (model, tokenizer, output head) with
+    the backend's target extraction.
 
     Args:
         path: model directory (weights, config and tokenizer).
         device: torch device name or "auto".
         dtype: "auto" (bfloat16 on CUDA, the checkpoint's dtype on CPU) or a dtype name.
     """
-
-    def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto"):
-        self.path = model_directory(path)
-        self.device = resolve_device(device)
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else "auto"
-        else:
-            torch_dtype = TORCH_DTYPES[dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, **_dtype_kwarg(torch_dtype)).to(self.device).eval()
-        self.head = self.model.get_output_embeddings()
-        self.vocab_size = self.head.weight.shape[0]
-        self.num_hidden_states = self.model.config.num_hidden_layers + 1
-        self._check_head()
 
     def identity(self) -> dict:
         return teacher_identity(self.path, "transformers", self.model.config, self.tokenizer, self.vocab_size,
@@ -80,33 +58,6 @@ class TransformersTeacher:
 
     def close(self) -> None:
         pass
-
-    def logits(self, hidden_PH: torch.Tensor) -> torch.Tensor:
-        """The output head, with the logit post-processing some architectures apply after it."""
-        logits = self.head(hidden_PH)
-        config = self.model.config
-        if getattr(config, "logit_scale", None) is not None:  # Cohere
-            logits = logits * config.logit_scale
-        if getattr(config, "logits_scaling", None) is not None:  # Granite
-            logits = logits / config.logits_scaling
-        if getattr(config, "final_logit_softcapping", None) is not None:  # Gemma 2/3
-            cap = config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def _check_head(self) -> None:
-        """Our base-model + head path must give the model's own logits; refuse architectures where it does not."""
-        ids = torch.arange(1, 9, device=self.device)[None] % self.vocab_size
-        with torch.inference_mode():
-            expected = self.model(input_ids=ids).logits.float()
-            got = self.logits(self.model.base_model(input_ids=ids).last_hidden_state).float()
-        tolerance = 1e-3 if self.model.dtype == torch.float32 else 5e-2
-        error = (expected - got).abs().max().item() / max(expected.abs().max().item(), 1.0)
-        if error > tolerance:
-            raise RuntimeError(
-                f"{type(self.model).__name__} post-processes its logits in a way the transformers backend does not "
-                f"reproduce (relative error {error:.3g}); this architecture is not supported yet."
-            )
 
     def resolve_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
         """Map layer indices (negative from the end) into [0, num_hidden_states)."""
@@ -142,8 +93,3 @@ class TransformersTeacher:
             record[hidden_array_name(layer)] = hidden.to(hidden_dtype)
         return record
 
-
-def _dtype_kwarg(dtype) -> dict:
-    # transformers renamed `torch_dtype` to `dtype` in 4.56.
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}

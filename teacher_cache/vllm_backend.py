@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from teacher_cache.backend import dense_record, model_directory, teacher_identity
-from teacher_cache.data import Rows
+from storage.causal_lm import model_directory
+from storage.samples import Rows
+from teacher_cache.backend import dense_record, teacher_identity
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, encode_draws
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Input pipeline: loading text datasets, tokenizing and cutting them into samples, batching by shard.
 
-Every expectation is built here, independently of `teacher_cache.data`: the token stream straight from the
+Every expectation is built here, independently of `storage.samples`: the token stream straight from the
 tokenizer, hand-written arrays for a character tokenizer whose ids we know, and batch partitions computed from
 the shard arithmetic.
 """
@@ -13,9 +13,9 @@ import pytest
 from conftest import TOKENIZER_DIR, write_jsonl
 from transformers import AutoTokenizer
 
-from teacher_cache import data
+from storage import samples as data
+from storage.samples import Rows, iter_rows, load_text_dataset
 from teacher_cache.build import iter_batches
-from teacher_cache.data import Rows, iter_rows, load_text_dataset
 
 
 @pytest.fixture(scope="module")

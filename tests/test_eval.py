@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import student_train.evaluate as evaluate_module
 from storage.reader import Store
+from storage.samples import Rows
 from student_train.cli import main
 from student_train.eval_metrics import (
     ECE_BINS,
@@ -31,7 +32,6 @@ from student_train.eval_metrics import (
 )
 from student_train.eval_speed import measure
 from student_train.evaluate import read_rows, score
-from teacher_cache.data import Rows
 from teacher_cache.teacher import TransformersTeacher
 
 HELD_OUT = 0.2

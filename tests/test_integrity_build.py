@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import teacher_cache.build
 from storage import open_store
+from storage.samples import Rows
 from teacher_cache import BuildConfig, build_cache
 from teacher_cache.backend_registry import load_teacher
 from teacher_cache.cli import main
-from teacher_cache.data import Rows
 from teacher_cache.targets import TargetSpec, extract_targets
 from teacher_cache.teacher import TransformersTeacher
 from teacher_cache.vllm_backend import vllm_available
@@ -305,7 +305,7 @@ def test_allow_long_context_builds_with_a_warning(tmp_path, llama_dir, data, cap
 def test_empty_texts_are_skipped_and_counted(tmp_path, llama_dir, tokenizer, corpus_texts, caplog):
     texts = ["", corpus_texts[0], "   ", "\n\t", corpus_texts[1], "", corpus_texts[2]]
     source = write_jsonl(tmp_path / "docs.jsonl", texts)
-    caplog.set_level(logging.INFO, logger="teacher_cache")
+    caplog.set_level(logging.INFO, logger="storage.samples")
     build_cache(_config(llama_dir, source, tmp_path / "store"))
     # Packed by hand from the three documents with text: rows of L + 1 tokens every L tokens, the last one padded.
     stream = packed_stream(tokenizer, corpus_texts[:3])

@@ -27,12 +27,12 @@ from conftest import write_jsonl, write_manifest
 from transformers import AutoTokenizer
 
 from storage import open_store
+from storage.samples import Rows
 from storage.writer import StoreWriter
 from teacher_cache import BuildConfig, build_cache
 from teacher_cache.build import iter_batches
 from teacher_cache.cli import main
 from teacher_cache.config import resolve_workers, worker_device
-from teacher_cache.data import Rows
 from teacher_cache.teacher import TransformersTeacher
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,11 @@
-"""Input: load a text dataset, tokenize it and cut it into fixed-length samples.
+"""The store's samples from text: load a text dataset, tokenize it and cut it into fixed-length samples.
 
-A sample holds seq_len + 1 tokens: the teacher reads the first seq_len, and position t's true next token is
-token t + 1. Packed samples follow each other with a stride of seq_len, so consecutive samples share one token
-and every token of the stream is a target exactly once. Unpacked samples hold one document each, truncated
-and padded. Everything here is vectorised over tokens; Python loops run over documents at most.
+This is how a build makes the samples FORMAT.md describes ("Samples and positions"), and how `student-train eval
+--data` packs held-out text exactly as a build would; both phases import it from here. A sample holds seq_len + 1
+tokens: the teacher reads the first seq_len, and position t's true next token is token t + 1. Packed samples follow
+each other with a stride of seq_len, so consecutive samples share one token and every token of the stream is a
+target exactly once. Unpacked samples hold one document each, truncated and padded. Everything here is vectorised
+over tokens; Python loops run over documents at most.
 """
 
 from __future__ import annotations
