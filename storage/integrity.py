@@ -174,13 +174,11 @@ def check_files(location: Location, shard: str, files: dict[str, str], sizes: in
     Raises:
         StoreDamaged: a file is missing, truncated, grown, or does not match its checksum; naming it.
     """
-    total = 0
     for rel in files:
-        path = f"{shard}/{rel}"
-        if not location.exists(path):
+        if not location.exists(f"{shard}/{rel}"):
             raise damaged(location, f"{shard}, {what}:", f"file {rel} is missing")
-        total += 0 if verify else location.size(path)
     if not verify:  # the checksums below name the damaged file; without them, the sizes must do
+        total = sum(location.size(f"{shard}/{rel}") for rel in files)
         if sizes is not None and total != sizes:
             raise damaged(location, f"{shard}, {what}:", f"holds {total:,} bytes, its manifest records {sizes:,} "
                           "(a file was truncated or replaced)")
