@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 
 import numpy as np
 
@@ -30,9 +29,10 @@ SHARD_NAME = re.compile(rf"{SHARDS_DIR}/shard-\d{{6,}}")
 # A file of a shard, relative to its group: plain names joined by '/', never '.', '..' or absolute.
 FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
-# Files already checked against their digest by this process: (store file, SHA-256). Loader workers inherit it.
+# Files already checked against their digest by this process: (store file, SHA-256). Loader workers inherit it. No
+# lock: set.add is atomic under the GIL, and a lock held by a reading thread when a loader forks its workers would
+# stay held in them.
 _VERIFIED: set[tuple[str, str]] = set()
-_VERIFIED_LOCK = threading.Lock()
 
 
 class StoreDamaged(RuntimeError):
@@ -189,8 +189,7 @@ def check_files(location: Location, shard: str, files: dict[str, str], sizes: in
             continue
         if location.sha256(f"{shard}/{rel}") != digest:
             raise damaged(location, f"{shard}, {what}:", f"file {rel} does not match its checksum")
-        with _VERIFIED_LOCK:
-            _VERIFIED.add(key)
+        _VERIFIED.add(key)
 
 
 def axis_lengths(manifest) -> dict[str, int]:
