@@ -29,9 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from storage.causal_lm import resolve_device
-from storage.fs import Location
 from storage.layout import draws_from_tail
-from storage.lock import OutputLock, is_lock_file
+from storage.lock import is_lock_file
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_staging, save_checkpoint
 from student_train.collate import tail_bucket
@@ -44,6 +43,7 @@ from student_train.loader import LoaderConfig, StoreLoader
 from student_train.loss_config import LossConfig
 from student_train.losses import TEACHER_HIDDEN, distillation_loss
 from student_train.online_teacher import OnlineTeacher
+from student_train.run_dir import check_writable, output_lock, truncate_metrics
 from student_train.student import build_student
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Trainer:
         self.step = 0
 
     def _check_output(self) -> None:
-        _check_writable(self.output)
+        check_writable(self.output)
         has_checkpoints = latest_checkpoint(self.output) is not None
         if self.config.resume and not has_checkpoints:
             raise ValueError(f"--resume: {self.output} holds no checkpoint to resume from.")
@@ -179,7 +179,7 @@ class Trainer:
             self.step = state["step"]
             self.train_loader.load_state_dict(state["loader"])
             if main:
-                _truncate_metrics(self.output / "metrics.jsonl", self.step)
+                truncate_metrics(self.output / "metrics.jsonl", self.step)
         student = config.student or f"layers of {config.init_from_teacher}"
         log.info("training %s for %d steps on %s (loss %s over %s targets, T %.2f, KD schedule %s) on %s",
                  student, self.total_steps, config.store, " + ".join(config.loss), self.loss_config.targets,
@@ -322,16 +322,8 @@ def train(config: TrainConfig) -> dict:
     Raises:
         LockError: another run writes to `config.output` (`storage/lock.py`).
     """
-    with launch(config.distributed, config.device) as world, _output_lock(Path(config.output), world):
+    with launch(config.distributed, config.device) as world, output_lock(Path(config.output), world):
         return Trainer(config, world).run()
-
-
-def _output_lock(output: Path, world: World) -> contextlib.AbstractContextManager:
-    """The lock of the run's --output, held by rank 0 from before the output is checked to the end of the run."""
-    if not world.is_main:
-        return contextlib.nullcontext()
-    _check_writable(output)  # before the lock creates the directory
-    return OutputLock(Location(output))
 
 
 def _check_targets(representation: str, targets: dict) -> None:
@@ -377,21 +369,6 @@ def _check_top_k(top_k: int | None, targets: dict) -> None:
                          f"{stored} or fewer, or a store built with `teacher-cache build --top-k {top_k}`.")
 
 
-def _check_writable(output: Path) -> None:
-    """--output must name a directory, existing or to create, where this process can write.
-
-    Raises:
-        ValueError: it, or the nearest of its parents that exists, is a file or cannot be written.
-    """
-    existing = next(path for path in (output, *output.parents) if path.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--output {output}: {existing} is a file, and --output names the run's directory; choose "
-                         "another --output, or move the file away.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output}: {existing} is not writable (a read-only filesystem, or no write "
-                         "permission); choose an --output where this user can write.")
-
-
 def _check_split(num_samples: int, config: TrainConfig, world_size: int) -> None:
     """Without --eval-store, the store's last samples are held out (--eval-fraction): they must hold at least one
     sample, and the samples before them a batch for each rank (but with --selection, which the loader checks).
@@ -412,33 +389,6 @@ def _check_split(num_samples: int, config: TrainConfig, world_size: int) -> None
                      f"last {held_out} for evaluation, leaving {left} for training{problem}. Evaluate on another "
                      "store (--eval-fraction 0 --eval-store STORE), choose an --eval-fraction that holds out at least "
                      "one sample and leaves a batch, a smaller --batch-size, or build a bigger store.")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a run wrote after its last checkpoint (the resumed run writes them again), and a last line
-    that a kill cut short in the middle of its writing.
-
-    Raises:
-        RuntimeError: a line before the last is not a JSON record.
-    """
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number < len(lines):
-                raise RuntimeError(f"{path}, line {number}: expected a JSON record, found {line[:80]!r} ({error}); "
-                                   "repair or delete that line, then resume again.") from None
-            log.warning("%s: dropping its last line, cut short by an interrupted write: %r", path, line[:80])
-            continue
-        if (record["eval"]["step"] if "eval" in record else record["step"]) <= step:
-            kept.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
 
 
 def _top1_agreement(hidden_BLH, head, batch, chunk: int) -> float:
