@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,11 @@ def read_state(path: Path) -> dict:
         RuntimeError: the checkpoint is of another format version; for version 1 (pickles), the message names the
             ways to go on.
     """
-    state = json.loads((path / "state.json").read_text())
-    version = state.get("version")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise damaged_checkpoint(path / "state.json", exc) from None
+    version = state.get("version") if isinstance(state, dict) else None
     if version == 1:
         raise RuntimeError(f"{path} was written by an older release of student-train, in the pickle format of "
                            "checkpoint version 1, which this release does not load because unpickling a file can run "
@@ -122,11 +125,27 @@ def write_state(path: Path, state) -> None:
 
 
 def read_state_file(path: Path):
-    """The state `write_state` wrote to `path`, tensors on the CPU."""
-    with safe_open(path, "pt") as file:
-        structure = json.loads(file.metadata()["structure"])
-        tensors = {name: file.get_tensor(name) for name in file.keys()}
-    return _decode(structure, tensors)
+    """The state `write_state` wrote to `path`, tensors on the CPU.
+
+    Raises:
+        RuntimeError: the file is missing or damaged (not safetensors, or a header that is not such a state); the
+            message names it and how to go on.
+    """
+    try:
+        with safe_open(path, "pt") as file:
+            structure = json.loads(file.metadata()["structure"])
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        return _decode(structure, tensors)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged_checkpoint(path, exc) from None
+
+
+def damaged_checkpoint(path: Path, exc: Exception) -> RuntimeError:
+    """The error for a damaged file of a checkpoint: resume from the checkpoint before it, or start anew."""
+    checkpoint = path.parent
+    return RuntimeError(f"{path} is damaged ({type(exc).__name__}: {exc}), so the checkpoint {checkpoint} cannot be "
+                        f"resumed. Delete {checkpoint} to resume from the checkpoint before it (if --keep-checkpoints "
+                        "kept one), or start a new run (a new --output).")
 
 
 def _encode(value, tensors: dict[str, torch.Tensor], name: str):

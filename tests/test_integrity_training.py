@@ -204,6 +204,20 @@ def test_old_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path, store, s
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name", ["optim.safetensors", "rng.safetensors", "state.json"])
+def test_damaged_checkpoint_file_is_named_with_the_way_to_go_on(tmp_path, store, student, name):
+    output = _finished_run(tmp_path, store, student)
+    checkpoint = latest_checkpoint(output)
+    path = checkpoint / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # cut short, as a full disk would leave it
+
+    result = CliRunner().invoke(main, [*_args(store, student, output), "--resume"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in (f"{path} is damaged", f"Delete {checkpoint}", "new --output"):
+        assert fragment in result.output, (fragment, result.output)
+
+
 def test_no_module_unpickles_files():
     """No code of the package loads a pickle, and the trainer writes none."""
     unsafe = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\b|Unpickler")
