@@ -43,6 +43,7 @@ from student_train.loader import LoaderConfig, StoreLoader
 from student_train.loss_config import LossConfig
 from student_train.losses import TEACHER_HIDDEN, distillation_loss
 from student_train.online_teacher import OnlineTeacher
+from student_train.order import held_out_range
 from student_train.run_dir import check_writable, output_lock, truncate_metrics
 from student_train.student import build_student
 
@@ -88,7 +89,11 @@ class Trainer:
         if self.loss_config.kd_weights:
             _check_targets(self.loss_config.targets, manifest.targets)
         _check_top_k(config.top_k, manifest.targets)
-        _check_split(manifest.num_samples, config, self.world.world_size)
+        held_out = 0.0 if config.eval_store else config.eval_fraction
+        train_split = LoaderConfig(
+            store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
+            selection=config.selection, exclude_fraction_from_end=held_out, verify=config.verify)
+        _check_split(manifest.num_samples, config, train_split, self.world.world_size)
         self.model, self.tokenizer = build_student(config, manifest)
         self.model.to(self.device)
         self.head = self.model.get_output_embeddings()
@@ -108,11 +113,7 @@ class Trainer:
                                            chunk_positions=config.chunk_positions,
                                            sampled_tail_bucket=tail_bucket(held_out_targets) is not None,
                                            impl=config.loss_impl)
-        held_out = 0.0 if config.eval_store else config.eval_fraction
-        self.train_loader = StoreLoader(LoaderConfig(
-            store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
-            selection=config.selection, exclude_fraction_from_end=held_out, verify=config.verify),
-            rank=self.world.rank, world_size=self.world.world_size)
+        self.train_loader = StoreLoader(train_split, rank=self.world.rank, world_size=self.world.world_size)
         self.eval_loader_config = LoaderConfig(
             store=config.eval_store or config.store, batch_size=config.batch_size, shuffle=False, drop_last=False,
             only_fraction_from_end=held_out, verify=config.verify)
@@ -369,17 +370,18 @@ def _check_top_k(top_k: int | None, targets: dict) -> None:
                          f"{stored} or fewer, or a store built with `teacher-cache build --top-k {top_k}`.")
 
 
-def _check_split(num_samples: int, config: TrainConfig, world_size: int) -> None:
-    """Without --eval-store, the store's last samples are held out (--eval-fraction): they must hold at least one
-    sample, and the samples before them a batch for each rank (but with --selection, which the loader checks).
+def _check_split(num_samples: int, config: TrainConfig, loader: LoaderConfig, world_size: int) -> None:
+    """Without --eval-store, the store's last samples are held out (--eval-fraction; `loader` is the training
+    loader's config, whose split `held_out_range` computes): they must hold at least one sample, and the samples
+    before them a batch for each rank (but with --selection, which the loader checks).
 
     Raises:
         ValueError: naming the split and the ways to fix it.
     """
     if config.eval_store:
         return
-    held_out = round(num_samples * config.eval_fraction)
-    left = num_samples - held_out
+    left = held_out_range(num_samples, loader)[1]
+    held_out = num_samples - left
     if held_out >= 1 and (left >= config.batch_size * world_size or config.selection):
         return
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
