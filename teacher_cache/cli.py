@@ -48,13 +48,18 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# Run-time errors whose message says what is wrong and what to do: shown as such (exit code 1), whichever command
+# raises them.
+MESSAGE_ERRORS = (StoreDamaged, LockError, NonFiniteLogits)
+
+
 class _Commands(click.Group):
-    """The commands; a damaged store is an error message, whichever command reads it."""
+    """The commands; a damaged store, a locked output or invalid teacher output is an error message."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except StoreDamaged as exc:
+        except MESSAGE_ERRORS as exc:
             raise click.ClickException(str(exc)) from None
 
 
@@ -156,10 +161,6 @@ def build(**options) -> None:
         manifest = build_cache(config)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    except LockError as exc:
-        raise click.ClickException(str(exc)) from None
-    except NonFiniteLogits as exc:
-        raise click.ClickException(str(exc)) from None
     if manifest.worker is not None:
         click.echo(
             f"Worker {config.worker_index} of {config.num_workers} wrote {manifest.num_samples} samples, "
@@ -429,8 +430,6 @@ def _repair(store: str) -> None:
         damaged = drop_damaged_shards(store)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
     if not damaged:
         click.echo(f"{store}: nothing is damaged; the store is unchanged.")
         return
