@@ -40,7 +40,7 @@ from storage.inspection import format_report, inspect_store  # noqa: E402
 from storage.layout import shard_name  # noqa: E402
 from storage.reader import Store  # noqa: E402
 from storage.selection import SelectConfig, select_samples  # noqa: E402
-from storage.stats import stat_names  # noqa: E402
+from storage.targets import stat_names  # noqa: E402
 
 TEMPLATES = 16
 

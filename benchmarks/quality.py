@@ -59,9 +59,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storage.causal_lm import resolve_device  # noqa: E402
 from storage.fs import Location  # noqa: E402
-from storage.layout import draws_from_tail  # noqa: E402
 from storage.manifest import Manifest  # noqa: E402
 from storage.reader import Store  # noqa: E402
+from storage.targets.sampled import draws_from_tail  # noqa: E402
 from student_train.checkpoint import latest_checkpoint  # noqa: E402
 from student_train.config import TrainConfig  # noqa: E402
 from student_train.eval_report import write_atomic  # noqa: E402
@@ -245,7 +245,8 @@ def _subset_topk_bytes(store: Store, k: int, names: tuple[str, ...], max_shards:
     import zarr
     from zarr.storage import MemoryStore
 
-    from storage.layout import array_specs, logical_sizes
+    from storage.layout import logical_sizes
+    from storage.targets import array_specs
     from storage.writer import quantized_record, write_arrays
 
     total, tokens = 0, 0

@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from storage.fs import Location
-from storage.layout import CURRENT_SHARD_VERSIONS, LOGPROB_SCALE, draws_from_tail
+from storage.layout import CURRENT_SHARD_VERSIONS
 from storage.lock import OutputLock
 from storage.manifest import Manifest, header_differences
 from storage.reader import Store
+from storage.targets import concat_key, concat_targets, mixed_notes
 from storage.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,10 @@ def check_concatenable(stores: Sequence[Store]) -> None:
                                    old_name=str(first.location), new_name=str(store.location))
         problems += diffs
     if problems:
-        hybrid = {draws_from_tail(store.manifest.targets) for store in stores} == {True, False}
+        notes = mixed_notes([store.manifest.targets for store in stores])
         raise ValueError(
             "Cannot concatenate stores of different teachers, targets or sample shapes:\n  " + "\n  ".join(problems)
-            + ("\nSome of these stores hold hybrid targets (draws from the tail outside the top-k, "
-               "targets.sampled.draws_from = 'tail') and others do not: their draws estimate different "
-               "distributions and cannot share one sampled record." if hybrid else "")
+            + "".join("\n" + note for note in notes)
             + "\nConcatenate only stores built by the same teacher with the same --targets, --top-k, --samples, "
             "--hidden-layers, --seq-len and --pack. To combine different teachers over the same inputs, use "
             "--ensemble."
@@ -136,13 +135,9 @@ def _teacher_key(teacher: dict) -> dict:
 
 
 def _targets_key(targets: dict) -> dict:
-    """Targets without the seed of the draws (independent draws of the same teacher may follow each other) and
-    without how a format version encodes the log-probs (version 1 fp16, version 2 steps of 1/64 nat)."""
-    key = copy.deepcopy(targets)
-    key.get("sampled", {}).pop("seed", None)
-    for encoding in ("logprob_dtype", "logprob_step"):
-        key.get("topk", {}).pop(encoding, None)
-    return key
+    """Targets without what may differ between stores that follow each other: each kind says what
+    (`storage.targets.concat_key`; e.g. the seed of the draws, how a format version encodes the log-probs)."""
+    return concat_key(copy.deepcopy(targets))
 
 
 def concat_manifest(stores: Sequence[Store]) -> Manifest:
@@ -154,12 +149,7 @@ def concat_manifest(stores: Sequence[Store]) -> Manifest:
             sources.append({**source, "first_sample": offset + source["first_sample"]})
         offset += len(store)
     manifests = [store.manifest for store in stores]
-    targets = copy.deepcopy(first.targets)
-    if "topk" in targets:  # the output is written in this release's format
-        targets["topk"].pop("logprob_dtype", None)
-        targets["topk"]["logprob_step"] = 1 / LOGPROB_SCALE
-    if "sampled" in targets:
-        targets["sampled"]["seed"] = _common([m.targets["sampled"].get("seed") for m in manifests])
+    targets = concat_targets(copy.deepcopy([m.targets for m in manifests]))  # in this release's format
     return Manifest(
         teacher=copy.deepcopy(first.teacher),
         dataset={

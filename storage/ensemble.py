@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 
 from storage.concat import open_inputs
 from storage.fs import Location
-from storage.layout import LOGPROB_SCALE, draws_from_tail
 from storage.lock import OutputLock
 from storage.manifest import Manifest, header_differences
-from storage.mixture import TopkUnion, draw_split, entropy_lower_bound, mix_logprobs, pool_draws
+from storage.mixture import TopkUnion, entropy_lower_bound, mix_logprobs, pool_draws
 from storage.reader import Store
+from storage.targets import KINDS, sampled, topk
 from storage.writer import StoreWriter, concat_records
 
 log = logging.getLogger(__name__)
@@ -167,49 +167,15 @@ def _sample_key(store: Store) -> dict:
 
 
 def _plan(stores: Sequence[Store], config: EnsembleConfig) -> _Plan:
-    """Which kinds the ensemble keeps, with a warning for each kind it drops."""
+    """Which kinds the ensemble keeps: each kind's rule (`TargetKind.ensemble`) warns of what it drops."""
     names = [str(store.location) for store in stores]
     targets = [store.manifest.targets for store in stores]
     weights = config.normalised_weights
-    top_k = None
-    if missing := [name for name, t in zip(names, targets, strict=True) if "topk" not in t]:
-        log.warning("top-k targets dropped: %s hold none", ", ".join(missing))
-    else:
-        largest = max(t["topk"]["k"] for t in targets)
-        if config.top_k is not None and config.top_k > largest:
-            raise ValueError(f"--top-k {config.top_k} exceeds the largest k of the stores ({largest}): the union of "
-                             f"their top-k ids may hold no more. Choose --top-k {largest} or less.")
-        top_k = config.top_k or largest
-    draws = _draws(names, targets, weights)
-    if hidden := [name for name, t in zip(names, targets, strict=True) if "hidden_states" in t]:
-        log.warning("hidden states dropped: those of %s are of different models", ", ".join(hidden))
-    if top_k is None and draws is None:
+    kept = {name: kind.ensemble(names, targets, weights=weights, top_k=config.top_k) for name, kind in KINDS.items()}
+    if kept["topk"] is None and kept["sampled"] is None:
         raise ValueError("Nothing to ensemble: the stores share neither top-k targets nor sampled draws that can be "
                          "pooled (see the warnings above).")
-    return _Plan(weights, top_k, draws)
-
-
-def _draws(names: list[str], targets: list[dict], weights: list[float]) -> list[int] | None:
-    """Draws to pool from each member, or None (with a warning why) when sampled targets cannot be kept."""
-    if missing := [name for name, t in zip(names, targets, strict=True) if "sampled" not in t]:
-        log.warning("sampled targets dropped: %s hold none", ", ".join(missing))
-        return None
-    if bucket := [name for name, t in zip(names, targets, strict=True) if "tail_bucket_id" in t["sampled"]]:
-        log.warning("sampled targets dropped: the draws of %s include a tail bucket (the mass outside that store's "
-                    "own top-k), which means something else in each store and cannot be pooled", ", ".join(bucket))
-        return None
-    if tail := [name for name, t in zip(names, targets, strict=True) if draws_from_tail(t)]:
-        log.warning("sampled targets dropped: the draws of %s come from the tail outside that store's own top-k "
-                    "(hybrid targets), which differs between stores, so they are no draws of the mixture and cannot "
-                    "be pooled; the top-k is kept", ", ".join(tail))
-        return None
-    num_draws = [t["sampled"]["num_draws"] for t in targets]
-    split = draw_split(weights, num_draws)
-    if split is None:
-        log.warning("sampled targets dropped: the weights %s cannot split draws into whole numbers within the "
-                    "stores' %s draws per position; use weights in ratios of small integers (e.g. 0.75,0.25)",
-                    [round(w, 6) for w in weights], num_draws)
-    return split
+    return _Plan(weights, kept["topk"], kept["sampled"])
 
 
 def ensemble_manifest(stores: Sequence[Store], plan: _Plan, config: EnsembleConfig) -> Manifest:
@@ -234,12 +200,11 @@ def ensemble_manifest(stores: Sequence[Store], plan: _Plan, config: EnsembleConf
     targets: dict = {"entropy": {"exact": False, "bound": "lower", "formula": f"sum_j w_j H_j{shared}"},
                      "true_logprob": {}}
     if plan.top_k is not None:
-        targets["topk"] = {"k": plan.top_k, "logprob_step": 1 / LOGPROB_SCALE, "order": "ascending id",
-                           "tail": "tail_logmass",
-                           "source": "ensemble: weighted sum over the union of the members' top-k ids, tails combined"}
+        targets["topk"] = topk.section(
+            plan.top_k, source="ensemble: weighted sum over the union of the members' top-k ids, tails combined")
     if plan.draws is not None:
-        targets["sampled"] = {"num_draws": sum(plan.draws), "temperature": 1.0, "seed": config.seed,
-                              "source": "pooled member draws", "replacement": True, "member_draws": plan.draws}
+        targets["sampled"] = sampled.section(sum(plan.draws), config.seed, source="pooled member draws",
+                                             member_draws=plan.draws)
     return Manifest(teacher=teacher, dataset=dict(first.dataset), build={**first.build, "seed": config.seed},
                     targets=targets, created_by=first.created_by)
 

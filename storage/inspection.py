@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.manifest import describe_targets
 from storage.reader import Store
 from storage.stats import rank_bin_labels
+from storage.targets import describe_targets
 
 QUANTILES = {"min": 0.0, "p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99,
              "max": 1.0}

@@ -20,7 +20,7 @@ import numpy as np
 
 from storage.fs import Location
 from storage.layout import SHARDS_DIR, ArraySpec
-from storage.stats import rank_bins
+from storage.targets import axis_lengths as target_axis_lengths
 
 # Key of the manifest's own digest (format version 4): the SHA-256 of the manifest's canonical JSON without it.
 DIGEST_KEY = "manifest_sha256"
@@ -196,12 +196,7 @@ def axis_lengths(manifest) -> dict[str, int]:
     """The lengths the store's options give the axis letters of `storage.layout` (S, S+1 and E vary by shard)."""
     seq_len = manifest.build.get("seq_len")
     dims = {"L": seq_len, "L+1": seq_len + 1} if isinstance(seq_len, int) else {}
-    if (topk := manifest.targets.get("topk")) is not None:
-        dims["K"] = topk.get("k")
-        dims["R"] = rank_bins(topk.get("k"))
-    if (hidden := manifest.targets.get("hidden_states")) is not None:
-        dims["H"] = hidden.get("hidden_size")
-    return dims
+    return dims | target_axis_lengths(manifest.targets)
 
 
 def shape_problem(spec: ArraySpec, array, dims: dict[str, int]) -> str | None:

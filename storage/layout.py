@@ -1,7 +1,8 @@
 """The store's on-disk vocabulary: format version, array names, dtypes, chunking and codecs.
 
-Everything that decides how a record is laid out in Zarr lives here, so that the writer, the reader and
-`FORMAT.md` agree by construction. Shapes use the letters of the legend below.
+Everything that decides how a record is laid out in Zarr lives here or, for each target kind's arrays, in its module
+of `storage.targets` (whose `array_specs` lists a shard's arrays), so that the writer, the reader and `FORMAT.md`
+agree by construction. Shapes use the letters of the legend below.
 
 Legend: S samples in a shard, L positions per sample (the teacher's context, `seq_len`), K top-k entries,
 E sampled (id, count) entries in a shard, H hidden size, R bins of the true token's rank (`storage/stats.py`).
@@ -30,9 +31,6 @@ DIGESTED_VERSIONS = (4,)
 CURRENT_SHARD_VERSIONS = (3, 4)
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
-
-# Arrays indexed by sampled entry (E) rather than by sample; `sampled_offsets` locates a sample's entries.
-FLAT_ARRAYS = ("sampled_ids", "sampled_counts")
 
 # Log-probs (top-k and tail, format version 2) are stored as int16 multiples of 1/LOGPROB_SCALE nat: within
 # 1/(2 * LOGPROB_SCALE) of the teacher's fp32 value, down to LOGPROB_FLOOR (lower values are clipped to it).
@@ -100,11 +98,6 @@ TARGET_CHUNK_BYTES = 1 << 20
 
 # The numcodecs codecs (Delta) are read by zarr-python with numcodecs, which zarr itself depends on.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
-
-
-def draws_from_tail(targets: dict) -> bool:
-    """Whether a store's sampled draws come from the tail outside its top-k (hybrid targets, version 3)."""
-    return targets.get("sampled", {}).get("draws_from") == "tail"
 
 
 def shard_name(index: int) -> str:
@@ -187,104 +180,3 @@ def chunking(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tu
     chunks = (rows, *[max(d, 1) for d in shape[1:]])
     shard = tuple(-(-max(d, 1) // c) * c for d, c in zip(shape, chunks, strict=True))
     return chunks, shard
-
-
-def array_specs(
-    *, vocab_size: int, targets: dict, hidden_dtype: str = "float16", format_version: int = FORMAT_VERSION
-) -> dict[str, ArraySpec]:
-    """Every array a shard of a store with these targets holds, keyed by name.
-
-    Args:
-        vocab_size: the teacher's output vocabulary (logit dimension).
-        targets: the manifest's `targets` section (kinds present and their parameters).
-        hidden_dtype: dtype of stored hidden states.
-        format_version: the store's format version; version 1 has no statistics arrays.
-    """
-    ids = id_dtype(vocab_size)
-    specs = [
-        ArraySpec("input_ids", ("S", "L+1"), ids, "zstd",
-                  "tokens; position t is the teacher's input, t+1 its true next token"),
-        ArraySpec("attention_mask", ("S", "L+1"), np.dtype(bool), "zstd", "true for real (non-padding) tokens"),
-        ArraySpec("loss_mask", ("S", "L"), np.dtype(bool), "zstd",
-                  "true where position t's target (token t+1) is trained on; targets elsewhere are zero"),
-        ArraySpec("segment_ids", ("S", "L+1"), np.dtype(np.uint16), "zstd",
-                  "document number within the sample (packing boundaries), 0 for unpacked samples"),
-        ArraySpec("entropy", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
-                  "teacher entropy (nats); exact unless the manifest's targets.entropy says otherwise"),
-        ArraySpec("true_logprob", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
-                  "teacher log-prob of the true next token"),
-    ]
-    if "topk" in targets and format_version == 1:
-        specs += [
-            ArraySpec("topk_ids", ("S", "L", "K"), ids, "zstd", "the k most likely ids, ascending"),
-            ArraySpec("topk_logprobs", ("S", "L", "K"), np.dtype(np.float16), "shuffle_zstd",
-                      "their log-probs, aligned with topk_ids"),
-            ArraySpec("tail_logmass", ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
-                      "log of the probability mass outside the top-k, log(1 - sum exp(topk_logprobs))"),
-        ]
-    elif "topk" in targets and format_version == 2:
-        specs += [
-            ArraySpec("topk_ids", ("S", "L", "K"), ids, "zstd", "the k most likely ids, ascending"),
-            ArraySpec("topk_logprobs", ("S", "L", "K"), np.dtype(np.float32), "logprob_shuffle_zstd",
-                      f"their log-probs, aligned with topk_ids, in steps of 1/{LOGPROB_SCALE} nat"),
-            ArraySpec("tail_logmass", ("S", "L"), np.dtype(np.float32), "logprob_shuffle_zstd",
-                      "log of the probability mass outside the top-k, log(1 - sum exp(topk_logprobs)), "
-                      f"in steps of 1/{LOGPROB_SCALE} nat"),
-        ]
-    elif "topk" in targets:
-        specs += [
-            ArraySpec("topk_ids", ("S", "L", "K"), ids, "zstd_high", "the k most likely ids, ascending"),
-            ArraySpec(TOPK_FLOOR, ("S", "L"), np.dtype(np.float32), "logprob_shuffle_zstd",
-                      f"the lowest of the position's top-k log-probs, in steps of 1/{LOGPROB_SCALE} nat"),
-            ArraySpec(TOPK_EXCESS, ("S", "L", "K"), np.dtype(np.float32), "excess_shuffle_zstd",
-                      f"each top-k log-prob minus {TOPK_FLOOR}, aligned with topk_ids, in steps of "
-                      f"1/{LOGPROB_SCALE} nat: topk_logprobs = {TOPK_FLOOR}[..., None] + {TOPK_EXCESS}"),
-            ArraySpec("tail_logmass", ("S", "L"), np.dtype(np.float32), "logprob_shuffle_zstd",
-                      "log of the probability mass outside the top-k, log(1 - sum exp(topk_logprobs)), "
-                      f"in steps of 1/{LOGPROB_SCALE} nat"),
-        ]
-    if "sampled" in targets:
-        counts = count_dtype(targets["sampled"]["num_draws"])
-        # Draws from top-k + tail bucket (the vllm backend) store the bucket as the id vocab_size.
-        bucket = targets["sampled"].get("tail_bucket_id")
-        sampled_ids = ids if bucket is None else id_dtype(bucket + 1)
-        specs += [
-            ArraySpec("sampled_nunique", ("S", "L"), counts, "zstd", "number of distinct ids drawn at a position"),
-            ArraySpec("sampled_offsets", ("S+1",), np.dtype(np.uint64), "zstd",
-                      "entry offset of each sample's first position in sampled_ids/sampled_counts"),
-            ArraySpec("sampled_ids", ("E",), sampled_ids, "delta_shuffle_zstd",
-                      "distinct drawn ids, ascending within a position"
-                      + ("" if bucket is None else f"; {bucket} = the tail bucket (any id outside the top-k)")
-                      + (", drawn from the tail (ids outside topk_ids)" if draws_from_tail(targets) else "")),
-            ArraySpec("sampled_counts", ("E",), counts, "shuffle_zstd", "how many of the draws gave that id"),
-        ]
-    for layer in targets.get("hidden_states", {}).get("layers", []):
-        specs.append(ArraySpec(hidden_array_name(layer), ("S", "L", "H"), np.dtype(hidden_dtype), "shuffle_zstd",
-                               f"hidden states after block {layer} (0 = embeddings)"))
-    if format_version >= 2:
-        specs += stats_specs(targets)
-    return {s.name: s for s in specs}
-
-
-def stats_specs(targets: dict) -> list[ArraySpec]:
-    """The per-sample statistics arrays (format version 2); `storage/stats.py` computes them."""
-    specs = [
-        ArraySpec("stats_num_tokens", ("S",), np.dtype(np.uint32), "zstd", "trained positions (loss mask set)"),
-        ArraySpec("stats_entropy", ("S",), np.dtype(np.float32), "shuffle_zstd",
-                  "mean teacher entropy over the trained positions (nats; NaN without any)"),
-        ArraySpec("stats_nll", ("S",), np.dtype(np.float32), "shuffle_zstd",
-                  "mean negative log-prob of the true next token over the trained positions (nats)"),
-    ]
-    if "topk" in targets:
-        specs += [
-            ArraySpec("stats_tail_mass", ("S",), np.dtype(np.float32), "shuffle_zstd",
-                      "mean probability mass outside the top-k over the trained positions"),
-            ArraySpec("stats_true_rank", ("S", "R"), np.dtype(np.uint32), "zstd",
-                      "trained positions per bin of the true token's top-k rank: 1, 2, 3-4, 5-8, ..., outside"),
-        ]
-    return specs
-
-
-def hidden_array_name(layer: int) -> str:
-    """Array name for the hidden states of `layer` (an index into the model's hidden-state tuple, >= 0)."""
-    return f"hidden_states_{layer}"

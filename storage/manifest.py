@@ -21,7 +21,6 @@ from storage.layout import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     READABLE_VERSIONS,
-    draws_from_tail,
 )
 
 # Sections of the header that decide the store's content; a resumed build must match them exactly.
@@ -164,21 +163,6 @@ class Manifest:
         except UnicodeDecodeError:
             raise StoreDamaged(f"{source} is damaged: it is not UTF-8 text.") from None
         return cls.from_json(text, source=source)
-
-
-def describe_targets(targets: dict) -> str:
-    """The target kinds of a `targets` section in a few words, e.g. "hybrid: top-64 + tail mass, 50 draws from the
-    tail outside the top-64" or "topk: top-64 + tail mass; sampled: 50 draws (full distribution)"."""
-    topk, sampled = targets.get("topk"), targets.get("sampled")
-    if draws_from_tail(targets):
-        return (f"hybrid: top-{topk['k']} + tail mass, {sampled['num_draws']} draws from the tail outside the "
-                f"top-{topk['k']}")
-    kinds = []
-    if topk is not None:
-        kinds.append(f"topk: top-{topk['k']} + tail mass")
-    if sampled is not None:
-        kinds.append(f"sampled: {sampled['num_draws']} draws ({sampled.get('source', 'full distribution')})")
-    return "; ".join(kinds) or "entropy and true-token log-prob only"
 
 
 def header_differences(old: dict, new: dict, prefix: str = "", *, old_name: str = "store",

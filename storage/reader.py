@@ -16,20 +16,20 @@ import zarr
 from storage.fs import Location
 from storage.integrity import StoreDamaged, axis_lengths, check_files, damaged, shape_problem
 from storage.layout import (
-    FLAT_ARRAYS,
     MANIFEST_NAME,
     TOPK_EXCESS,
     TOPK_FLOOR,
     TOPK_LOGPROBS,
     ArraySpec,
-    array_specs,
     join_logprobs,
     logical_names,
     logical_sizes,
     physical_names,
 )
 from storage.manifest import Manifest, ShardInfo
-from storage.stats import STATS_PREFIX, sample_stats, stat_names
+from storage.stats import STATS_PREFIX
+from storage.targets import array_specs, sample_stats, stat_names
+from storage.targets.sampled import FLAT_ARRAYS
 from storage.workers import unmerged_message
 
 
@@ -45,7 +45,7 @@ class ShardReader:
     Args:
         location: the store.
         info: the shard's manifest entry.
-        specs: the arrays of the store's shards (`storage.layout.array_specs`).
+        specs: the arrays of the store's shards (`storage.targets.array_specs`).
         dims: the store-wide lengths of the axis letters of `specs` (`axis_lengths`); `S` is this shard's.
         targets: the manifest's targets section.
         names: the stored arrays this reader reads (default: every array of `specs`).
@@ -185,7 +185,6 @@ class Store:
         self.specs = array_specs(
             vocab_size=self.manifest.teacher["vocab_size"],
             targets=targets,
-            hidden_dtype=targets.get("hidden_states", {}).get("dtype", "float16"),
             format_version=self.manifest.format_version,
         )
         self.has_stored_stats = self.manifest.format_version >= 2

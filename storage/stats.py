@@ -14,7 +14,8 @@ by construction) over the sample's trained positions (loss mask set):
                       strictly greater stored log-prob, plus one.
 
 Means over a sample without trained positions are NaN. Stores of version 1 have no statistics; readers compute
-them from the targets with `sample_stats` (slower, same values).
+them from the targets with `storage.targets.sample_stats` (slower, same values), which composes these statistics
+with those of the store's target kinds.
 """
 
 from __future__ import annotations
@@ -40,15 +41,8 @@ def rank_bin_labels(k: int) -> list[str]:
     return labels + [f">{k}"]
 
 
-def stat_names(targets: dict) -> list[str]:
-    """The statistics arrays a store with these targets holds (format version 2)."""
-    names = ["stats_num_tokens", "stats_entropy", "stats_nll"]
-    if "topk" in targets:
-        names += ["stats_tail_mass", "stats_true_rank"]
-    return names
-
-
-def _masked_mean(values: np.ndarray, mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def masked_mean(values: np.ndarray, mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[S] float32 mean of [S, L] `values` over each sample's `mask`ed positions (`counts` of them), NaN without any."""
     total = np.where(mask, values.astype(np.float64), 0.0).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, total / np.maximum(counts, 1), np.nan).astype(np.float32)
@@ -73,18 +67,3 @@ def rank_histogram(ranks: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     flat = np.arange(ranks.shape[0])[:, None] * bins + index
     hist = np.bincount(flat[mask], minlength=ranks.shape[0] * bins)
     return hist.reshape(ranks.shape[0], bins).astype(np.uint32)
-
-
-def sample_stats(record: dict[str, np.ndarray], targets: dict) -> dict[str, np.ndarray]:
-    """The statistics arrays (see the module doc) of the samples of a record, keyed by array name."""
-    mask = record["loss_mask"].astype(bool)
-    counts = mask.sum(axis=1)
-    out = {
-        "stats_num_tokens": counts.astype(np.uint32),
-        "stats_entropy": _masked_mean(record["entropy"], mask, counts),
-        "stats_nll": _masked_mean(-record["true_logprob"].astype(np.float64), mask, counts),
-    }
-    if "topk" in targets:
-        out["stats_tail_mass"] = _masked_mean(np.exp(record["tail_logmass"].astype(np.float64)), mask, counts)
-        out["stats_true_rank"] = rank_histogram(true_ranks(record), mask, targets["topk"]["k"])
-    return out

@@ -27,7 +27,6 @@ from storage.layout import (
     TOPK_FLOOR,
     TOPK_LOGPROBS,
     ArraySpec,
-    array_specs,
     chunking,
     codecs_for,
     quantize_logprobs,
@@ -36,7 +35,7 @@ from storage.layout import (
 )
 from storage.lock import is_lock_file
 from storage.manifest import MERGING_NAME, WORKERS_DIR, Manifest, ShardInfo, header_differences
-from storage.stats import sample_stats
+from storage.targets import array_specs, sample_stats
 from storage.workers import WorkerSlot, check_agreement, entry_shard, shard_index
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ class StoreWriter:
         self.specs = array_specs(
             vocab_size=manifest.teacher["vocab_size"],
             targets=manifest.targets,
-            hidden_dtype=manifest.targets.get("hidden_states", {}).get("dtype", "float16"),
             format_version=manifest.format_version,
         )
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.layout import hidden_array_name
 from storage.manifest import Manifest
+from storage.targets.hidden import hidden_array_name
 
 BUILD_OPTION = "teacher-cache build --hidden-layers"
 PROJECTIONS = ("auto", "always")

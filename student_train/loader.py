@@ -25,7 +25,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.reader import Store
-from student_train.collate import Batch, collate, tail_bucket
+from student_train.collate import Batch, collate
 from student_train.order import SampleOrder, held_out_range
 from student_train.shard_cache import ShardCache
 
@@ -126,11 +126,10 @@ class StoreDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = self.order.epoch_order(self.epoch)
         store = Store(self.url, verify=self.verify)
-        tail_bucket_id = tail_bucket(store.manifest.targets)
         cache = ShardCache(store, self.cache_shards)
         for index in range(self.start_batch + worker * self.stride, self.order.num_batches, num_workers * self.stride):
             ids = self.order.batch(order, self.rank, index)
-            yield collate(cache.rows(ids), ids, tail_bucket_id)
+            yield collate(cache.rows(ids), ids, store.manifest.targets)
 
 
 class StoreLoader:

@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass, field
 
 from student_train.divergences import DIVERGENCES, TARGETS_FROM
+from student_train.targets.topk import TOPK
 
 CE = "ce"
 LOSS_NAMES = (*DIVERGENCES, CE)  # the terms a loss mixes
 # KD schedules: STEPS is a number of optimizer steps.
 SCHEDULES = ("constant", "linear_warmup:STEPS", "cosine_decay:STEPS")
 # Representations that read the stored top-k, which `LossConfig.top_k` may narrow.
-TOPK_REPRESENTATIONS = ("topk_tail", "topk_renorm", "topk_residual")
+TOPK_REPRESENTATIONS = TOPK.representations
 # Representations of draws the store made at T = 1, of the whole distribution or of its tail: why no other T works.
 DRAWN = {
     "sampled": "the stored draws come from the teacher at temperature 1, so counts / N estimates the untempered "

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.layout import FLAT_ARRAYS
 from storage.reader import Store
+from storage.targets.sampled import FLAT_ARRAYS
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

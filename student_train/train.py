@@ -29,7 +29,6 @@ import torch
 from tqdm.auto import tqdm
 
 from storage.causal_lm import resolve_device
-from storage.layout import draws_from_tail
 from storage.lock import is_lock_file
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_staging, save_checkpoint
@@ -46,23 +45,9 @@ from student_train.online_teacher import OnlineTeacher
 from student_train.order import held_out_range
 from student_train.run_dir import check_writable, output_lock, truncate_metrics
 from student_train.student import build_student
+from student_train.targets import check_targets, check_top_k, default_targets, eval_targets
 
 log = logging.getLogger(__name__)
-
-
-def default_targets(targets: dict) -> str:
-    """The target representation of a store's divergences: hybrid when its draws are of the tail, else topk_tail when
-    it has top-k targets, else sampled."""
-    if draws_from_tail(targets):
-        return "hybrid"
-    return eval_targets(targets)
-
-
-def eval_targets(targets: dict) -> str:
-    """The representation of the held-out KL: topk_tail when the store has top-k targets (hybrid stores too: the
-    exact K + 1-bucket KL, the number a top-k store of the same k gives, without the noise and the upward bias of a
-    plug-in tail), else sampled."""
-    return "topk_tail" if "topk" in targets else "sampled"
 
 
 class Trainer:
@@ -87,8 +72,8 @@ class Trainer:
         self.loss_config = dataclasses.replace(loss_config,
                                                fused_ce=use_liger(config.fused_ce, self.device, loss_config))
         if self.loss_config.kd_weights:
-            _check_targets(self.loss_config.targets, manifest.targets)
-        _check_top_k(config.top_k, manifest.targets)
+            check_targets(self.loss_config.targets, manifest.targets)
+        check_top_k(config.top_k, manifest.targets)
         held_out = 0.0 if config.eval_store else config.eval_fraction
         train_split = LoaderConfig(
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
@@ -325,49 +310,6 @@ def train(config: TrainConfig) -> dict:
     """
     with launch(config.distributed, config.device) as world, output_lock(Path(config.output), world):
         return Trainer(config, world).run()
-
-
-def _check_targets(representation: str, targets: dict) -> None:
-    """The store must hold what the representation reads: top-k targets for topk_*, draws of the tail beside them
-    for hybrid, draws of the whole distribution for sampled.
-
-    Raises:
-        ValueError: it does not; the message names the store to build or the representation to use instead.
-    """
-    tail = draws_from_tail(targets)
-    if representation == "hybrid" and not tail:
-        raise ValueError("--targets-from hybrid: reads the exact top-k plus draws from the teacher's tail (the ids "
-                         "outside the top-k), and this store has no tail draws"
-                         + (" (its draws are not conditioned on the tail: they train with --targets-from sampled)"
-                            if "sampled" in targets else "")
-                         + "; build one with `teacher-cache build --targets hybrid`.")
-    if representation == "sampled" and tail:
-        raise ValueError("--targets-from sampled: this store's draws are of the teacher's tail only (ids outside its "
-                         "top-k), whose empirical distribution is not the teacher's; use --targets-from hybrid (the "
-                         "store's default), which adds the exact top-k head to them.")
-    if representation.startswith("topk_") and "topk" not in targets:
-        raise ValueError(f"--targets-from {representation}: reads the store's top-k targets, and this store has "
-                         "none; build one with `teacher-cache build --targets topk`, or use --targets-from sampled.")
-    if representation == "sampled" and "sampled" not in targets:
-        raise ValueError("--targets-from sampled: reads the teacher's draws, and this store has none; build one with "
-                         "`teacher-cache build --targets sampled`, or use --targets-from topk_tail.")
-
-
-def _check_top_k(top_k: int | None, targets: dict) -> None:
-    """--top-k must name at most as many ids as the store's top-k record holds.
-
-    Raises:
-        ValueError: the store has no top-k record, or fewer ids than `top_k`.
-    """
-    if top_k is None:
-        return
-    stored = targets.get("topk", {}).get("k")
-    if stored is None:
-        raise ValueError(f"--top-k {top_k}: the store holds no top-k targets to choose from; build one with "
-                         f"`teacher-cache build --targets topk --top-k {top_k}`, or leave --top-k out.")
-    if top_k > stored:
-        raise ValueError(f"--top-k {top_k}: the store holds the top-{stored} ids of each position; choose --top-k "
-                         f"{stored} or fewer, or a store built with `teacher-cache build --top-k {top_k}`.")
 
 
 def _check_split(num_samples: int, config: TrainConfig, loader: LoaderConfig, world_size: int) -> None:

@@ -15,10 +15,8 @@ import torch
 
 from storage.identity import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from storage.samples import Rows
+from storage.targets.sampled import FLAT_ARRAYS
 from teacher_cache.targets import TargetSpec
-
-# Per-position records that are scattered back to [B, L] (flat sampled entries are not).
-DENSE_TARGETS = ("entropy", "true_logprob", "topk_ids", "topk_logprobs", "tail_logmass", "sampled_nunique")
 
 
 class TeacherBackend(Protocol):
@@ -72,7 +70,7 @@ def dense_record(targets: dict[str, torch.Tensor], trained_P: torch.Tensor, B: i
     """Per-position targets of the trained positions -> [B, L, ...] records (zero elsewhere), compacted."""
     record = {}
     for name, value in targets.items():
-        if name in DENSE_TARGETS:
+        if name not in FLAT_ARRAYS:  # per-position records are scattered back to [B, L]
             full = value.new_zeros((B * L, *value.shape[1:]))
             full[trained_P] = value
             value = full.reshape(B, L, *value.shape[1:])

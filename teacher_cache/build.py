@@ -20,16 +20,16 @@ from tqdm.auto import tqdm
 
 from storage.causal_lm import TORCH_DTYPES
 from storage.fs import Location
-from storage.layout import LOGPROB_SCALE
 from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
 from storage.samples import Rows, iter_rows, load_text_dataset
+from storage.targets import KINDS
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.backend import TeacherBackend
 from teacher_cache.backend_registry import load_teacher
 from teacher_cache.config import BuildConfig
-from teacher_cache.targets import NonFiniteLogits, TargetSpec
+from teacher_cache.targets import NonFiniteLogits, TargetSpec, hidden, wanted_extractors
 from teacher_cache.teacher import check_context_length
 
 log = logging.getLogger(__name__)
@@ -83,24 +83,24 @@ def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBacke
     if first is None:
         raise ValueError(f"{config.dataset} yields no samples: every document is empty after tokenization.")
     identity = teacher.identity()
+    spec = TargetSpec(
+        top_k=config.top_k if config.stores_topk else None,
+        num_draws=config.num_draws if config.stores_draws else None,
+        chunk_positions=config.chunk_positions or max(1, _logit_budget(teacher) // (4 * teacher.vocab_size)),
+        draws_from_tail=config.draws_from_tail,
+    )
     manifest = Manifest(
         teacher=identity,
         dataset={"source": _source_id(config.dataset), "split": config.split, "text_field": config.text_field,
                  "fingerprint": getattr(dataset, "_fingerprint", None)},
         build={"seq_len": config.seq_len, "pack": config.pack, "max_samples": config.max_samples,
                "batch_size": config.batch_size, "samples_per_shard": config.samples_per_shard, "seed": config.seed},
-        targets=_targets_section(config, layers, identity["hidden_size"], teacher.target_properties()),
+        targets=_targets_section(spec, config, layers, identity["hidden_size"], teacher.target_properties()),
         created_by=f"teacher-cache {_version()}",
     )
     worker = _worker(config)
     writer = StoreWriter.open(config.output, manifest, resume=config.resume, worker=worker)
     if not writer.manifest.complete:  # a worker resumed after it had finished goes straight to the merge
-        spec = TargetSpec(
-            top_k=config.top_k if config.stores_topk else None,
-            num_draws=config.num_draws if config.stores_draws else None,
-            chunk_positions=config.chunk_positions or max(1, _logit_budget(teacher) // (4 * teacher.vocab_size)),
-            draws_from_tail=config.draws_from_tail,
-        )
         stream_samples = _run(config, teacher, writer, _chain(first, rows), spec, layers)
         writer.finish(stream_samples)
     return writer.manifest if worker is None else _merge_if_finished(writer)
@@ -240,23 +240,19 @@ def _ready_event(device: torch.device):
     return event.synchronize
 
 
-def _targets_section(config: BuildConfig, layers: tuple[int, ...], hidden_size: int, properties: dict) -> dict:
+def _targets_section(spec: TargetSpec, config: BuildConfig, layers: tuple[int, ...], hidden_size: int,
+                     properties: dict) -> dict:
+    """The manifest's `targets`: each wanted kind's sections (in `storage.targets.KINDS` order), then how the
+    backend approximates a record (`properties`), then the hidden states."""
     targets: dict = {"entropy": {"exact": True}, "true_logprob": {}}
-    if config.stores_topk:
-        targets["topk"] = {"k": config.top_k, "logprob_step": 1 / LOGPROB_SCALE, "order": "ascending id",
-                           "tail": "tail_logmass"}
-    if config.stores_draws:
-        targets["sampled"] = {"num_draws": config.num_draws, "temperature": 1.0, "seed": config.seed,
-                              "source": "full distribution", "replacement": True}
-    if config.draws_from_tail:  # hybrid: exact top-k, and draws conditioned on the ids outside it
-        targets["sampled"] |= {"source": "tail: the ids outside the top-k, each at p / tail mass", "draws_from": "tail"}
-    for kind, entries in properties.items():  # how the backend approximates a record
+    wanted = {kind.name: kind for kind in wanted_extractors(spec)}
+    for name in KINDS:
+        if name in wanted:
+            targets |= wanted[name].manifest_sections(spec, config.seed)
+    for kind, entries in properties.items():
         if kind in targets:
             targets[kind] |= entries
-    if layers:
-        targets["hidden_states"] = {"layers": list(layers), "dtype": config.hidden_dtype,
-                                    "hidden_size": hidden_size}
-    return targets
+    return targets | hidden.manifest_section(layers, config.hidden_dtype, hidden_size)
 
 
 def _source_id(source: str) -> str:

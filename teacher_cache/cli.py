@@ -22,11 +22,11 @@ from storage.inspection import format_report as format_inspection
 from storage.integrity import StoreDamaged
 from storage.layout import MANIFEST_NAME
 from storage.lock import LockError
-from storage.manifest import describe_targets
 from storage.reader import Store
 from storage.repair import drop_damaged_shards
 from storage.selection import ORDERS, SelectConfig, parse_band, select_samples
 from storage.selection import summary as selection_summary
+from storage.targets import describe_targets
 from storage.workers import WorkerProgress, merge_workers, worker_progress
 from teacher_cache.build import build_cache
 from teacher_cache.config import (

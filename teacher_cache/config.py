@@ -12,9 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from storage.targets import KINDS
+from teacher_cache.targets import EXTRACTORS
+
 log = logging.getLogger(__name__)
 
-TARGET_KINDS = ("topk", "sampled", "hybrid")
+# The kinds `--targets` names: those extracted from the teacher's logits, in the store's order of kinds.
+TARGET_KINDS = tuple(name for name in KINDS if name in EXTRACTORS)
 DEFAULT_TARGETS = ("topk", "sampled")
 BACKENDS = ("transformers", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -15,10 +15,10 @@ import torch
 from transformers import AutoConfig
 
 from storage.causal_lm import CausalLM, model_directory
-from storage.layout import hidden_array_name
 from storage.samples import Rows
 from teacher_cache.backend import dense_record, teacher_identity
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, extract_targets, first_nonfinite
+from teacher_cache.targets.hidden import hidden_records, resolve_layers
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,7 @@ class TransformersTeacher(CausalLM):
 
     def resolve_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
         """Map layer indices (negative from the end) into [0, num_hidden_states)."""
-        n = self.num_hidden_states
-        bad = [i for i in layers if not -n <= i < n]
-        if bad:
-            raise ValueError(
-                f"--hidden-layers: {bad} out of range; this teacher has {n} hidden states "
-                f"(0 = embeddings, 1..{n - 1} = blocks, -1 = last)."
-            )
-        return tuple(sorted({i % n for i in layers}))
+        return resolve_layers(layers, self.num_hidden_states)
 
     @torch.inference_mode()
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
@@ -86,10 +79,6 @@ class TransformersTeacher(CausalLM):
         if (bad := first_nonfinite(targets["entropy"])) is not None:  # the batch's one host sync
             row, position = divmod(int(trained_P[bad]), L)
             raise NonFiniteLogits(row, position, describe_nonfinite(self.logits(hidden_PH[bad]), "logits"))
-        record = dense_record(targets, trained_P, B, L)
-        mask_BL1 = rows.loss_mask[:, :, None]
-        for layer in layers:
-            hidden = out.hidden_states[layer] * torch.from_numpy(mask_BL1).to(self.device)
-            record[hidden_array_name(layer)] = hidden.to(hidden_dtype)
-        return record
+        return dense_record(targets, trained_P, B, L) | hidden_records(out.hidden_states, layers, rows.loss_mask,
+                                                                        hidden_dtype)
 

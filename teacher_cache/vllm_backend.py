@@ -39,7 +39,8 @@ from transformers import AutoConfig, AutoTokenizer
 from storage.causal_lm import model_directory
 from storage.samples import Rows
 from teacher_cache.backend import dense_record, teacher_identity
-from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, encode_draws
+from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite
+from teacher_cache.targets.sampled import encode_draws
 
 log = logging.getLogger(__name__)
 

@@ -491,7 +491,7 @@ def test_store_and_targets_must_agree(tmp_path, stores, student):
 
 
 def test_targets_need_their_records():
-    from student_train.train import _check_targets
+    from student_train.targets import check_targets as _check_targets
 
     topk = {"topk": {"k": 8}}
     sampled = {"sampled": {"num_draws": 16}}

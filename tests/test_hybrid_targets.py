@@ -30,7 +30,8 @@ from transformers import AutoModelForCausalLM
 from storage.concat import concat_stores
 from teacher_cache import BuildConfig
 from teacher_cache.cli import main
-from teacher_cache.targets import TargetSpec, encode_draws, extract_targets
+from teacher_cache.targets import TargetSpec, extract_targets
+from teacher_cache.targets.sampled import encode_draws
 
 K, N, SEQ_LEN = 8, 64, 32
 FLAT = ("sampled_ids", "sampled_counts")

@@ -29,7 +29,7 @@ from storage.concat import concat_stores
 from storage.ensemble import EnsembleConfig, ensemble_stores
 from storage.layout import FORMAT_VERSION, quantize_logprobs
 from storage.manifest import Manifest
-from storage.stats import sample_stats
+from storage.targets import sample_stats
 from student_train.config import TrainConfig
 from student_train.loader import LoaderConfig, StoreLoader
 from student_train.student import load_tokenizer

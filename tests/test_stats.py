@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from storage import StoreWriter
 from storage.manifest import Manifest
 from storage.reader import open_store
-from storage.stats import rank_bin_labels, rank_bins, sample_stats
+from storage.stats import rank_bin_labels, rank_bins
+from storage.targets import sample_stats
 
 
 def _record(input_ids, loss_mask, topk_ids, topk_logprobs, entropy=None, true_logprob=None, tail_logmass=None):

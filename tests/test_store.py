@@ -575,8 +575,9 @@ def test_random_access_matches_shard_reads(reference):
 
 def test_arrays_larger_than_an_inner_chunk_round_trip(tmp_path):
     """Arrays spanning several ~1 MiB inner chunks, with lengths that are no multiple of a chunk, read back."""
-    from storage.layout import TARGET_CHUNK_BYTES, array_specs
+    from storage.layout import TARGET_CHUNK_BYTES
     from storage.manifest import Manifest
+    from storage.targets import array_specs
 
     rng = np.random.default_rng(0)
     S, L, K, N = 7, 2000, 80, 250  # topk_ids: 7 x 2000 x 80 x 2 bytes, several chunks; rows not a chunk multiple

@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM
 
 from storage import open_store
 from teacher_cache import BuildConfig, build_cache
-from teacher_cache.targets import TargetSpec, encode_draws, extract_targets
+from teacher_cache.targets import TargetSpec, extract_targets
+from teacher_cache.targets.sampled import encode_draws
 
 L = 48
 K = 8

@@ -13,36 +13,29 @@ A logit of -inf is a probability of 0. A NaN or +inf logit, or every logit -inf,
 distribution: its log-probs are all NaN, and so is its entropy. The entropy, a reduction over the vocabulary
 computed anyway, thus flags those positions, and the backends refuse a batch with one (`NonFiniteLogits`).
 
+Each kind's extraction is one module of this package (`topk`, `sampled`, `hybrid`; `hidden` holds the capture of
+hidden states, which come from the model's forward rather than its logits), registered in EXTRACTORS under the
+name of its `storage.targets` kind.
+
 Legend: P positions (flattened batch x time), V vocabulary, H hidden size, K top-k, N draws, E entries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from teacher_cache.targets.base import Chunk, Extractor, TargetSpec
+from teacher_cache.targets.hybrid import HYBRID
+from teacher_cache.targets.sampled import SAMPLED
+from teacher_cache.targets.topk import TOPK
 
-@dataclass(frozen=True)
-class TargetSpec:
-    """Which targets to extract.
+__all__ = ["EXTRACTORS", "NonFiniteLogits", "TargetSpec", "describe_nonfinite", "extract_targets", "first_nonfinite",
+           "wanted_extractors"]
 
-    Attributes:
-        top_k: k of the top-k record, or None to skip it.
-        num_draws: N of the sampled record, or None to skip it.
-        chunk_positions: positions whose logits are materialised at once.
-        draws_from_tail: draw from the distribution conditioned on the ids outside the top-k (hybrid targets)
-            instead of from the full distribution; needs `top_k` and `num_draws`.
-    """
-
-    top_k: int | None
-    num_draws: int | None
-    chunk_positions: int = 1024
-    draws_from_tail: bool = False
-
-    def __post_init__(self) -> None:
-        assert not self.draws_from_tail or (self.top_k is not None and self.num_draws is not None), self
+# The kinds extracted from the logits, in the order they run over a chunk (see `teacher_cache.targets.base`).
+EXTRACTORS: dict[str, Extractor] = {kind.name: kind for kind in (SAMPLED, TOPK, HYBRID)}
 
 
 class NonFiniteLogits(RuntimeError):
@@ -124,6 +117,11 @@ def extract_targets(
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
+def wanted_extractors(spec: TargetSpec) -> list[Extractor]:
+    """The kinds `spec` asks for, in the order they run."""
+    return [kind for kind in EXTRACTORS.values() if kind.wanted(spec)]
+
+
 def _chunk_targets(
     logits_pV: torch.Tensor, true_ids_p: torch.Tensor, spec: TargetSpec, generator: torch.Generator | None
 ) -> dict[str, torch.Tensor]:
@@ -136,84 +134,16 @@ def _chunk_targets(
         "true_logprob": logp_pV.gather(1, true_ids_p[:, None].long()).squeeze(1),
     }
     # Positions without a valid distribution (NaN entropy, see the module docstring) are refused by the backend after
-    # extraction; until then the draws get a valid stand-in there, without a host sync: multinomial fails on NaN.
-    invalid_p1 = ~out["entropy"].isfinite()[:, None]
-    if spec.num_draws is not None and not spec.draws_from_tail:
-        draws_pN = torch.multinomial(probs_pV.masked_fill_(invalid_p1, 1.0), spec.num_draws, replacement=True,
-                                     generator=generator)
-        out.update(encode_draws(draws_pN))
-    if spec.top_k is not None:
-        top_logp_pK, top_ids_pK = logp_pV.topk(spec.top_k, dim=-1, sorted=False)
-        # Ascending ids: sets of frequent ids repeat across positions and compress far better than in rank order.
-        out["topk_ids"], order_pK = top_ids_pK.sort(dim=-1)
-        out["topk_logprobs"] = top_logp_pK.gather(1, order_pK)
-        # Mass outside the top-k, summed in log space from the ids themselves rather than as 1 - sum(top-k):
-        # exact even for tails far below fp32's smallest probability.
-        del probs_pV
-        out["tail_logmass"] = logp_pV.scatter_(1, top_ids_pK, float("-inf")).logsumexp(-1)
-        if spec.draws_from_tail:  # logp_pV now holds the tail's log-probs, -inf on the top-k
-            # An invalid position has a NaN tail mass: with no tail left either, it draws nothing.
-            out |= tail_draws(logp_pV.masked_fill_(invalid_p1, float("-inf")), out["tail_logmass"], spec.num_draws,
-                              generator)
+    # extraction; until then the kinds give them valid stand-ins.
+    chunk = Chunk(logp_pV, probs_pV, ~out["entropy"].isfinite()[:, None], out)
+    del probs_pV
+    for kind in wanted_extractors(spec):
+        out |= kind.extract(chunk, spec, generator)
     return out
 
 
-def tail_draws(tail_logp_pV: torch.Tensor, tail_logmass_p: torch.Tensor, num_draws: int,
-               generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """N draws per position from p(v) / m over the ids v outside the top-k (m the tail mass), encoded.
-
-    Draws from exp(log p(v) - log m), the tail-conditional distribution itself: a tail far below fp32's smallest
-    probability is drawn from as exactly as any other. A position without a tail (k >= V, or every id outside the
-    top-k at probability 0) gets no entries. Overwrites `tail_logp_pV`.
-
-    Args:
-        tail_logp_pV: the teacher's log-probs with -inf on each position's top-k ids.
-        tail_logmass_p: log of the tail mass, the logsumexp of `tail_logp_pV` (-inf without a tail).
-        num_draws: N.
-        generator: random source of the draws.
-    """
-    has_tail_p = tail_logmass_p > float("-inf")
-    # All zeros where there is no tail; multinomial needs some mass there, and those draws are not kept.
-    conditional_pV = tail_logp_pV.sub_(torch.where(has_tail_p, tail_logmass_p, 0.0)[:, None]).exp_()
-    conditional_pV[:, 0] += ~has_tail_p
-    draws_pN = torch.multinomial(conditional_pV, num_draws, replacement=True, generator=generator)
-    return encode_draws(draws_pN, drawn_P=has_tail_p)
-
-
-def encode_draws(draws_PN: torch.Tensor, drawn_P: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Distinct ids (ascending within a position) and their counts, flattened position-major.
-
-    Each row of the sorted draws starts a run, so the flat start indices are increasing and a run's count is
-    the distance to the next start (or to the end).
-
-    Args:
-        draws_PN: N drawn ids per position.
-        drawn_P: bool, the positions whose draws are kept; the others get no entries (nunique 0). None keeps all.
-    """
-    if drawn_P is not None:
-        kept = encode_draws(draws_PN[drawn_P])
-        nunique_P = kept["sampled_nunique"].new_zeros(draws_PN.shape[0])
-        return kept | {"sampled_nunique": nunique_P.masked_scatter_(drawn_P, kept["sampled_nunique"])}
-    sorted_PN, _ = draws_PN.sort(dim=1)
-    starts_PN = torch.ones_like(sorted_PN, dtype=torch.bool)
-    starts_PN[:, 1:] = sorted_PN[:, 1:] != sorted_PN[:, :-1]
-    flat_starts_E = starts_PN.flatten().nonzero().squeeze(1)
-    ends_E = torch.cat([flat_starts_E[1:], flat_starts_E.new_tensor([sorted_PN.numel()])])
-    return {
-        "sampled_nunique": starts_PN.sum(1),
-        "sampled_ids": sorted_PN.flatten()[flat_starts_E],
-        "sampled_counts": ends_E - flat_starts_E,
-    }
-
-
 def _empty_targets(device: torch.device, spec: TargetSpec) -> dict[str, torch.Tensor]:
-    def z(*shape, dtype=torch.float32):
-        return torch.zeros(shape, dtype=dtype, device=device)
-
-    out = {"entropy": z(0), "true_logprob": z(0)}
-    if spec.top_k is not None:
-        out |= {"topk_ids": z(0, spec.top_k, dtype=torch.long), "topk_logprobs": z(0, spec.top_k), "tail_logmass": z(0)}
-    if spec.num_draws is not None:
-        out |= {"sampled_nunique": z(0, dtype=torch.long), "sampled_ids": z(0, dtype=torch.long),
-                "sampled_counts": z(0, dtype=torch.long)}
+    out = {"entropy": torch.zeros(0, device=device), "true_logprob": torch.zeros(0, device=device)}
+    for kind in wanted_extractors(spec):
+        out |= kind.empty(spec, device)
     return out

@@ -1,0 +1,61 @@
+"""The teacher side of sampled targets (`storage.targets.sampled`): N draws with replacement from each position's
+full distribution, encoded as distinct ids (ascending) + counts."""
+
+from __future__ import annotations
+
+import torch
+
+from storage.targets import sampled
+from teacher_cache.targets.base import Chunk, Extractor, TargetSpec, zeros
+
+
+def encode_draws(draws_PN: torch.Tensor, drawn_P: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Distinct ids (ascending within a position) and their counts, flattened position-major.
+
+    Each row of the sorted draws starts a run, so the flat start indices are increasing and a run's count is
+    the distance to the next start (or to the end).
+
+    Args:
+        draws_PN: N drawn ids per position.
+        drawn_P: bool, the positions whose draws are kept; the others get no entries (nunique 0). None keeps all.
+    """
+    if drawn_P is not None:
+        kept = encode_draws(draws_PN[drawn_P])
+        nunique_P = kept["sampled_nunique"].new_zeros(draws_PN.shape[0])
+        return kept | {"sampled_nunique": nunique_P.masked_scatter_(drawn_P, kept["sampled_nunique"])}
+    sorted_PN, _ = draws_PN.sort(dim=1)
+    starts_PN = torch.ones_like(sorted_PN, dtype=torch.bool)
+    starts_PN[:, 1:] = sorted_PN[:, 1:] != sorted_PN[:, :-1]
+    flat_starts_E = starts_PN.flatten().nonzero().squeeze(1)
+    ends_E = torch.cat([flat_starts_E[1:], flat_starts_E.new_tensor([sorted_PN.numel()])])
+    return {
+        "sampled_nunique": starts_PN.sum(1),
+        "sampled_ids": sorted_PN.flatten()[flat_starts_E],
+        "sampled_counts": ends_E - flat_starts_E,
+    }
+
+
+def empty_draws(device: torch.device) -> dict[str, torch.Tensor]:
+    """The encoded draws of no positions."""
+    return {name: zeros(device, 0, dtype=torch.long) for name in ("sampled_nunique", "sampled_ids", "sampled_counts")}
+
+
+class Sampled(Extractor):
+    name = "sampled"
+
+    def wanted(self, spec: TargetSpec) -> bool:
+        return spec.num_draws is not None and not spec.draws_from_tail
+
+    def manifest_sections(self, spec: TargetSpec, seed: int) -> dict[str, dict]:
+        return {"sampled": sampled.section(spec.num_draws, seed)}
+
+    def extract(self, chunk: Chunk, spec: TargetSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        # Invalid positions get a valid stand-in, without a host sync: multinomial fails on NaN.
+        probs_pV = chunk.probs_pV.masked_fill_(chunk.invalid_p1, 1.0)
+        return encode_draws(torch.multinomial(probs_pV, spec.num_draws, replacement=True, generator=generator))
+
+    def empty(self, spec: TargetSpec, device: torch.device) -> dict[str, torch.Tensor]:
+        return empty_draws(device)
+
+
+SAMPLED = Sampled()
