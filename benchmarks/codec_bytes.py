@@ -23,8 +23,9 @@ from zarr.codecs.numcodecs import Delta, FixedScaleOffset
 from zarr.storage import MemoryStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from storage.layout import LOGPROB_FLOOR, LOGPROB_SCALE, chunking, quantize_logprobs, split_logprobs  # noqa: E402
+from storage.layout import LOGPROB_FLOOR, LOGPROB_SCALE, chunking, quantize_logprobs  # noqa: E402
 from storage.reader import Store  # noqa: E402
+from storage.targets.topk import split_logprobs  # noqa: E402
 
 
 def stored_bytes(data: np.ndarray, filters, compressors) -> int:

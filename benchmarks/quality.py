@@ -245,8 +245,8 @@ def _subset_topk_bytes(store: Store, k: int, names: tuple[str, ...], max_shards:
     import zarr
     from zarr.storage import MemoryStore
 
-    from storage.layout import logical_sizes
     from storage.targets import array_specs
+    from storage.targets.topk import logical_sizes
     from storage.writer import quantized_record, write_arrays
 
     total, tokens = 0, 0

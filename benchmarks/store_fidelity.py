@@ -68,11 +68,11 @@ from benchmarks.machine_info import machine  # noqa: E402
 from storage.layout import (  # noqa: E402
     LOGPROB_FLOOR,
     LOGPROB_SCALE,
-    logical_sizes,
     quantize_logprobs,
 )
 from storage.reader import Store  # noqa: E402
 from storage.targets import array_specs  # noqa: E402
+from storage.targets.topk import logical_sizes  # noqa: E402
 from storage.writer import quantized_record, write_arrays  # noqa: E402
 from teacher_cache.build import build_cache  # noqa: E402
 from teacher_cache.config import BuildConfig  # noqa: E402

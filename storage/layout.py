@@ -38,7 +38,6 @@ LOGPROB_SCALE = 64
 LOGPROB_FLOOR = -511.0
 
 
-
 def quantize_logprobs(values: np.ndarray) -> np.ndarray:
     """Float32 log-probs as the store holds them (format version 2): the nearest multiple of 1/LOGPROB_SCALE
     within [LOGPROB_FLOOR, 0], as the FixedScaleOffset codec rounds."""
@@ -46,51 +45,9 @@ def quantize_logprobs(values: np.ndarray) -> np.ndarray:
     return (np.around(clipped * LOGPROB_SCALE) / LOGPROB_SCALE).astype(np.float32)
 
 
-# Version 3 stores top-k log-probs as the position's lowest one (`TOPK_FLOOR`) plus each one's excess above it
-# (`TOPK_EXCESS`, unsigned): the excesses cluster near 0 (most of a top-k sits just above its cut-off) and compress
-# about 13% smaller than the log-probs themselves. Readers join them back into the logical `topk_logprobs`.
-TOPK_LOGPROBS, TOPK_FLOOR, TOPK_EXCESS = "topk_logprobs", "topk_logprob_floor", "topk_logprob_excess"
 # zstd level of the top-k ids: level 12 is ~18% smaller than level 5 on a trained teacher's top-64 and still
 # compresses at tens of MB/s, far beyond what a teacher produces (`benchmarks/codec_bytes.py`).
 TOPK_IDS_ZSTD_LEVEL = 12
-
-
-def split_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Quantized top-k log-probs [..., K] -> (floor [...], excess [..., K] >= 0), exact: both are multiples of
-    1/LOGPROB_SCALE, so floor + excess gives back the same float32 values."""
-    floor = logprobs.min(axis=-1) if logprobs.shape[-1] else np.zeros(logprobs.shape[:-1], np.float32)
-    return floor.astype(np.float32), (logprobs - floor[..., None]).astype(np.float32)
-
-
-def join_logprobs(floor: np.ndarray, excess: np.ndarray) -> np.ndarray:
-    """The inverse of `split_logprobs`: top-k log-probs [..., K] (float32)."""
-    return (floor[..., None] + excess).astype(np.float32)
-
-
-def physical_names(names: list[str], specs: dict) -> list[str]:
-    """The arrays a shard stores for the logical arrays `names` (version 3 stores `topk_logprobs` in two)."""
-    out = []
-    for name in names:
-        out += [TOPK_FLOOR, TOPK_EXCESS] if name == TOPK_LOGPROBS and TOPK_EXCESS in specs else [name]
-    return out
-
-
-def logical_name(name: str) -> str:
-    """The array a reader returns for the stored array `name` (version 3's floor and excesses: topk_logprobs)."""
-    return TOPK_LOGPROBS if name in (TOPK_FLOOR, TOPK_EXCESS) else name
-
-
-def logical_names(names: list[str]) -> list[str]:
-    """The inverse of `physical_names`: what a reader returns for the stored arrays `names`."""
-    return list(dict.fromkeys(map(logical_name, names)))
-
-
-def logical_sizes(sizes: dict[str, float]) -> dict[str, float]:
-    """Sizes (bytes, bytes per token) of stored arrays summed by the array a reader returns for each."""
-    out: dict[str, float] = {}
-    for name, size in sizes.items():
-        out[logical_name(name)] = out.get(logical_name(name), 0) + size
-    return out
 
 
 # Inner chunks are the unit of reading; about this many uncompressed bytes each.

@@ -15,21 +15,20 @@ import zarr
 
 from storage.fs import Location
 from storage.integrity import StoreDamaged, axis_lengths, check_files, damaged, shape_problem
-from storage.layout import (
-    MANIFEST_NAME,
+from storage.layout import MANIFEST_NAME, ArraySpec
+from storage.manifest import Manifest, ShardInfo
+from storage.stats import STATS_PREFIX
+from storage.targets import array_specs, sample_stats, stat_names
+from storage.targets.sampled import FLAT_ARRAYS
+from storage.targets.topk import (
     TOPK_EXCESS,
     TOPK_FLOOR,
     TOPK_LOGPROBS,
-    ArraySpec,
     join_logprobs,
     logical_names,
     logical_sizes,
     physical_names,
 )
-from storage.manifest import Manifest, ShardInfo
-from storage.stats import STATS_PREFIX
-from storage.targets import array_specs, sample_stats, stat_names
-from storage.targets.sampled import FLAT_ARRAYS
 from storage.workers import unmerged_message
 
 

@@ -23,19 +23,16 @@ from storage.layout import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SHARDS_DIR,
-    TOPK_EXCESS,
-    TOPK_FLOOR,
-    TOPK_LOGPROBS,
     ArraySpec,
     chunking,
     codecs_for,
     quantize_logprobs,
     shard_name,
-    split_logprobs,
 )
 from storage.lock import is_lock_file
 from storage.manifest import MERGING_NAME, WORKERS_DIR, Manifest, ShardInfo, header_differences
 from storage.targets import array_specs, sample_stats
+from storage.targets.topk import TOPK_EXCESS, TOPK_FLOOR, TOPK_LOGPROBS, split_logprobs
 from storage.workers import WorkerSlot, check_agreement, entry_shard, shard_index
 
 log = logging.getLogger(__name__)
@@ -358,7 +355,7 @@ def quantized_record(record: dict[str, np.ndarray], specs: dict[str, ArraySpec])
 def write_arrays(group, specs: dict[str, ArraySpec], record: dict[str, np.ndarray]) -> dict[str, int]:
     """Write every array of `specs` from a (quantized) logical record into a zarr group; returns their stored bytes.
 
-    Version 3 splits the logical `topk_logprobs` into its floor and excesses (`storage.layout.split_logprobs`)."""
+    Version 3 splits the logical `topk_logprobs` into its floor and excesses (`storage.targets.topk.split_logprobs`)."""
     if TOPK_EXCESS in specs and TOPK_LOGPROBS in record:
         floor, excess = split_logprobs(record[TOPK_LOGPROBS])
         record = {**record, TOPK_FLOOR: floor, TOPK_EXCESS: excess}

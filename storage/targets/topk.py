@@ -2,9 +2,9 @@
 outside them (`teacher-cache build --targets topk --top-k K`; manifest section `topk`).
 
 Format versions: 1 stores the log-probs as fp16; 2 as int16 steps of 1/LOGPROB_SCALE nat; 3 on as the position's
-lowest log-prob (`topk_logprob_floor`) plus unsigned excesses above it, which readers join back into
-`topk_logprobs`, with the ids at a higher zstd level. Statistics (version 2 on): the mean tail mass and the
-histogram of the true token's rank among the top-k.
+lowest log-prob (`topk_logprob_floor`) plus unsigned excesses above it (`split_logprobs`, the writer's encoding),
+which readers join back into `topk_logprobs` (`join_logprobs`), with the ids at a higher zstd level. Statistics
+(version 2 on): the mean tail mass and the histogram of the true token's rank among the top-k.
 """
 
 from __future__ import annotations
@@ -14,13 +14,56 @@ import logging
 import numpy as np
 import torch
 
-from storage.layout import LOGPROB_SCALE, TOPK_EXCESS, TOPK_FLOOR, ArraySpec, id_dtype
+from storage.layout import LOGPROB_SCALE, ArraySpec, id_dtype
 from storage.stats import masked_mean, rank_bins, rank_histogram, true_ranks
 from storage.targets.base import TargetKind
 
 log = logging.getLogger(__name__)
 
 ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass")  # what a reader returns for this kind
+
+# Version 3 stores top-k log-probs as the position's lowest one (`TOPK_FLOOR`) plus each one's excess above it
+# (`TOPK_EXCESS`, unsigned): the excesses cluster near 0 (most of a top-k sits just above its cut-off) and compress
+# about 13% smaller than the log-probs themselves. Readers join them back into the logical `topk_logprobs`.
+TOPK_LOGPROBS, TOPK_FLOOR, TOPK_EXCESS = "topk_logprobs", "topk_logprob_floor", "topk_logprob_excess"
+
+
+def split_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantized top-k log-probs [..., K] -> (floor [...], excess [..., K] >= 0), exact: both are multiples of
+    1/LOGPROB_SCALE, so floor + excess gives back the same float32 values."""
+    floor = logprobs.min(axis=-1) if logprobs.shape[-1] else np.zeros(logprobs.shape[:-1], np.float32)
+    return floor.astype(np.float32), (logprobs - floor[..., None]).astype(np.float32)
+
+
+def join_logprobs(floor: np.ndarray, excess: np.ndarray) -> np.ndarray:
+    """The inverse of `split_logprobs`: top-k log-probs [..., K] (float32)."""
+    return (floor[..., None] + excess).astype(np.float32)
+
+
+def physical_names(names: list[str], specs: dict) -> list[str]:
+    """The arrays a shard stores for the logical arrays `names` (version 3 stores `topk_logprobs` in two)."""
+    out = []
+    for name in names:
+        out += [TOPK_FLOOR, TOPK_EXCESS] if name == TOPK_LOGPROBS and TOPK_EXCESS in specs else [name]
+    return out
+
+
+def logical_name(name: str) -> str:
+    """The array a reader returns for the stored array `name` (version 3's floor and excesses: topk_logprobs)."""
+    return TOPK_LOGPROBS if name in (TOPK_FLOOR, TOPK_EXCESS) else name
+
+
+def logical_names(names: list[str]) -> list[str]:
+    """The inverse of `physical_names`: what a reader returns for the stored arrays `names`."""
+    return list(dict.fromkeys(map(logical_name, names)))
+
+
+def logical_sizes(sizes: dict[str, float]) -> dict[str, float]:
+    """Sizes (bytes, bytes per token) of stored arrays summed by the array a reader returns for each."""
+    out: dict[str, float] = {}
+    for name, size in sizes.items():
+        out[logical_name(name)] = out.get(logical_name(name), 0) + size
+    return out
 
 
 def section(k: int, **entries) -> dict:
