@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 
 from storage.layout import ArraySpec
-from storage.targets.base import TargetKind
-from storage.targets.sampled import collate_draws, draw_arrays, draws_from_tail
+from storage.targets.sampled import Sampled, draw_arrays, draws_from_tail
 from storage.targets.sampled import section as sampled_section
 
 log = logging.getLogger(__name__)
@@ -25,9 +24,10 @@ def section(num_draws: int, seed: int, **entries) -> dict:
     return sampled_section(num_draws, seed, **entries) | {"source": TAIL_SOURCE, "draws_from": "tail"}
 
 
-class Hybrid(TargetKind):
+class Hybrid(Sampled):
+    """Draws as `Sampled`'s (the same arrays, batch tensors and concat rules), of the tail beside a top-k."""
+
     name = "hybrid"
-    section = "sampled"
     requires = ("topk",)
 
     def present(self, targets: dict) -> bool:
@@ -39,16 +39,6 @@ class Hybrid(TargetKind):
     def describe(self, targets: dict) -> str:
         k = targets["topk"]["k"]
         return f"hybrid: top-{k} + tail mass, {targets['sampled']['num_draws']} draws from the tail outside the top-{k}"
-
-    def collate(self, record, targets):
-        return collate_draws(record, targets)
-
-    def concat_key(self, section: dict) -> dict:
-        return {key: value for key, value in section.items() if key != "seed"}
-
-    def concat_section(self, sections: list[dict]) -> dict:
-        seeds = [s.get("seed") for s in sections]
-        return sections[0] | {"seed": seeds[0] if all(s == seeds[0] for s in seeds) else None}
 
     def mixed_note(self) -> str:
         return ("Some of these stores hold hybrid targets (draws from the tail outside the top-k, "
