@@ -18,6 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", *TORCH_DTYPES)  # the choices of a model's --dtype
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,14 +1,16 @@
-"""`TrainConfig`: every option of `student-train`, checked where it is made."""
+"""`TrainConfig`: every option of `student-train`, declared once (help, default, flag) and checked where it is
+made."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from student_train.divergences import ONLINE, TARGETS_FROM
+from storage.options import option
+from student_train.divergences import ONLINE, REPRESENTATIONS, TARGETS_FROM
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.liger import FUSED_CE
-from student_train.loss_config import CE, LOSS_IMPLS, LOSS_NAMES, LossConfig
+from student_train.loss_config import CE, LOSS_IMPLS, LOSS_NAMES, SCHEDULES, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -17,123 +19,114 @@ DEFAULT_ALPHA = 0.9
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Options of one student training run.
+    """Options of one student training run (`student-train`): each field's help says what it does."""
 
-    Attributes:
-        store: store written by `teacher-cache build`.
-        student: a local HF model directory (its weights are the init) or an HF config (a config.json file, or a
-            directory holding only one) for a random init. Not with `init_from_teacher`.
-        output: run directory: checkpoints, metrics and the final student.
-        loss: the loss terms, "NAME=WEIGHT" each, NAME a divergence (forward_kl, reverse_kl, jsd, tv, skew_kl,
-            skew_rkl) or ce; see student_train/losses.py. Empty: forward_kl=alpha, ce=1-alpha. A bare
-            representation name ("topk_tail", ...) is the same as `targets_from`. Resolved on creation to the
-            weighted terms alone, zero weights dropped.
-        targets_from: target representation of the divergences: "topk_tail", "topk_renorm", "topk_residual",
-            "sampled" or "hybrid" (the store's targets), or "online" (the full distribution of `online_teacher`,
-            implied by it); None picks hybrid when the store's draws are of the teacher's tail (top-k + tail
-            draws), else topk_tail when it has top-k targets, else sampled. See student_train/divergences.py.
-        top_k: with topk_tail, topk_renorm or topk_residual, train on only the top_k most probable of the store's
-            top-k ids (the others' mass joins the tail), e.g. top-8 from a top-64 store; None: every stored id.
-            Not with hybrid, whose tail draws are conditioned on the stored top-k.
-        online_teacher: a local HF teacher directory (the store's tokenizer and vocabulary) run beside the student:
-            the divergences compare with its full distribution, a chunk of positions at a time, instead of the
-            store's targets (which are not read; the store gives the token ids, and the held-out KL still uses its
-            targets). The baseline for cached targets; see student_train/online_teacher.py.
-        alpha: KD weight of the default mix when `loss` gives no weights (None: 0.9); resolved into `loss`.
-        temperature: softening of teacher and student distributions (see student_train/divergences.py).
-        jsd_beta: beta of the jsd divergence, in (0, 1).
-        skew_alpha: alpha of the skew_kl and skew_rkl divergences, in (0, 1).
-        kd_schedule: factor on the divergences' weights by step: constant, linear_warmup:STEPS or
-            cosine_decay:STEPS.
-        batch_size: samples per micro-batch, per rank under torchrun.
-        grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate (AdamW).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warmup steps; None is 10% of the run, at most 100.
-        min_lr_fraction: the cosine schedule ends at this fraction of lr.
-        max_steps: optimizer steps; None trains for `epochs`.
-        epochs: passes over the training samples when max_steps is None.
-        clip_grad: gradient-norm clipping threshold (0 disables).
-        precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
-        device: "auto", "cpu", "cuda", ...
-        eval_fraction: share of the store's samples (the last ones) held out for evaluation when eval_store is None.
-        eval_store: a separate store for evaluation.
-        eval_every: evaluate every this many steps (and at the end).
-        save_every: checkpoint every this many steps (and at the end).
-        log_every: write training metrics every this many steps.
-        keep_checkpoints: most recent checkpoints kept.
-        seed: seed of the data order and of a random student init.
-        num_workers: DataLoader workers reading the store.
-        verify: check every store file against its SHA-256 in the manifest before its first read (once per file
-            per process); off, files are still checked for presence and size.
-        distributed: under torchrun, "ddp" (each rank holds the whole student) or "fsdp" (FSDP2: parameters,
-            gradients and optimizer states sharded over the ranks); unused in a single process.
-        chunk_positions: positions whose student logits exist at once in the loss.
-        fused_ce: how a loss of CE alone is computed: "auto" (Liger-kernel's fused linear cross-entropy on CUDA when
-            liger_kernel is installed, else the torch path), "liger" (required: an error where it cannot run) or
-            "torch". Both give the same loss and gradients; see student_train/liger.py.
-        selection: a selection file (sample ids) to train on, in its order.
-        resume: continue from the newest checkpoint in `output`.
-        init_from_teacher: instead of `student`, a local HF teacher directory whose layers `keep_layers` (with its
-            embeddings, final norm and head) are the student; see student_train/init_student.py.
-        keep_layers: the teacher's layers to keep, "0,2,4" or a list; negative indices count from the end. None:
-            every other layer from 0.
-        feature_loss: "mse" or "cosine" between mapped student and stored teacher hidden states (the store must be
-            built with --hidden-layers); None: no feature loss. See student_train/features.py.
-        feature_weight: weight of the feature loss in the total (not scaled by the KD schedule).
-        feature_layers: the layer map, "S:T,S:T" (student hidden-state index : teacher index as stored; 0 =
-            embeddings, -1 = last) or a list of pairs; resolved to pairs. None: every stored teacher layer, each
-            with the student layer at the same relative depth.
-        feature_projection: "auto" (a learned linear projection per pair when the widths differ) or "always".
-        loss_impl: how the loss's chunks are computed: "fused" (each chunk's logits once, their gradient built in
-            the forward pass) or "checkpoint" (activation checkpointing: logits recomputed in backward; slower).
-            Same loss and gradients; online KD always uses checkpoint. See student_train/fused_loss.py.
-    """
-
-    store: str
-    student: str | None = None
-    output: str
-    loss: list[str] | str = field(default_factory=list)
-    targets_from: str | None = None
-    top_k: int | None = None
-    online_teacher: str | None = None
-    alpha: float | None = None
-    temperature: float = 1.0
-    jsd_beta: float = 0.5
-    skew_alpha: float = 0.1
-    kd_schedule: str = "constant"
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int | None = None
-    min_lr_fraction: float = 0.1
-    max_steps: int | None = None
-    epochs: float = 1.0
-    clip_grad: float = 1.0
-    precision: str = "auto"
-    device: str = "auto"
-    eval_fraction: float = 0.05
-    eval_store: str | None = None
-    eval_every: int = 200
-    save_every: int = 500
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    seed: int = 0
-    num_workers: int = 0
-    verify: bool = True
-    distributed: str = "ddp"
-    chunk_positions: int = 256
-    fused_ce: str = "auto"
-    selection: str | None = None
-    resume: bool = False
-    init_from_teacher: str | None = None
-    keep_layers: list[int] | str | None = None
-    feature_loss: str | None = None
-    feature_weight: float = 1.0
-    feature_layers: list[list[int]] | str | None = None
-    feature_projection: str = "auto"
-    loss_impl: str = "fused"
+    store: str = option(help="Store written by `teacher-cache build`.")
+    student: str | None = option(
+        None, help="Student: a local HF model directory (weights are the init) or an HF config (config.json, or a "
+                   "directory with only one) for a random init. Not with --init-from-teacher.")
+    output: str = option(help="Run directory: checkpoints, metrics.jsonl and the final student.")
+    loss: list[str] | str = option(
+        default_factory=list, multiple=True, metavar="NAME=WEIGHT",
+        help=f"A loss term, repeatable; NAME is one of {', '.join(LOSS_NAMES)} (the menu above). Default: "
+             f"forward_kl=ALPHA ce=1-ALPHA. A bare {'/'.join(REPRESENTATIONS)} is --targets-from. In a file also "
+             "a mapping {NAME: WEIGHT}. Resolved to the weighted terms alone, zero weights dropped.")
+    targets_from: str | None = option(
+        None, choices=tuple(TARGETS_FROM),
+        help="What the divergences compare with. Default: hybrid (exact top-k plus draws from the tail) when the "
+             "store's draws are of the teacher's tail, else topk_tail (top-k plus a tail bucket) when the store has "
+             "top-k targets, else sampled. topk_residual gives the tail mass to the true next token (a biased "
+             "baseline); topk_renorm is biased, offered for comparison. online: the full distribution of "
+             "--online-teacher (implied by it). See student_train/divergences.py.")
+    top_k: int | None = option(
+        None, metavar="K",
+        help="With topk_tail, topk_renorm or topk_residual: use only the K most probable of the store's top-k ids "
+             "(the others' mass joins the tail), e.g. top-8 from a top-64 store. Not with hybrid, whose tail draws "
+             "are conditioned on the stored top-k. Default: all of them.")
+    online_teacher: str | None = option(
+        None, metavar="DIR",
+        help="Online full-logit KD, the baseline for cached targets: run this teacher (a local HF model with the "
+             "store's tokenizer and vocabulary) beside the student, frozen (bf16 under bf16 autocast), and compare "
+             "with its full distribution, a chunk of positions at a time, instead of the store's targets. The store "
+             "still gives the token ids; held-out KL still uses its targets. The teacher is not saved; --resume "
+             "loads it again. See student_train/online_teacher.py.")
+    alpha: float | None = option(
+        None, help=f"KD weight of the default loss when --loss gives no weights (default {DEFAULT_ALPHA}): "
+                   "forward_kl=ALPHA ce=1-ALPHA; 0 trains with CE only. Resolved into --loss.")
+    temperature: float = option(LossConfig.temperature,
+                                help="Softening of both distributions in the divergences, with the T^2 factor (must "
+                                     "be 1 for sampled and hybrid targets).")
+    jsd_beta: float = option(LossConfig.jsd_beta, help="jsd's beta in (0, 1): the teacher's share of the mixture.")
+    skew_alpha: float = option(LossConfig.skew_alpha, help="skew_kl's and skew_rkl's alpha in (0, 1).")
+    kd_schedule: str = option(
+        LossConfig.kd_schedule, metavar="SCHEDULE",
+        help=f"Factor on the divergences by step: {', '.join(SCHEDULES)} (0 -> 1 over STEPS; 1 -> 0 over STEPS). CE "
+             "is not scheduled.")
+    feature_loss: str | None = option(
+        None, choices=tuple(FEATURE_LOSSES),
+        help="Also pull the student's hidden states towards the teacher's stored by `teacher-cache build "
+             "--hidden-layers`: mse or cosine (1 - cos). Default: off. See student_train/features.py.")
+    feature_weight: float = option(1.0, help="Weight of --feature-loss in the total (not scheduled).")
+    feature_layers: list[list[int]] | str | None = option(
+        None, metavar="S:T,...",
+        help="Student hidden-state index : teacher index as stored (0 = embeddings, -1 = last), e.g. 2:4,4:8; in a "
+             "file also a list of pairs. Default: each stored teacher layer with the student layer at the same "
+             "relative depth.")
+    feature_projection: str = option(
+        "auto", choices=PROJECTIONS,
+        help="A learned linear map from each student layer to the teacher's width: auto = when the widths differ. "
+             "It trains with the student and is kept in checkpoints, not in the saved student.")
+    batch_size: int = option(8, help="Samples per micro-batch (per process under torchrun).")
+    grad_accum: int = option(1, help="Micro-batches per optimizer step.")
+    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
+    weight_decay: float = option(0.1, help="AdamW weight decay.")
+    warmup_steps: int | None = option(None, help="Linear warmup steps. Default: 10% of the run, at most 100.")
+    min_lr_fraction: float = option(0.1, help="The cosine decay after the warmup ends at this fraction of --lr.")
+    max_steps: int | None = option(None, help="Optimizer steps. Default: --epochs passes over the data.")
+    epochs: float = option(1.0, help="Passes over the training samples when --max-steps is not given.")
+    clip_grad: float = option(1.0, help="Gradient-norm clip (0: off).")
+    precision: str = option("auto", choices=PRECISIONS, help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
+    eval_fraction: float = option(0.05, help="Share of the store (its last samples) held out for evaluation.")
+    eval_store: str | None = option(None, help="A separate store to evaluate on (instead of --eval-fraction).")
+    eval_every: int = option(200, help="Evaluate every N steps (and at the end).")
+    save_every: int = option(500, help="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = option(2, help="The most recent checkpoints kept; older ones are deleted.")
+    log_every: int = option(10, help="Write metrics every N steps.")
+    chunk_positions: int = option(256, help="Positions whose student logits exist at once in the loss (memory vs "
+                                            "speed).")
+    fused_ce: str = option(
+        "auto", choices=FUSED_CE,
+        help="A loss of CE alone on CUDA: auto = Liger-kernel's fused linear cross-entropy when installed (pip "
+             "install liger-kernel), else the torch path; liger = require it (an error where it cannot run); torch = "
+             "never. Same loss and gradients either way; see student_train/liger.py.")
+    loss_impl: str = option(
+        "fused", choices=LOSS_IMPLS,
+        help="How the loss applies the head, a chunk of positions at a time: fused = each chunk's logits computed "
+             "once, their gradient built in the forward pass from a few values per position (log-normaliser, logits "
+             "at the target ids) and kept until backward as the gradients of the hidden states and head; checkpoint "
+             "= activation checkpointing, the logits computed again in backward (slower; the reference). Same loss "
+             "and gradients. Online KD always uses checkpoint. See student_train/fused_loss.py.")
+    seed: int = option(0, help="Seed of the data order and of a random student init.")
+    num_workers: int = option(0, help="Loader worker processes.")
+    verify: bool = option(
+        True, help="Check every store file against its SHA-256 in the manifest before its first read (a damaged store "
+                   "is an error, not wrong targets). --no-verify skips the hashing; files are still checked for "
+                   "presence and size.")
+    distributed: str = option(
+        "ddp", choices=DISTRIBUTED,
+        help="Under torchrun: ddp (each GPU holds the whole student) or fsdp (FSDP2: parameters, gradients and "
+             "optimizer states sharded over the GPUs). Unused in a single process.")
+    selection: str | None = option(None, help="Train on exactly the sample ids of this JSON file, in its order.")
+    resume: bool = option(False, help="Continue from the newest checkpoint in --output.")
+    init_from_teacher: str | None = option(
+        None, help="Instead of --student: a local HF teacher directory (same tokenizer as the store) whose layers "
+                   "--keep-layers, with its embeddings, final norm and head, are the student (the DistilBERT recipe; "
+                   "see student_train/init_student.py).")
+    keep_layers: list[int] | str | None = option(
+        None, metavar="I,J,...",
+        help="The teacher's layers kept by --init-from-teacher, e.g. 0,2,4 or 0,-1 (negative: from the end); in a "
+             "file also a list. Default: every other layer from 0.")
 
     def __post_init__(self) -> None:
         terms = [self.loss] if isinstance(self.loss, str) else list(self.loss)  # one term may come as a string
@@ -149,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"--max-steps: must be at least 1, got {self.max_steps}.")
         if self.epochs <= 0:
             raise ValueError(f"--epochs: must be positive, got {self.epochs}.")
+        if not 0.0 <= self.min_lr_fraction <= 1.0:
+            raise ValueError(f"--min-lr-fraction: must be within [0, 1], got {self.min_lr_fraction}.")
         if self.eval_store is None and not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"--eval-fraction: must be within (0, 1), got {self.eval_fraction}; "
                              "or pass --eval-store.")

