@@ -1,11 +1,12 @@
-"""The store's samples from text: load a text dataset, tokenize it and cut it into fixed-length samples.
+"""The store's samples: load a dataset, tokenize it and cut it into fixed-length samples.
 
 This is how a build makes the samples FORMAT.md describes ("Samples and positions"), and how `student-train eval
 --data` packs held-out text exactly as a build would; both phases import it from here. A sample holds seq_len + 1
 tokens: the teacher reads the first seq_len, and position t's true next token is token t + 1. Packed samples follow
 each other with a stride of seq_len, so consecutive samples share one token and every token of the stream is a
 target exactly once. Unpacked samples hold one document each, truncated and padded. Everything here is vectorised
-over tokens; Python loops run over documents at most.
+over tokens; Python loops run over documents at most. A document is a text, or a conversation rendered by
+`storage.conversations.ChatEncoder`, whose tokens carry a trained flag (only assistant replies, as a rule).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from storage.conversations import ChatEncoder, detect_format
+
 log = logging.getLogger(__name__)
 
 DOCS_PER_BLOCK = 1000
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
+Document = tuple[list[int], list[bool] | None]  # token ids, trained flag per token (None: all)
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -33,7 +37,7 @@ class Rows:
     Attributes:
         input_ids: [n, L+1] int64 tokens (padding holds the pad id).
         attention_mask: [n, L+1] bool, true for real tokens.
-        loss_mask: [n, L] bool, true where position t's target (token t+1) is real.
+        loss_mask: [n, L] bool, true where position t's target (token t+1) is real and trained on.
         segment_ids: [n, L+1] uint16, document number within the sample.
     """
 
@@ -61,31 +65,53 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
         ValueError: a local path that does not exist, a file that is not UTF-8 text, an unknown split, a missing
             column (the available ones are named), no rows, or no text in any row.
     """
+    return load_samples_dataset(source, split=split, text_field=text_field, dataset_format="text")[0]
+
+
+def load_samples_dataset(source: str, *, split: str, text_field: str,
+                         dataset_format: str = "auto") -> tuple[datasets.Dataset, str]:
+    """Load `source` with `datasets` and decide its format (`storage.conversations.detect_format`).
+
+    Returns:
+        The dataset and its format: `text`, `messages` or `prompt-completion`.
+
+    Raises:
+        ValueError: as `load_text_dataset`, and columns that fit no format, or several when `dataset_format` is auto.
+    """
+    dataset = _read(source, split)
+    fmt = detect_format(dataset.column_names, dataset_format, text_field=text_field, source=source)
+    if len(dataset) == 0:
+        raise ValueError(_empty(source, split))
+    if fmt == "text":
+        _check_text(dataset, source, split, text_field)
+    return dataset, fmt
+
+
+def _empty(source: str, split: str) -> str:
+    return f"{source} (split {split!r}) is empty: there is nothing to build a cache from."
+
+
+def _read(source: str, split: str) -> datasets.Dataset:
     path = Path(source).expanduser()
     looks_local = source.startswith(("/", ".", "~")) or path.suffix.lower() in FILE_BUILDERS
     if not path.exists() and looks_local:
         raise ValueError(f"--dataset {source}: no such file or directory.")
-    empty = f"{source} (split {split!r}) is empty: there is nothing to build a cache from."
     if path.is_file() and path.stat().st_size == 0:
-        raise ValueError(empty)
+        raise ValueError(_empty(source, split))
     try:
-        dataset = _load(path, source, split)
+        return _load(path, source, split)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, IndexError) as exc:
         if isinstance(exc.__cause__, UnicodeDecodeError):  # the text and csv builders wrap it
             raise _not_utf8(source, exc.__cause__) from None
         # What `datasets` raises on files and folders without rows.
-        raise ValueError(f"{empty} ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{_empty(source, split)} ({type(exc).__name__}: {exc})") from None
     except ValueError as exc:
         if "corresponds to no data" not in str(exc):
             raise
-        raise ValueError(empty) from None
-    if text_field not in dataset.column_names:
-        raise ValueError(
-            f"{source} has no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
-            "pass --text-field with the column that holds the text."
-        )
-    if len(dataset) == 0:
-        raise ValueError(empty)
+        raise ValueError(_empty(source, split)) from None
+
+
+def _check_text(dataset: datasets.Dataset, source: str, split: str, text_field: str) -> None:
     try:
         found_text = any(map(has_text, _texts(dataset, text_field)))  # stops at the first text: one block, as a rule
     except UnicodeDecodeError as exc:  # the json builder keeps undecodable bytes: reading them fails
@@ -95,7 +121,6 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
             f"{source} (split {split!r}) has no text: column {text_field!r} is empty or whitespace in every one of "
             f"its {len(dataset)} rows. Check --text-field, or the dataset's content."
         )
-    return dataset
 
 
 def has_text(text: str | None) -> bool:
@@ -152,47 +177,72 @@ def iter_documents(dataset: datasets.Dataset, tokenizer, text_field: str) -> Ite
         log.info("skipped %d of %d documents: empty or whitespace only", skipped, len(dataset))
 
 
-def iter_rows(dataset: datasets.Dataset, tokenizer, *, text_field: str, seq_len: int, pack: bool) -> Iterator[Rows]:
-    """Samples of seq_len + 1 tokens, in blocks, in dataset order (deterministic)."""
+def iter_rows(dataset: datasets.Dataset, tokenizer, *, text_field: str, seq_len: int, pack: bool,
+              chat: ChatEncoder | None = None) -> Iterator[Rows]:
+    """Samples of seq_len + 1 tokens, in blocks, in dataset order (deterministic).
+
+    With `chat`, the rows are conversations (`ChatEncoder`): `loss_mask[t]` is the trained flag of token t + 1, and
+    `chat.counts` tells, once the samples are read, how many were skipped, truncated or dropped. Without it, the rows
+    are text and every real token is trained.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    blocks = iter_documents(dataset, tokenizer, text_field)
+    if chat is None:
+        blocks = ([(ids, None) for ids in block] for block in iter_documents(dataset, tokenizer, text_field))
+    else:
+        blocks = chat.iter_documents(dataset, seq_len)
     yield from (_packed_rows(blocks, seq_len, pad) if pack else (_unpacked_rows(b, seq_len, pad) for b in blocks))
 
 
-def _packed_rows(blocks: Iterator[list[list[int]]], seq_len: int, pad: int) -> Iterator[Rows]:
+def _packed_rows(blocks: Iterator[list[Document]], seq_len: int, pad: int) -> Iterator[Rows]:
     tokens = np.zeros(0, np.int64)
     docs = np.zeros(0, np.int64)  # running document number of each token
+    trained = np.zeros(0, bool)
     next_doc = 0
     for block in blocks:
-        lengths = np.fromiter(map(len, block), np.int64, len(block))
-        tokens = np.concatenate([tokens, np.fromiter(itertools.chain.from_iterable(block), np.int64, lengths.sum())])
+        lengths = np.fromiter((len(ids) for ids, _ in block), np.int64, len(block))
+        tokens = np.concatenate([tokens, _flat((ids for ids, _ in block), np.int64, lengths.sum())])
         docs = np.concatenate([docs, np.repeat(np.arange(next_doc, next_doc + len(block)), lengths)])
+        trained = np.concatenate([trained, _trained([flags for _, flags in block], lengths)])
         next_doc += len(block)
         num_rows = (len(tokens) - 1) // seq_len
         if num_rows:
             index = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)
-            yield _rows(tokens[index], docs[index], np.ones(index.shape, bool))
-            tokens, docs = tokens[num_rows * seq_len:], docs[num_rows * seq_len:]
+            yield _rows(tokens[index], docs[index], np.ones(index.shape, bool), trained[index])
+            tokens, docs, trained = tokens[num_rows * seq_len:], docs[num_rows * seq_len:], trained[num_rows * seq_len:]
     if len(tokens) > 1:  # a last, partial sample, padded
         real = np.arange(seq_len + 1) < len(tokens)
-        yield _rows(_pad(tokens, seq_len + 1, pad)[None], _pad(docs, seq_len + 1, docs[-1])[None], real[None])
+        yield _rows(_pad(tokens, seq_len + 1, pad)[None], _pad(docs, seq_len + 1, docs[-1])[None], real[None],
+                    _pad(trained, seq_len + 1, False)[None])
 
 
-def _unpacked_rows(block: list[list[int]], seq_len: int, pad: int) -> Rows:
+def _unpacked_rows(block: list[Document], seq_len: int, pad: int) -> Rows:
     width = seq_len + 1
-    lengths = np.fromiter((min(len(ids), width) for ids in block), np.int64, len(block))
+    lengths = np.fromiter((min(len(ids), width) for ids, _ in block), np.int64, len(block))
     real = np.arange(width)[None, :] < lengths[:, None]
     ids = np.full((len(block), width), pad, np.int64)
-    ids[real] = np.fromiter(itertools.chain.from_iterable(ids[:width] for ids in block), np.int64, lengths.sum())
+    ids[real] = _flat((doc[:width] for doc, _ in block), np.int64, lengths.sum())
+    trained = np.zeros_like(real)
+    trained[real] = _trained([flags if flags is None else flags[:width] for _, flags in block], lengths)
     keep = lengths > 1  # a one-token document has no target
-    return _rows(ids[keep], np.zeros_like(ids[keep]), real[keep])
+    return _rows(ids[keep], np.zeros_like(ids[keep]), real[keep], trained[keep])
 
 
-def _rows(ids: np.ndarray, docs: np.ndarray, real: np.ndarray) -> Rows:
+def _trained(flags: list[list[bool] | None], lengths: np.ndarray) -> np.ndarray:
+    """The trained flag of each token of the documents; text documents (flags None) are trained throughout."""
+    if all(doc is None for doc in flags):
+        return np.ones(lengths.sum(), bool)
+    return _flat(flags, bool, lengths.sum())
+
+
+def _flat(lists: Iterator[list], dtype: type, count: int) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype, count)
+
+
+def _rows(ids: np.ndarray, docs: np.ndarray, real: np.ndarray, trained: np.ndarray) -> Rows:
     return Rows(
         input_ids=ids,
         attention_mask=real,
-        loss_mask=real[:, 1:].copy(),
+        loss_mask=trained[:, 1:].copy(),  # false on padding
         segment_ids=(docs - docs[:, :1]).astype(np.uint16),
     )
 
