@@ -101,3 +101,29 @@ def _dtype_kwarg(dtype) -> dict:
     # transformers renamed `torch_dtype` to `dtype` in 4.56.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def document_positions(segment_ids_BL: torch.Tensor) -> torch.Tensor:
+    """[B, L] position of each token within its document: 0 at the sample's first token and wherever the segment id
+    changes (a packed sample's next document), counting up from there."""
+    index_BL = torch.arange(segment_ids_BL.shape[1], device=segment_ids_BL.device).expand_as(segment_ids_BL)
+    starts_BL = torch.ones_like(segment_ids_BL, dtype=torch.bool)
+    starts_BL[:, 1:] = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
+    return index_BL - torch.where(starts_BL, index_BL, 0).cummax(dim=1).values
+
+
+def forward_inputs(input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor,
+                   segment_ids_BL: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """The keyword arguments of a base model's forward over [B, L] tokens.
+
+    Without `segment_ids_BL`, every token attends to the sample's earlier real tokens (`attention_mask_BL`), across
+    packed documents. With them (document-isolated packing), positions restart at each document and no 2D mask is
+    given, so transformers builds a block-diagonal causal mask from the positions (its packed-sequence path: SDPA
+    and eager attention get the mask, flash attention the sequence boundaries): each token attends only to its own
+    document. Padding, at a sample's end only, is then attended to by nothing real. No KV cache either way.
+    """
+    if segment_ids_BL is None:
+        return {"input_ids": input_ids_BL, "attention_mask": attention_mask_BL.long(), "use_cache": False}
+    # Without a cache: transformers reads packed sequences from the positions only when there is none.
+    return {"input_ids": input_ids_BL, "attention_mask": None, "position_ids": document_positions(segment_ids_BL),
+            "use_cache": False}

@@ -110,7 +110,8 @@ def check_concatenable(stores: Sequence[Store]) -> None:
             "Cannot concatenate stores of different teachers, targets or sample shapes:\n  " + "\n  ".join(problems)
             + "".join("\n" + note for note in notes)
             + "\nConcatenate only stores built by the same teacher with the same --targets, --top-k, --samples, "
-            "--hidden-layers, --seq-len and --pack. To combine different teachers over the same inputs, use "
+            "--hidden-layers, --seq-len, --pack and --document-attention. To combine different teachers over the same "
+            "inputs, use "
             "--ensemble."
         )
 
@@ -120,7 +121,8 @@ def _concat_key(manifest: Manifest) -> dict:
     return {
         "teacher": _teacher_key(manifest.teacher),
         "targets": _targets_key(manifest.targets),
-        "build": {"seq_len": manifest.build["seq_len"], "pack": manifest.build["pack"]},
+        "build": {"seq_len": manifest.build["seq_len"], "pack": manifest.build["pack"],
+                  "document_attention": manifest.build.get("document_attention")},
     }
 
 

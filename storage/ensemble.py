@@ -163,7 +163,8 @@ def check_same_samples(stores: Sequence[Store]) -> None:
 def _sample_key(store: Store) -> dict:
     manifest = store.manifest
     return {"teacher": {key: manifest.teacher.get(key) for key in TOKENIZER_KEYS},
-            "build": {"seq_len": manifest.build["seq_len"]}, "samples": len(store)}
+            "build": {"seq_len": manifest.build["seq_len"],
+                      "document_attention": manifest.build.get("document_attention")}, "samples": len(store)}
 
 
 def _plan(stores: Sequence[Store], config: EnsembleConfig) -> _Plan:

@@ -165,6 +165,13 @@ class Manifest:
         return cls.from_json(text, source=source)
 
 
+def isolates_documents(build: dict) -> bool:
+    """Whether the teacher saw each packed document alone (build.document_attention "isolated": positions restart
+    at each document of a sample and its tokens attend only within it), so a student reads the samples the same
+    way; absent, as in stores before the key, documents attend across each other."""
+    return build.get("document_attention") == "isolated"
+
+
 def header_differences(old: dict, new: dict, prefix: str = "", *, old_name: str = "store",
                        new_name: str = "this build") -> list[str]:
     """Human-readable list of the keys whose values differ between two header dicts."""

@@ -25,7 +25,7 @@ from student_train.config import TrainConfig
 from student_train.config_file import READERS
 from student_train.eval_report import markdown
 from student_train.evaluate import EvalConfig, evaluate
-from student_train.student import compatibility_problems, load_tokenizer
+from student_train.student import chat_template_problem, compatibility_problems, load_tokenizer
 
 
 class _TrainGroup(click.Group):
@@ -137,9 +137,12 @@ def check(**params) -> None:
         raise click.ClickException(f"--student {student}: no such file or directory.")
     tokenizer = load_tokenizer(path.parent if path.is_file() else path, manifest)
     problems = compatibility_problems(tokenizer, AutoConfig.from_pretrained(student).vocab_size, manifest, student)
+    problems += [problem for problem in [chat_template_problem(tokenizer, manifest, student)] if problem]
     if problems:
         raise click.ClickException("\n".join(problems))
-    click.echo(f"{student} can train on {store}: same tokenizer, vocabulary {manifest.teacher['vocab_size']}.")
+    click.echo(f"{student} can train on {store}: same tokenizer"
+               + (", same chat template" if "chat_template_sha256" in manifest.dataset else "")
+               + f", vocabulary {manifest.teacher['vocab_size']}.")
 
 
 @main.command("eval")

@@ -107,6 +107,10 @@ class TrainConfig:
              "at the target ids) and kept until backward as the gradients of the hidden states and head; checkpoint "
              "= activation checkpointing, the logits computed again in backward (slower; the reference). Same loss "
              "and gradients. Online KD always uses checkpoint. See student_train/fused_loss.py.")
+    allow_chat_template_mismatch: bool = option(
+        False, help="Train on a store of conversations although the student's tokenizer renders chats with another "
+                    "template than the one the store was built with (a warning instead of an error): the student "
+                    "would then learn turns laid out differently from how it will be prompted.")
     seed: int = option(0, help="Seed of the data order and of a random student init.")
     num_workers: int = option(0, help="Loader worker processes.")
     verify: bool = option(

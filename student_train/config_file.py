@@ -20,7 +20,8 @@ RESUME_CONFIG = "train_config.json"  # what --resume compares the new options wi
 # What a resumed run may change: how long it trains and how it runs, logs and checkpoints, not what it learns.
 # More steps (or epochs) stretch the rest of the learning-rate schedule to the new end.
 CHANGEABLE_ON_RESUME = ("resume", "max_steps", "epochs", "device", "num_workers", "verify", "chunk_positions",
-                        "fused_ce", "loss_impl", "eval_every", "save_every", "log_every", "keep_checkpoints")
+                        "fused_ce", "loss_impl", "eval_every", "save_every", "log_every", "keep_checkpoints",
+                        "allow_chat_template_mismatch")
 
 
 def loss_terms(value):

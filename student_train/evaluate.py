@@ -31,8 +31,9 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from storage.causal_lm import DTYPES, CausalLM, resolve_device
+from storage.causal_lm import DTYPES, CausalLM, forward_inputs, resolve_device
 from storage.identity import tokenizer_fingerprint, weights_fingerprint
+from storage.manifest import isolates_documents
 from storage.options import option
 from storage.reader import Store
 from storage.samples import Rows, iter_rows, load_text_dataset
@@ -121,8 +122,9 @@ def evaluate(config: EvalConfig) -> dict:
 
     models = {"teacher": config.teacher, "student": config.student}
     loaded = {name: CausalLM(path, device=str(device), dtype=dtype) for name, path in models.items()}
+    isolated = store is not None and isolates_documents(store.manifest.build)  # read as the store's teacher did
     metrics = score(loaded["teacher"], loaded["student"], rows, batch_size=config.batch_size,
-                    chunk_positions=config.chunk_positions).result()
+                    chunk_positions=config.chunk_positions, isolated=isolated).result()
     for name, lm in loaded.items():
         metrics[name].update(parameters=parameter_count(lm.model), disk_bytes=weight_bytes(models[name]))
     del loaded, lm
@@ -147,9 +149,10 @@ def evaluate(config: EvalConfig) -> dict:
 
 
 @torch.inference_mode()
-def score(teacher: CausalLM, student: CausalLM, rows: Rows, *, batch_size: int,
-          chunk_positions: int) -> ScoreTotals:
-    """Both models over the rows, batch by batch; the metrics' sums over every loss-mask position."""
+def score(teacher: CausalLM, student: CausalLM, rows: Rows, *, batch_size: int, chunk_positions: int,
+          isolated: bool = False) -> ScoreTotals:
+    """Both models over the rows, batch by batch; the metrics' sums over every loss-mask position. With `isolated`,
+    each packed document is read alone (`forward_inputs`)."""
     device = teacher.device
     totals = ScoreTotals()
     start = time.perf_counter()
@@ -157,11 +160,13 @@ def score(teacher: CausalLM, student: CausalLM, rows: Rows, *, batch_size: int,
         for first in range(0, len(rows), batch_size):
             batch = rows[first:first + batch_size]
             ids_BL1 = torch.from_numpy(batch.input_ids).to(device)
-            mask_BL = torch.from_numpy(batch.attention_mask[:, :-1]).to(device).long()
+            mask_BL = torch.from_numpy(batch.attention_mask[:, :-1]).to(device)
+            segments_BL = torch.from_numpy(batch.segment_ids[:, :-1].astype(np.int64)).to(device) if isolated else None
             trained_P = torch.from_numpy(batch.loss_mask).to(device).flatten().nonzero().squeeze(1)
             target_P = ids_BL1[:, 1:].flatten()[trained_P]
-            hidden_PH = [lm.model.base_model(input_ids=ids_BL1[:, :-1], attention_mask=mask_BL, use_cache=False)
-                         .last_hidden_state.flatten(0, 1)[trained_P] for lm in (teacher, student)]
+            inputs = forward_inputs(ids_BL1[:, :-1], mask_BL, segments_BL)
+            hidden_PH = [lm.model.base_model(**inputs).last_hidden_state.flatten(0, 1)[trained_P]
+                         for lm in (teacher, student)]
             for i in range(0, len(target_P), chunk_positions):
                 # one chunk's [chunk, V] and [chunk, W] log-probs at a time
                 teacher_PV, student_PW = (lm.logits(h[i:i + chunk_positions]).float().log_softmax(-1)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from storage.causal_lm import CausalLM
+from storage.causal_lm import CausalLM, forward_inputs
 from storage.identity import weights_fingerprint
-from storage.manifest import Manifest
+from storage.manifest import Manifest, isolates_documents
 from student_train.loss_config import LossConfig
 from student_train.student import compatibility_problems
 
@@ -59,6 +59,7 @@ class OnlineTeacher:
         self.lm = CausalLM(path, device=str(device), dtype="bfloat16" if bf16 else "float32")
         self.lm.model.requires_grad_(False)
         self.vocab_size = self.lm.vocab_size
+        self.isolated = isolates_documents(manifest.build)  # each packed document alone, as the store's teacher saw it
         if weights_fingerprint(self.lm.path) != manifest.teacher["weights_sha256"]:
             log.warning("--online-teacher %s has other weights than the teacher %s that built the store; the "
                         "held-out KL compares with the store's targets, the training with this teacher", path,
@@ -83,9 +84,9 @@ class OnlineTeacher:
     @torch.no_grad()
     def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's final hidden states [B, L, G] over a collated batch, the student's inputs."""
-        return self.lm.model.base_model(input_ids=batch["input_ids"][:, :-1],
-                                        attention_mask=batch["attention_mask"][:, :-1].long(),
-                                        use_cache=False).last_hidden_state
+        segments = batch["segment_ids"][:, :-1] if self.isolated else None
+        return self.lm.model.base_model(**forward_inputs(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1],
+                                                         segments)).last_hidden_state
 
     def logits(self, hidden_CG: torch.Tensor) -> torch.Tensor:
         """The teacher's logits [C, V] of a chunk of its hidden states (the loss calls it without gradient)."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from storage.conversations import template_sha256
 from storage.identity import tokenizer_fingerprint
 from storage.manifest import Manifest
 from student_train.checkpoint import latest_checkpoint
@@ -38,12 +39,16 @@ def build_student(config: TrainConfig, manifest: Manifest):
     the teacher's weights are not read again, only its tokenizer (or the store's teacher's, if it is gone).
     """
     if config.init_from_teacher is None:
-        return load_student(config.student, manifest, seed=config.seed)
-    if not config.resume:
-        return init_from_teacher(config.init_from_teacher, config.keep_layers, manifest)
-    model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(Path(config.output)) / "model", dtype=torch.float32)
-    tokenizer = load_tokenizer(Path(config.init_from_teacher).expanduser(), manifest)
-    _check(model, tokenizer, manifest, config.init_from_teacher)
+        model, tokenizer = load_student(config.student, manifest, seed=config.seed)
+    elif not config.resume:
+        model, tokenizer = init_from_teacher(config.init_from_teacher, config.keep_layers, manifest)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(Path(config.output)) / "model",
+                                                     dtype=torch.float32)
+        tokenizer = load_tokenizer(Path(config.init_from_teacher).expanduser(), manifest)
+        _check(model, tokenizer, manifest, config.init_from_teacher)
+    check_chat_template(tokenizer, manifest, config.init_from_teacher or config.student,
+                        allow=config.allow_chat_template_mismatch)
     return model, tokenizer
 
 
@@ -128,6 +133,35 @@ def _check(model, tokenizer, manifest: Manifest, student: str) -> None:
                         "losses do not reproduce yet; choose another student architecture.")
     if problems:
         raise ValueError("\n".join(problems))
+
+
+def chat_template_problem(tokenizer, manifest: Manifest, student: str) -> str | None:
+    """Why a student with this tokenizer would be prompted otherwise than the store's conversations were laid out:
+    its chat template differs from the one the store was rendered with (`dataset.chat_template_sha256`); None when
+    they agree or the store holds text."""
+    stored = manifest.dataset.get("chat_template_sha256")
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    found = template_sha256(template) if template is not None else None
+    if stored is None or found == stored:
+        return None
+    return (f"chat template mismatch: the store's conversations were rendered with the template of sha256 "
+            f"{stored[:12]} (from {manifest.teacher['model']} or its --chat-template), the student {student}'s "
+            f"tokenizer has {'no chat template' if found is None else f'one of sha256 {found[:12]}'}. Save that "
+            "template in the student's tokenizer (tokenizer.chat_template, then save_pretrained), or pass "
+            "--allow-chat-template-mismatch to train anyway.")
+
+
+def check_chat_template(tokenizer, manifest: Manifest, student: str, *, allow: bool) -> None:
+    """Refuse a student whose chat template differs from the store's (`chat_template_problem`), or warn when allowed.
+
+    Raises:
+        ValueError: they differ and `allow` is off.
+    """
+    problem = chat_template_problem(tokenizer, manifest, student)
+    if problem is not None and not allow:
+        raise ValueError(problem)
+    if problem is not None:
+        log.warning("%s", problem.replace(" or pass --allow-chat-template-mismatch to train anyway", ""))
 
 
 def compatibility_problems(tokenizer, vocab_size: int, manifest: Manifest, student: str,

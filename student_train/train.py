@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from storage.causal_lm import resolve_device
+from storage.causal_lm import forward_inputs, resolve_device
 from storage.lock import is_lock_file
+from storage.manifest import isolates_documents
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_staging, save_checkpoint
 from student_train.collate import tail_bucket
@@ -66,6 +67,8 @@ class Trainer:
         self._check_output()
         manifest = Store(config.store).manifest
         self.device = self.world.device
+        # The student reads packed documents as the teacher did: alone, or attending across each other.
+        self.isolated = isolates_documents(manifest.build)
         loss_config = config.loss_config(config.targets_from or default_targets(manifest.targets),
                                          sampled_tail_bucket=tail_bucket(manifest.targets) is not None)
         # Decided before the student loads, so that --fused-ce liger where it cannot run fails at once.
@@ -256,9 +259,9 @@ class Trainer:
     def _forward(self, batch: dict, output_hidden_states: bool = False, module: torch.nn.Module | None = None):
         """The student's base model output (through DDP or FSDP unless another `module` is given); every layer's
         hidden states only when asked (the feature loss)."""
-        return (module or self.replica)(input_ids=batch["input_ids"][:, :-1],
-                                        attention_mask=batch["attention_mask"][:, :-1].long(),
-                                        output_hidden_states=output_hidden_states)
+        segments = batch["segment_ids"][:, :-1] if self.isolated else None
+        return (module or self.replica)(**forward_inputs(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1],
+                                                         segments), output_hidden_states=output_hidden_states)
 
     def _hidden(self, batch: dict) -> torch.Tensor:
         """Final hidden states for evaluation, outside DDP's gradient synchronisation."""

@@ -39,8 +39,9 @@ class TeacherBackend(Protocol):
         """Release the teacher's resources."""
 
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
-                hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name.
+                hidden_dtype: torch.dtype = torch.float16, *, isolated: bool = False) -> dict[str, torch.Tensor]:
+        """Targets of a batch: dense [B, L, ...] records, flat sampled entries, and hidden states by name. With
+        `isolated`, each token attends only to the earlier tokens of its own document (`rows.segment_ids`).
 
         Raises:
             NonFiniteLogits: the teacher gave no distribution at some trained position of the batch.

@@ -22,13 +22,14 @@ from storage.causal_lm import TORCH_DTYPES
 from storage.fs import Location
 from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
-from storage.samples import Rows, iter_rows, load_text_dataset
+from storage.samples import Rows, iter_rows
 from storage.targets import KINDS
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.backend import TeacherBackend
 from teacher_cache.backend_registry import load_teacher
 from teacher_cache.config import BuildConfig
+from teacher_cache.source import Source, chat_encoder, read_source, report_conversations
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, hidden, wanted_extractors
 from teacher_cache.teacher import check_context_length
 
@@ -62,26 +63,28 @@ def build_cache(config: BuildConfig, *, teacher: TeacherBackend | None = None) -
     # Locked before the output is checked, so no other build can start writing between the check and this one.
     with OutputLock(output, lock_name(None if worker is None else worker.index)):
         StoreWriter.check_output(output, resume=config.resume, worker=worker)
-        dataset = load_text_dataset(config.dataset, split=config.split, text_field=config.text_field)
+        source = read_source(config)
         check_context_length(config.model, config.seq_len, allow_long=config.allow_long_context)
         owned = teacher is None
         teacher = teacher or load_teacher(config)
         try:
-            return _build(config, output, dataset, teacher)
+            return _build(config, output, source, teacher)
         finally:
             if owned:
                 teacher.close()
 
 
-def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBackend) -> Manifest:
+def _build(config: BuildConfig, output: Location, source: Source, teacher: TeacherBackend) -> Manifest:
     if config.stores_topk and config.top_k > teacher.vocab_size:
         raise ValueError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of {teacher.vocab_size} ids.")
     layers = teacher.resolve_layers(config.hidden_layers)
-    rows = iter_rows(dataset, teacher.tokenizer, text_field=config.text_field, seq_len=config.seq_len,
-                     pack=config.pack)
+    chat = chat_encoder(config, source, teacher.tokenizer)
+    rows = iter_rows(source.dataset, teacher.tokenizer, text_field=config.text_field, seq_len=config.seq_len,
+                     pack=config.pack, chat=chat)
     first = next(rows, None)
     if first is None:
-        raise ValueError(f"{config.dataset} yields no samples: every document is empty after tokenization.")
+        raise ValueError(f"{config.dataset} yields no samples: every document is empty after tokenization"
+                         + (", or no conversation has anything to train on." if chat else "."))
     identity = teacher.identity()
     spec = TargetSpec(
         top_k=config.top_k if config.stores_topk else None,
@@ -92,17 +95,22 @@ def _build(config: BuildConfig, output: Location, dataset, teacher: TeacherBacke
     manifest = Manifest(
         teacher=identity,
         dataset={"source": _source_id(config.dataset), "split": config.split, "text_field": config.text_field,
-                 "fingerprint": getattr(dataset, "_fingerprint", None)},
+                 "fingerprint": getattr(source.dataset, "_fingerprint", None),
+                 **(chat.manifest_entry() if chat else {})},
         build={"seq_len": config.seq_len, "pack": config.pack, "max_samples": config.max_samples,
-               "batch_size": config.batch_size, "samples_per_shard": config.samples_per_shard, "seed": config.seed},
+               "batch_size": config.batch_size, "samples_per_shard": config.samples_per_shard, "seed": config.seed,
+               # Written only when set, so the headers of builds without it stay as they were (--resume compares).
+               **({"document_attention": "isolated"} if source.isolated else {})},
         targets=_targets_section(spec, config, layers, identity["hidden_size"], teacher.target_properties()),
         created_by=f"teacher-cache {_version()}",
     )
     worker = _worker(config)
     writer = StoreWriter.open(config.output, manifest, resume=config.resume, worker=worker)
     if not writer.manifest.complete:  # a worker resumed after it had finished goes straight to the merge
-        stream_samples = _run(config, teacher, writer, _chain(first, rows), spec, layers)
+        stream_samples = _run(config, teacher, writer, _chain(first, rows), spec, layers, source.isolated)
         writer.finish(stream_samples)
+        if chat is not None:
+            report_conversations(chat.counts, config)
     return writer.manifest if worker is None else _merge_if_finished(writer)
 
 
@@ -122,7 +130,7 @@ def _merge_if_finished(writer: StoreWriter) -> Manifest:
 
 
 def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows: Iterator[Rows],
-         spec: TargetSpec, layers: tuple[int, ...]) -> int:
+         spec: TargetSpec, layers: tuple[int, ...], isolated: bool) -> int:
     """Compute and commit the shards this process still owes; returns the number of samples in the stream."""
     keep = _wanted_shards(writer)
     device = getattr(teacher, "device", torch.device("cpu"))
@@ -142,7 +150,8 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
                                              stop=config.max_samples):
             generator = torch.Generator(device).manual_seed(_batch_seed(config.seed, first_row))
             try:
-                record = teacher.compute(batch, spec, layers, generator, TORCH_DTYPES[config.hidden_dtype])
+                record = teacher.compute(batch, spec, layers, generator, TORCH_DTYPES[config.hidden_dtype],
+                                         isolated=isolated)
             except NonFiniteLogits as exc:  # leaving the block aborts the writer: no shard holds this batch
                 raise exc.in_store(first_row) from None
             entropy_sum += record["entropy"].sum(dtype=torch.float64)  # zero at untrained positions

@@ -20,6 +20,7 @@ from storage.fs import Location
 from storage.inspection import KEYS, inspect_store, plot_report
 from storage.inspection import format_report as format_inspection
 from storage.layout import MANIFEST_NAME
+from storage.manifest import isolates_documents
 from storage.option_cli import click_options, load_config
 from storage.options import option
 from storage.reader import Store
@@ -145,6 +146,7 @@ def info(**params) -> None:
         "samples": manifest.num_samples,
         "positions": manifest.num_positions,
         "tokens": manifest.num_tokens,
+        "trained_share": manifest.num_tokens / max(manifest.num_positions, 1),
         "shards": len(manifest.shards),
         "teacher": manifest.teacher,
         "dataset": manifest.dataset,
@@ -158,16 +160,27 @@ def info(**params) -> None:
         return
     click.echo(f"store      {report['store']}  ({'complete' if manifest.complete else 'INCOMPLETE: resume the build'})")
     click.echo(f"samples    {report['samples']:,} in {report['shards']} shards; {report['tokens']:,} trained tokens "
-               f"of {report['positions']:,} positions")
+               f"of {report['positions']:,} positions ({report['trained_share']:.1%})")
     t = manifest.teacher
     click.echo(f"teacher    {t['model']} ({t['architecture']}, vocab {t['vocab_size']}, {t['dtype']}, {t['backend']})")
     click.echo(f"dataset    {manifest.dataset['source']} [{manifest.dataset['split']}], seq_len "
-               f"{manifest.build['seq_len']}, {'packed' if manifest.build['pack'] else 'unpacked'}")
+               f"{manifest.build['seq_len']}, {_layout(manifest)}")
     click.echo(f"kinds      {report['targets_summary']}")
     click.echo("targets    " + "; ".join(f"{k} {v}" if v else k for k, v in manifest.targets.items()))
     click.echo("bytes/token")
     for name, value in report["bytes_per_token"].items():
         click.echo(f"  {name:<22}{value:10.2f}")
+
+
+def _layout(manifest) -> str:
+    """How the samples were made, e.g. "packed, documents isolated; messages, trained on assistant"."""
+    build, dataset = manifest.build, manifest.dataset
+    layout = "packed" if build["pack"] else "unpacked"
+    if isolates_documents(build):
+        layout += ", documents isolated"
+    if "train_on" in dataset:
+        layout += f"; {dataset['format']}, trained on {dataset['train_on']}"
+    return layout
 
 
 def _workers_info(location: Location, progress: list[WorkerProgress], as_json: bool) -> None:

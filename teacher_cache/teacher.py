@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from transformers import AutoConfig
 
-from storage.causal_lm import CausalLM, model_directory
+from storage.causal_lm import CausalLM, forward_inputs, model_directory
 from storage.samples import Rows
 from teacher_cache.backend import dense_record, teacher_identity
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite, extract_targets, first_nonfinite
@@ -65,14 +66,13 @@ class TransformersTeacher(CausalLM):
 
     @torch.inference_mode()
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
-                hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+                hidden_dtype: torch.dtype = torch.float16, *, isolated: bool = False) -> dict[str, torch.Tensor]:
         ids_BL1 = torch.from_numpy(rows.input_ids).to(self.device)
         attention_BL = torch.from_numpy(rows.attention_mask[:, :-1]).to(self.device)
+        segments_BL = torch.from_numpy(rows.segment_ids[:, :-1].astype(np.int64)).to(self.device) if isolated else None
         trained_P = torch.from_numpy(rows.loss_mask).to(self.device).flatten().nonzero().squeeze(1)
-        out = self.model.base_model(
-            input_ids=ids_BL1[:, :-1], attention_mask=attention_BL.long(), output_hidden_states=bool(layers),
-            use_cache=False,
-        )
+        out = self.model.base_model(**forward_inputs(ids_BL1[:, :-1], attention_BL, segments_BL),
+                                    output_hidden_states=bool(layers))
         B, L, H = out.last_hidden_state.shape
         hidden_PH = out.last_hidden_state.reshape(B * L, H)[trained_P]
         targets = extract_targets(hidden_PH, ids_BL1[:, 1:].reshape(-1)[trained_P], self.logits, spec, generator)

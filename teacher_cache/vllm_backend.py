@@ -151,7 +151,8 @@ class VLLMTeacher:
             gc.collect()
 
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
-                hidden_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+                hidden_dtype: torch.dtype = torch.float16, *, isolated: bool = False) -> dict[str, torch.Tensor]:
+        assert not isolated, "BuildConfig refuses document-isolated packing with the vllm backend"
         ids_BK1, logp_BK1 = self.prompt_logprobs(rows)  # [B, L, K + 1]: true token, then ranks 1..K
         check_finite(logp_BK1)
         B, L = rows.loss_mask.shape

@@ -101,7 +101,8 @@ def test_info_text(built, expected):
     lines = result.stdout.splitlines()
     assert lines[0] == f"store      {store}  (complete)"
     assert lines[1] == (f"samples    {expected['samples']} in {expected['shards']} shards; {expected['tokens']} "
-                        f"trained tokens of {expected['positions']} positions")
+                        f"trained tokens of {expected['positions']} positions "
+                        f"({expected['tokens'] / expected['positions']:.1%})")
     assert "vocab 32000" in lines[2] and "LlamaForCausalLM" in lines[2]
     assert f"seq_len {SEQ_LEN}, packed" in lines[3]
     assert lines[4] == "kinds      topk: top-8 + tail mass; sampled: 16 draws (full distribution)"

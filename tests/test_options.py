@@ -56,7 +56,7 @@ FLAGS_BEFORE = {
                     "--calibration-samples --batch-size --device -v --verbose",
 }
 # Where a flag is not the field's name with - for _.
-RENAMED = {"--samples": "num_draws", "--by": "key", "--all": "all_samples"}
+RENAMED = {"--samples": "num_draws", "--by": "key", "--all": "all_samples", "--format": "dataset_format"}
 
 
 def _commands():
