@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 from click.testing import CliRunner
+from conftest import make_student_config
 from transformers import AutoTokenizer
 
-from conftest import make_student_config
 from storage.reader import Store
 from student_train.cli import main as student_main
 from teacher_cache.cli import main as teacher_main

@@ -4,9 +4,9 @@ equal those of the document run alone, for the teacher (the store) and the stude
 import numpy as np
 import pytest
 import torch
+from conftest import make_small_store, make_student_config
 from transformers import AutoModelForCausalLM
 
-from conftest import make_small_store, make_student_config
 from storage.causal_lm import document_positions, forward_inputs
 from storage.reader import Store
 from student_train.config import TrainConfig
@@ -83,8 +83,8 @@ def test_isolation_defaults_by_format_and_vllm_refuses_it():
 def test_student_reads_an_isolated_store_as_the_teacher_did(tmp_path, llama_dir):
     store = make_small_store(tmp_path, llama_dir, TEXTS, document_attention="isolated", targets=("topk",))
     student = make_student_config(tmp_path / "student", llama_dir)
-    config = TrainConfig(store=str(store), student=str(student), output=str(tmp_path / "run"), batch_size=1, eval_fraction=0.2,
-                         max_steps=1, device="cpu")
+    config = TrainConfig(store=str(store), student=str(student), output=str(tmp_path / "run"), batch_size=1,
+                         eval_fraction=0.2, max_steps=1, device="cpu")
     trainer = Trainer(config)
     assert trainer.isolated
     sample = Store(store)[0]
