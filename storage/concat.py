@@ -30,6 +30,7 @@ from storage.lock import OutputLock
 from storage.manifest import Manifest, header_differences
 from storage.reader import Store
 from storage.targets import concat_key, concat_targets, mixed_notes
+from storage.targets.base import common
 from storage.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,12 @@ def concat_manifest(stores: Sequence[Store]) -> Manifest:
         teacher=copy.deepcopy(first.teacher),
         dataset={
             "source": " + ".join(str(source["dataset"].get("source")) for source in sources),
-            "split": _common([s["dataset"].get("split") for s in sources]),
-            "text_field": _common([s["dataset"].get("text_field") for s in sources]),
+            "split": common([s["dataset"].get("split") for s in sources]),
+            "text_field": common([s["dataset"].get("text_field") for s in sources]),
             "fingerprint": None,
             "sources": sources,
         },
-        build={key: _common([m.build.get(key) for m in manifests]) for key in first.build},
+        build={key: common([m.build.get(key) for m in manifests]) for key in first.build},
         targets=targets,
         created_by=first.created_by,
     )
@@ -174,8 +175,3 @@ def _sources(store: Store) -> list[dict]:
         return copy.deepcopy(dataset["sources"])
     return [{"store": str(store.location), "first_sample": 0, "samples": len(store), "dataset": dict(dataset),
              "build": dict(store.manifest.build)}]
-
-
-def _common(values: list):
-    """The value all inputs share, or None where they differ (each source keeps its own)."""
-    return values[0] if all(v == values[0] for v in values) else None

@@ -110,18 +110,22 @@ def template_sha256(template: str) -> str:
     return hashlib.sha256(template.encode()).hexdigest()
 
 
+def tokenizer_template(tokenizer) -> str | None:
+    """The chat template a tokenizer renders conversations with (its default one, if it has several), or None."""
+    return None if tokenizer.chat_template is None else tokenizer.get_chat_template()
+
+
 def resolve_template(tokenizer, template: str | None) -> str:
     """`template` when given, else the tokenizer's chat template.
 
     Raises:
         ValueError: neither exists.
     """
-    if template is not None:
-        return template
-    if tokenizer.chat_template is None:
+    found = template if template is not None else tokenizer_template(tokenizer)
+    if found is None:
         raise ValueError("the tokenizer has no chat template, which conversations need; pass --chat-template FILE "
                          "with a Jinja chat template for this model, or read the dataset as --format text.")
-    return tokenizer.get_chat_template()
+    return found
 
 
 def conversation_of(row: dict, fmt: str, index: int, columns: list[str]) -> tuple[list[dict], int]:

@@ -231,7 +231,7 @@ def _mix_rows(stores: Sequence[Store], plan: _Plan, start: int, stop: int, rng: 
 
 def _mix_block(stores: Sequence[Store], plan: _Plan, start: int, stop: int, rng: np.random.Generator) -> dict:
     names = ["entropy", "true_logprob"]
-    names += ["topk_ids", "topk_logprobs", "tail_logmass"] if plan.top_k is not None else []
+    names += list(topk.ARRAYS) if plan.top_k is not None else []
     names += ["sampled_ids", "sampled_counts"] if plan.draws is not None else []
     record = stores[0].read_rows(start, stop, SAMPLE_ARRAYS)
     members = [store.read_rows(start, stop, names) for store in stores]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from storage.conversations import template_sha256
+from storage.conversations import template_sha256, tokenizer_template
 from storage.identity import tokenizer_fingerprint
 from storage.manifest import Manifest
 from student_train.checkpoint import latest_checkpoint
@@ -140,7 +140,7 @@ def chat_template_problem(tokenizer, manifest: Manifest, student: str) -> str | 
     its chat template differs from the one the store was rendered with (`dataset.chat_template_sha256`); None when
     they agree or the store holds text."""
     stored = manifest.dataset.get("chat_template_sha256")
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    template = tokenizer_template(tokenizer)
     found = template_sha256(template) if template is not None else None
     if stored is None or found == stored:
         return None

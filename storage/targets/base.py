@@ -91,7 +91,11 @@ class TargetKind:
         return None
 
 
-# The arrays of every store: the samples, and the teacher's exact entropy and true-token log-prob.
+def common(values: list):
+    """The value all of several merged stores share, or None where they differ (each source keeps its own)."""
+    return values[0] if all(v == values[0] for v in values) else None
+
+
 def base_specs(vocab_size: int) -> list[ArraySpec]:
     """The arrays every shard holds, whatever the store's target kinds."""
     return [

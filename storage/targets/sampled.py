@@ -16,11 +16,10 @@ import torch
 
 from storage.layout import ArraySpec, count_dtype, id_dtype
 from storage.mixture import draw_split
-from storage.targets.base import TargetKind
+from storage.targets.base import TargetKind, common
 
 log = logging.getLogger(__name__)
 
-ARRAYS = ("sampled_nunique", "sampled_ids", "sampled_counts")  # what a reader returns for this kind
 # Arrays indexed by sampled entry (E) rather than by sample; `sampled_offsets` locates a sample's entries.
 FLAT_ARRAYS = ("sampled_ids", "sampled_counts")
 # Id of the tail bucket in collated sampled targets (draws the vllm backend makes from top-k + one tail bucket).
@@ -103,8 +102,7 @@ class Sampled(TargetKind):
         return {key: value for key, value in section.items() if key != "seed"}
 
     def concat_section(self, sections: list[dict]) -> dict:
-        seeds = [s.get("seed") for s in sections]
-        return sections[0] | {"seed": seeds[0] if all(s == seeds[0] for s in seeds) else None}
+        return sections[0] | {"seed": common([s.get("seed") for s in sections])}
 
     def ensemble(self, names: list[str], targets: list[dict], *, weights: list[float],
                  top_k: int | None) -> list[int] | None:
