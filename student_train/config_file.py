@@ -33,7 +33,7 @@ def loss_terms(value):
     return value
 
 
-READERS = {"loss": loss_terms}  # for `storage.options.load_options` and `resolve_options`
+READERS = {"loss": loss_terms}  # for `storage.option_cli.load_options` and `resolve_options`
 
 
 def resolve_options(config_file: str | None, overrides: list[str], command_line: dict) -> tuple[dict, dict]:

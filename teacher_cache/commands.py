@@ -1,6 +1,6 @@
 """The `teacher-cache` commands on finished stores: info, inspect, select, merge, verify and export.
 
-Each reads its options (`storage.options`: flags, a --config file, KEY=VALUE) into a small frozen dataclass and
+Each reads its options (`storage.option_cli`: flags, a --config file, KEY=VALUE) into a small frozen dataclass and
 calls the library (`Store`, `inspect_store`, `select_samples`, `merge_workers`, `concat_stores`, `ensemble_stores`,
 `drop_damaged_shards`, `export_parquet`). `teacher_cache.cli` adds them to the group beside `build`.
 """

@@ -59,8 +59,7 @@ def chat_encoder(config: BuildConfig, source: Source, tokenizer) -> ChatEncoder 
 
 
 def report_conversations(counts: ChatCounts, config: BuildConfig) -> None:
-    """Say what became of the conversations that gave no sample, or only part of one."""
-    log.info("conversations: %d encoded", counts.encoded)
+    """Warn of the conversations that gave no sample, or only part of one (the encoder logs every count)."""
     if counts.skipped:
         log.warning("skipped %d conversations with nothing to train on under --train-on %s (--strict refuses them)",
                     counts.skipped, config.train_on)
