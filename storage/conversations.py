@@ -1,10 +1,11 @@
 """Conversations as samples: dataset shapes, chat templates and the per-token mask of what is trained.
 
-A build reads one of three dataset shapes (`detect_format`): plain `text` (handled by `storage.samples` alone),
-`messages` (a list of `{role, content}` turns, with optional `tool_calls`, as in the OpenAI and Hugging Face chat
-format) or `prompt` + `completion` (each a string or a list of messages). `ChatEncoder` renders each conversation
-with a chat template and returns its tokens with a flag per token that says whether the token is trained on;
-`storage.samples.iter_rows` then cuts these documents into samples, where `loss_mask[t]` is the flag of token t + 1.
+A build reads one of three dataset shapes (`storage.dataset_options.detect_format`): plain `text` (handled by
+`storage.samples` alone), `messages` (a list of `{role, content}` turns, with optional `tool_calls`, as in the OpenAI
+and Hugging Face chat format) or `prompt` + `completion` (each a string or a list of messages). `ChatEncoder`
+renders each conversation with a chat template and returns its tokens with a flag per token that says whether the
+token is trained on; `storage.samples.iter_rows` then cuts these documents into samples, where `loss_mask[t]` is the
+flag of token t + 1.
 
 Which tokens belong to an assistant reply: with a template that marks them (`{% generation %}`), transformers'
 `return_assistant_tokens_mask`; otherwise the reply is the text between the rendering of the turns before it (with
@@ -25,15 +26,13 @@ import datasets
 import jinja2
 import numpy as np
 
+from storage.dataset_options import DEFAULT_COLUMNS, OVERLONG, TRAIN_ON, Columns
+
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "text", "messages", "prompt-completion")
-TRAIN_ON = ("assistant", "all", "completion", "last-assistant")
-OVERLONG = ("truncate", "drop")
 ROLES = ("system", "user", "assistant", "tool")
 ROWS_PER_BLOCK = 1000
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers recognises the markers
-FORMAT_COLUMNS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion")}
 Document = tuple[list[int], list[bool]]  # token ids, trained flag of each token
 
 
@@ -72,39 +71,6 @@ class ChatCounts:
     dropped: int = 0
 
 
-def detect_format(columns: list[str], requested: str = "auto", *, text_field: str = "text",
-                  source: str = "the dataset") -> str:
-    """The dataset's shape: `requested`, checked against the columns, or the one shape the columns fit (`auto`).
-
-    Raises:
-        ValueError: an unknown format, a requested format whose columns are missing, or (`auto`) columns that fit
-            no format or several.
-    """
-    if requested not in FORMATS:
-        raise ValueError(f"--format {requested!r}: expected one of {', '.join(FORMATS)}.")
-    needs = FORMAT_COLUMNS | {"text": (text_field,)}
-    listed = ", ".join(columns)
-    conversational = any(c in columns for cols in FORMAT_COLUMNS.values() for c in cols)
-    if text_field not in columns and (requested == "text" or (requested == "auto" and not conversational)):
-        raise ValueError(f"{source} has no column {text_field!r} (columns: {listed}); pass --text-field with the "
-                         "column that holds the text (conversations: a 'messages' column, or 'prompt' and "
-                         "'completion', with --format).")
-    if requested != "auto":
-        missing = [c for c in needs[requested] if c not in columns]
-        if missing:
-            raise ValueError(f"--format {requested} needs the column(s) {', '.join(missing)}, which {source} "
-                             f"lacks (columns: {listed}); choose the format its columns hold.")
-        return requested
-    fits = [name for name, cols in needs.items() if all(c in columns for c in cols)]
-    if len(fits) != 1:
-        found = "several formats: " + ", ".join(fits) if fits else "none"
-        raise ValueError(f"{source} has the columns {listed}, which fit {found}. Expected {text_field!r} (text), "
-                         "'messages', or 'prompt' and 'completion'; choose with --format "
-                         "text|messages|prompt-completion (and --text-field for text).")
-    log.info("dataset format: %s (from the columns %s)", fits[0], listed)
-    return fits[0]
-
-
 def template_sha256(template: str) -> str:
     """The SHA-256 of a chat template's text (UTF-8), as the manifest records it."""
     return hashlib.sha256(template.encode()).hexdigest()
@@ -128,17 +94,19 @@ def resolve_template(tokenizer, template: str | None) -> str:
     return found
 
 
-def conversation_of(row: dict, fmt: str, index: int, columns: list[str]) -> tuple[list[dict], int]:
-    """A row's messages, and the index of its completion's first message (0 for `messages` rows).
+def conversation_of(row: dict, fmt: str, index: int, columns: list[str], fields: Columns = DEFAULT_COLUMNS
+                    ) -> tuple[list[dict], int]:
+    """A row's messages, and the index of its completion's first message (0 for `messages` rows); `fields` names the
+    columns the format reads, `columns` are the dataset's (for messages).
 
     Keys holding null (what a dataset's shared schema adds to messages that lack them) are removed.
 
     Raises:
         ValueError: the row lacks the format's columns (null), or a message is not valid (`check_messages`).
     """
-    parts = [row[c] for c in FORMAT_COLUMNS[fmt]]
+    parts = [row[c] for c in fields.of(fmt)]
     if any(part is None or part == [] for part in parts):
-        raise ValueError(f"row {index} has no {' or '.join(FORMAT_COLUMNS[fmt])} (null or empty), but the dataset is "
+        raise ValueError(f"row {index} has no {' or '.join(fields.of(fmt))} (null or empty), but the dataset is "
                          f"read as {fmt} (columns: {', '.join(columns)}): one dataset must hold one format. Split it, "
                          "or fill or remove that row.")
     if fmt == "messages":
@@ -195,17 +163,27 @@ def _blocks(dataset: datasets.Dataset) -> Iterator[tuple[int, list[dict]]]:
         start += len(rows)
 
 
+def encoder_for(options, fmt: str, template: str | None, tokenizer) -> ChatEncoder | None:
+    """The encoder of a dataset of format `fmt` read with `options` (a config with the option groups of
+    `storage.dataset_options`) and the chat template `template` (None: the tokenizer's); None for text."""
+    if fmt == "text":
+        return None
+    chat = ChatConfig(train_on=options.train_on, chat_template=template, overlong=options.overlong,
+                      strict=options.strict)
+    return ChatEncoder(tokenizer, chat, fmt, options.columns)
+
+
 class ChatEncoder:
     """Turns the rows of a `messages` or `prompt-completion` dataset into documents with trained flags.
 
     `counts` tallies the conversations encoded, skipped, truncated and dropped so far.
     """
 
-    def __init__(self, tokenizer, config: ChatConfig, fmt: str) -> None:
-        assert fmt in FORMAT_COLUMNS, fmt
+    def __init__(self, tokenizer, config: ChatConfig, fmt: str, fields: Columns = DEFAULT_COLUMNS) -> None:
+        assert fmt in ("messages", "prompt-completion"), fmt
         if tokenizer.eos_token_id is None:
             raise ValueError("the teacher's tokenizer has no EOS token, which packing needs between documents.")
-        self.tokenizer, self.config, self.format = tokenizer, config, fmt
+        self.tokenizer, self.config, self.format, self.fields = tokenizer, config, fmt, fields
         self.template = resolve_template(tokenizer, config.chat_template)
         self.marked = GENERATION_TAG.search(self.template) is not None
         if not (self.marked or config.train_on == "all" or tokenizer.is_fast):
@@ -215,8 +193,8 @@ class ChatEncoder:
 
     def manifest_entry(self) -> dict:
         """The choices to record in the manifest's `dataset` section."""
-        return {"format": self.format, "train_on": self.config.train_on, "overlong": self.config.overlong,
-                "chat_template_sha256": template_sha256(self.template)}
+        return {"format": self.format, "columns": list(self.fields.of(self.format)), "train_on": self.config.train_on,
+                "overlong": self.config.overlong, "chat_template_sha256": template_sha256(self.template)}
 
     def iter_documents(self, dataset: datasets.Dataset, seq_len: int) -> Iterator[list[Document]]:
         """Documents of the rows, a block at a time, each ending with EOS (an appended EOS is not trained).
@@ -247,7 +225,7 @@ class ChatEncoder:
 
     def _conversation(self, row: dict, index: int, columns: list[str]) -> tuple[list[dict], list[int] | None]:
         """A row's messages and trained turns (`trained_turns`)."""
-        messages, completion_start = conversation_of(row, self.format, index, columns)
+        messages, completion_start = conversation_of(row, self.format, index, columns, self.fields)
         turns = trained_turns(messages, self.config.train_on, completion_start)
         if turns == [] and self.config.strict:
             raise ValueError(f"row {index} has no assistant turn to train on (--train-on {self.config.train_on}); "

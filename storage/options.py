@@ -83,11 +83,12 @@ def flag_of(field: dataclasses.Field) -> str:
 
 
 def option_fields(config_class: type) -> list[dataclasses.Field]:
-    """The fields of `config_class` that are options: those `__init__` takes, but the internal ones."""
+    """The fields of `config_class` that are options: those `__init__` takes, but the internal ones. The required
+    ones come first, then the others in declaration order (where the option groups a config inherits come first)."""
     fields = [field for field in dataclasses.fields(config_class) if field.init]
     for field in fields:
         assert OPTION in field.metadata, f"{config_class.__name__}.{field.name}: declare it with option(help=...)"
-    return [field for field in fields if not spec_of(field).internal]
+    return sorted((field for field in fields if not spec_of(field).internal), key=lambda field: not is_required(field))
 
 
 class _Loader(yaml.SafeLoader):

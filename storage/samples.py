@@ -20,7 +20,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from storage.conversations import ChatEncoder, detect_format
+from storage.conversations import ChatEncoder
+from storage.dataset_options import DEFAULT_COLUMNS, Columns, detect_format
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,12 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
         ValueError: a local path that does not exist, a file that is not UTF-8 text, an unknown split, a missing
             column (the available ones are named), no rows, or no text in any row.
     """
-    return load_samples_dataset(source, split=split, text_field=text_field, dataset_format="text")[0]
+    return load_samples_dataset(source, split=split, fields=Columns(text=text_field), dataset_format="text")[0]
 
 
-def load_samples_dataset(source: str, *, split: str, text_field: str,
+def load_samples_dataset(source: str, *, split: str, fields: Columns = DEFAULT_COLUMNS,
                          dataset_format: str = "auto") -> tuple[datasets.Dataset, str]:
-    """Load `source` with `datasets` and decide its format (`storage.conversations.detect_format`).
+    """Load `source` with `datasets` and decide its format (`storage.dataset_options.detect_format`).
 
     Returns:
         The dataset and its format: `text`, `messages` or `prompt-completion`.
@@ -79,11 +80,11 @@ def load_samples_dataset(source: str, *, split: str, text_field: str,
         ValueError: as `load_text_dataset`, and columns that fit no format, or several when `dataset_format` is auto.
     """
     dataset = _read(source, split)
-    fmt = detect_format(dataset.column_names, dataset_format, text_field=text_field, source=source)
+    fmt = detect_format(dataset.column_names, dataset_format, fields=fields, source=source)
     if len(dataset) == 0:
         raise ValueError(_empty(source, split))
     if fmt == "text":
-        _check_text(dataset, source, split, text_field)
+        _check_text(dataset, source, split, fields.text)
     return dataset, fmt
 
 

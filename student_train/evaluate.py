@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from storage.causal_lm import DTYPES, CausalLM, forward_inputs, resolve_device
+from storage.conversations import encoder_for
+from storage.dataset_options import ConversationOptions, DatasetOptions
 from storage.identity import tokenizer_fingerprint, weights_fingerprint
 from storage.manifest import isolates_documents
 from storage.options import option
 from storage.reader import Store
-from storage.samples import Rows, iter_rows, load_text_dataset
+from storage.samples import Rows, iter_rows, load_samples_dataset
 from student_train.eval_metrics import ScoreTotals, parameter_count, weight_bytes
 from student_train.eval_report import ratios, write_report
 from student_train.eval_speed import measure_in_fresh_process
@@ -53,18 +55,17 @@ REPORT_VERSION = 1
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
-    """Options of `student-train eval`: each field's help says what it does."""
+class EvalConfig(ConversationOptions, DatasetOptions):
+    """Options of `student-train eval`: each field's help says what it does; how --data is read (its shape and
+    columns, and how its conversations become rows) are the options of the two groups it inherits."""
 
     teacher: str = option(help="The teacher's local HF model directory (weights, config, tokenizer).")
     student: str = option(help="The student's model directory (weights and tokenizer), e.g. a student-train --output.")
     store: str | None = option(None, help="Store written by `teacher-cache build`: its held-out tail is evaluated "
                                           "(only its token ids and masks are read).")
-    data: str | None = option(None, help="Instead of --store: text (jsonl/json/parquet/csv/txt, a folder, a saved "
-                                         "dataset), tokenized with the teacher's tokenizer and packed; every row is "
-                                         "evaluated.")
-    text_field: str = option("text", help="Column of --data holding the text.")
-    split: str = option("train", help="Split of --data.")
+    data: str | None = option(None, help="Instead of --store: text or conversations (jsonl/json/parquet/csv/txt, a "
+                                         "folder, a saved dataset), tokenized with the teacher's tokenizer (its chat "
+                                         "template for conversations) and packed; every row is evaluated.")
     seq_len: int | None = option(None, help=f"Positions per row with --data. Default: {DEFAULT_SEQ_LEN}. A store's "
                                             "rows keep its build's length.")
     samples: int | None = option(None, help="Evaluate at most this many rows (the first of the held-out part).")
@@ -116,13 +117,16 @@ def evaluate(config: EvalConfig) -> dict:
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     store = Store(config.store) if config.store is not None else None
     teacher_tokenizer = _check_tokenizers(config, store)
-    rows, evaluated_on = _store_rows(store, config) if store is not None else _data_rows(config, teacher_tokenizer)
+    if store is not None:
+        rows, evaluated_on = _store_rows(store, config)
+        isolated = isolates_documents(store.manifest.build)  # read as the store's teacher did
+    else:
+        rows, evaluated_on, isolated = _data_rows(config, teacher_tokenizer)
     log.info("evaluating %s and %s on %d rows (%d tokens) on %s in %s", config.teacher, config.student, len(rows),
              int(rows.loss_mask.sum()), device, dtype)
 
     models = {"teacher": config.teacher, "student": config.student}
     loaded = {name: CausalLM(path, device=str(device), dtype=dtype) for name, path in models.items()}
-    isolated = store is not None and isolates_documents(store.manifest.build)  # read as the store's teacher did
     metrics = score(loaded["teacher"], loaded["student"], rows, batch_size=config.batch_size,
                     chunk_positions=config.chunk_positions, isolated=isolated).result()
     for name, lm in loaded.items():
@@ -265,11 +269,14 @@ def _store_rows(store: Store, config: EvalConfig) -> tuple[Rows, dict]:
                                            "store_samples": total, "seq_len": store.manifest.build["seq_len"]}
 
 
-def _data_rows(config: EvalConfig, tokenizer) -> tuple[Rows, dict]:
-    dataset = load_text_dataset(config.data, split=config.split, text_field=config.text_field)
+def _data_rows(config: EvalConfig, tokenizer) -> tuple[Rows, dict, bool]:
+    """The rows of --data, what they are, and whether their packed documents attend only to themselves."""
+    dataset, fmt = load_samples_dataset(config.data, split=config.split, fields=config.columns,
+                                        dataset_format=config.dataset_format)
+    chat = encoder_for(config, fmt, config.template_text(fmt, config.data), tokenizer)
     seq_len = config.seq_len or DEFAULT_SEQ_LEN
     blocks, count = [], 0
-    for block in iter_rows(dataset, tokenizer, text_field=config.text_field, seq_len=seq_len, pack=True):
+    for block in iter_rows(dataset, tokenizer, text_field=config.text_field, seq_len=seq_len, pack=True, chat=chat):
         blocks.append(block)
         count += len(block)
         if config.samples is not None and count >= config.samples:
@@ -277,7 +284,15 @@ def _data_rows(config: EvalConfig, tokenizer) -> tuple[Rows, dict]:
     if not blocks:
         raise ValueError(f"--data {config.data}: its text makes no row of two tokens or more; pass more text.")
     rows = Rows.concat(blocks)[:config.samples]
-    return rows, {"data": config.data, "split": config.split, "samples": len(rows), "seq_len": seq_len}
+    if not rows.loss_mask.any():
+        raise ValueError(f"--data {config.data}: no token of its rows is trained under --train-on {config.train_on}, "
+                         "so there is nothing to score; choose another --train-on.")
+    attention = config.attention(fmt)
+    described = {"data": config.data, "split": config.split, "format": fmt, "samples": len(rows), "seq_len": seq_len,
+                 "document_attention": attention}
+    if chat is not None:
+        described["train_on"] = config.train_on
+    return rows, described, attention == "isolated"
 
 
 def _release_memory(device: torch.device) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from storage.causal_lm import DTYPES
-from storage.conversations import FORMATS, OVERLONG, TRAIN_ON
+from storage.dataset_options import ConversationOptions, DatasetOptions
 from storage.options import option
 from storage.targets import KINDS
 from teacher_cache.targets import EXTRACTORS
@@ -25,7 +25,6 @@ TARGET_KINDS = tuple(name for name in KINDS if name in EXTRACTORS)
 DEFAULT_TARGETS = ("topk", "sampled")
 BACKENDS = ("transformers", "vllm")
 HIDDEN_DTYPES = ("float16", "float32")
-DOCUMENT_ATTENTION = ("auto", "cross", "isolated")
 VLLM_ISOLATION = (
     "--document-attention isolated (auto, for conversations): the vllm backend scores each sample as one prompt, so "
     "packed documents attend to each other there. Use --backend transformers for isolated documents, --no-pack (one "
@@ -46,40 +45,14 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 
 
 @dataclass(kw_only=True)
-class BuildConfig:
-    """Options of one cache build (`teacher-cache build`): each field's help says what it does."""
+class BuildConfig(ConversationOptions, DatasetOptions):
+    """Options of one cache build (`teacher-cache build`): each field's help says what it does; the dataset's shape
+    and columns, and how conversations become samples, are the options of the two groups it inherits."""
 
     model: str = option(help="Teacher: a local Hugging Face model directory (with tokenizer).")
     dataset: str = option(help="Text source: a jsonl/json/parquet/csv/txt file or folder, a save_to_disk folder, or a "
                                "hub name (when a network exists).")
     output: str = option(help="Store directory (or fsspec URL) to create.")
-    text_field: str = option("text", help="Dataset column holding the text (--format text).")
-    dataset_format: str = option(
-        "auto", flag="--format", choices=FORMATS,
-        help="The dataset's shape. text: a text column. messages: a column of conversations, each a list of {role, "
-             "content} turns (system, user, assistant, tool; assistant turns may carry tool_calls), the OpenAI / "
-             "Hugging Face chat format. prompt-completion: prompt and completion columns, each a string or a list of "
-             "turns. auto: the one shape the columns fit (it says which). Conversations are rendered with the "
-             "teacher tokenizer's chat template (or --chat-template) and train only what --train-on names.")
-    chat_template: str | None = option(
-        None, metavar="FILE",
-        help="A Jinja chat template file to render conversations with, instead of the teacher tokenizer's own. With "
-             "{% generation %} markers around assistant replies, the markers decide what is trained; otherwise each "
-             "reply is found by rendering the conversation turn by turn.")
-    train_on: str = option(
-        "assistant", choices=TRAIN_ON,
-        help="Which tokens of a conversation are targets (the store's loss_mask). assistant: every assistant reply "
-             "(system, user and tool turns, and assistant turns that only call tools, are masked); all: every token; "
-             "completion: the completion of prompt-completion rows (the last reply of messages rows); "
-             "last-assistant: the final reply only.")
-    overlong: str = option(
-        "truncate", choices=OVERLONG,
-        help="A conversation longer than --seq-len + 1 tokens: truncate keeps its start, drop skips it (counted in "
-             "the summary either way).")
-    strict: bool = option(
-        False, help="Refuse a conversation with nothing to train on under --train-on (instead of skipping it with a "
-                    "count).")
-    split: str = option("train", help="Dataset split.")
     max_samples: int | None = option(None, help="Stop after this many samples (store rows). Default: all.")
     seq_len: int = option(2048, help="Positions per sample (teacher context); at most the teacher's "
                                      "max_position_embeddings.")
@@ -88,13 +61,6 @@ class BuildConfig:
                     "positions past what the teacher was trained on usually get poor targets. It does not change what "
                     "a --seq-len stores, so --resume need not repeat it.")
     pack: bool = option(True, help="Join documents with EOS into full samples, or one padded document per sample.")
-    document_attention: str = option(
-        "auto", choices=DOCUMENT_ATTENTION,
-        help="What a packed document's tokens attend to. isolated: only their own document (positions restart at "
-             "each document, a block-diagonal causal mask), so a document's targets are those of the document run "
-             "alone; student-train then reads the store the same way. cross: every earlier token of the sample, "
-             "across documents, as base models are pretrained on packed text. auto: cross for plain text, isolated "
-             "for conversations. Only with --pack, and isolated only with the transformers backend.")
     targets: tuple[str, ...] = option(
         DEFAULT_TARGETS, parse=parse_targets,
         help="Target kinds, comma-separated. topk: the top-k log-probs and the exact tail mass outside them. "
@@ -222,8 +188,7 @@ class BuildConfig:
         Raises:
             ValueError: isolation with the vllm backend.
         """
-        chosen = self.document_attention if self.document_attention != "auto" else (
-            "cross" if dataset_format == "text" else "isolated")
+        chosen = self.attention(dataset_format)
         if self.pack and chosen == "isolated" and self.backend == "vllm":
             raise ValueError(VLLM_ISOLATION)
         return self.pack and chosen == "isolated"

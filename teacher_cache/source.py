@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 
-from storage.conversations import ChatConfig, ChatCounts, ChatEncoder
+from storage.conversations import ChatCounts, ChatEncoder, encoder_for
 from storage.samples import load_samples_dataset
 from teacher_cache.config import BuildConfig
 
@@ -34,28 +33,15 @@ def read_source(config: BuildConfig) -> Source:
         ValueError: a dataset `load_samples_dataset` refuses, a chat template for text or a missing template file,
             isolated documents with the vllm backend.
     """
-    dataset, fmt = load_samples_dataset(config.dataset, split=config.split, text_field=config.text_field,
+    dataset, fmt = load_samples_dataset(config.dataset, split=config.split, fields=config.columns,
                                         dataset_format=config.dataset_format)
-    if config.chat_template is not None and fmt == "text":
-        raise ValueError(f"--chat-template {config.chat_template}: {config.dataset} is read as text, which has no "
-                         "turns to render; pass --format messages or prompt-completion for conversations, or leave "
-                         "--chat-template out.")
-    template = None
-    if config.chat_template is not None:
-        path = Path(config.chat_template).expanduser()
-        if not path.is_file():
-            raise ValueError(f"--chat-template {config.chat_template}: no such file; give a Jinja chat template file.")
-        template = path.read_text()
+    template = config.template_text(fmt, config.dataset)
     return Source(dataset, fmt, template, config.isolates(fmt))
 
 
 def chat_encoder(config: BuildConfig, source: Source, tokenizer) -> ChatEncoder | None:
     """How the conversations of `source` become documents (None for text)."""
-    if source.format == "text":
-        return None
-    chat = ChatConfig(train_on=config.train_on, chat_template=source.chat_template, overlong=config.overlong,
-                      strict=config.strict)
-    return ChatEncoder(tokenizer, chat, source.format)
+    return encoder_for(config, source.format, source.chat_template, tokenizer)
 
 
 def report_conversations(counts: ChatCounts, config: BuildConfig) -> None:

@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from conftest import make_student_config
 from transformers import AutoTokenizer
@@ -94,3 +95,85 @@ def test_student_train_checks_the_chat_template(tmp_path, llama_dir):
     tokenizer.save_pretrained(student)
     result = CliRunner().invoke(student_main, args)
     assert result.exit_code == 0, result.output
+
+
+def test_columns_are_named_by_options(tmp_path, llama_dir):
+    """--messages-field and --prompt-field / --completion-field: the same store as from the default column names."""
+    assert _build(tmp_path, llama_dir).exit_code == 0
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"id": i, "conversation": m}) + "\n" for i, m in enumerate(CONVERSATIONS)))
+    refused = _build(tmp_path, llama_dir, "--dataset", str(renamed), "--output", str(tmp_path / "refused"))
+    assert refused.exit_code == 2 and "--text-field" in refused.output and "--messages-field" in refused.output
+    result = _build(tmp_path, llama_dir, "--dataset", str(renamed), "--messages-field", "conversation",
+                    "--output", str(tmp_path / "renamed"))
+    assert result.exit_code == 0, result.output
+    default, named = Store(tmp_path / "store"), Store(tmp_path / "renamed")
+    assert named.manifest.dataset["columns"] == ["conversation"] and default.manifest.dataset["columns"] == ["messages"]
+    assert len(named) == len(default) > 0
+    for i in range(len(default)):
+        for key in ("input_ids", "loss_mask", "segment_ids", "topk_ids"):
+            assert np.array_equal(named[i][key], default[i][key]), (i, key)
+
+    pairs = [(m[-2]["content"], m[-1]["content"]) for m in CONVERSATIONS if m[-1]["role"] == "assistant"]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    result = _build(tmp_path, llama_dir, "--dataset", str(qa), "--prompt-field", "question", "--completion-field",
+                    "answer", "--output", str(tmp_path / "qa"))
+    assert result.exit_code == 0, result.output
+    store = Store(tmp_path / "qa")
+    assert store.manifest.dataset["format"] == "prompt-completion"
+    assert store.manifest.dataset["columns"] == ["question", "answer"]
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    trained = " ".join(tokenizer.decode(store[i]["input_ids"][1:][store[i]["loss_mask"]].astype(np.int64))
+                       for i in range(len(store)))
+    assert all(a in trained for _, a in pairs) and not any(q in trained for q, _ in pairs)
+
+
+def test_eval_scores_the_replies_of_conversations(tmp_path, monkeypatch, llama_dir):
+    """`student-train eval --data` on conversations: the replies only, each conversation attending only to itself
+    (isolated, the default for conversations) though all share one packed row."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import student_train.evaluate as evaluate_module
+    from storage.conversations import ChatConfig, ChatEncoder
+    from student_train.eval_speed import measure
+
+    monkeypatch.setattr(evaluate_module, "measure_in_fresh_process", lambda path, **kw: measure(path, **kw))
+    data, template = _write(tmp_path)
+    student = tmp_path / "student"
+    torch.manual_seed(3)
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(student)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(student)
+    result = CliRunner().invoke(student_main, [
+        "eval", "--teacher", str(llama_dir), "--student", str(student), "--data", str(data), "--chat-template",
+        str(template), "--seq-len", "500", "--output", str(tmp_path / "report"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["evaluated_on"]["format"] == "messages" and report["evaluated_on"]["train_on"] == "assistant"
+    assert report["evaluated_on"]["document_attention"] == "isolated" and report["evaluated_on"]["samples"] == 1
+
+    # Brute force: each conversation alone, unpadded, scored at the tokens that follow a trained flag.
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    chat = ChatEncoder(tokenizer, ChatConfig(chat_template=LLAMA2), "messages")
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in (("teacher", llama_dir), ("student", student))}
+    loss, kl, tokens = {"teacher": 0.0, "student": 0.0}, 0.0, 0
+    for index, messages in enumerate(CONVERSATIONS):
+        if messages[-1]["role"] != "assistant":
+            continue
+        ids, trained = chat.encode(messages, [i for i, m in enumerate(messages) if m["role"] == "assistant"], index)
+        ids, trained = torch.tensor(ids), torch.tensor(trained)
+        with torch.no_grad():
+            logp = {name: model(ids[None, :-1]).logits[0].log_softmax(-1)[trained[1:]]
+                    for name, model in models.items()}
+        target = ids[1:][trained[1:]]
+        for name, lp in logp.items():
+            loss[name] -= lp.gather(1, target[:, None]).sum().item()
+        kl += (logp["teacher"].exp() * (logp["teacher"] - logp["student"])).sum().item()
+        tokens += len(target)
+    assert report["evaluated_on"]["tokens"] == tokens
+    for name in ("teacher", "student"):
+        assert report[name]["lm_loss"] == pytest.approx(loss[name] / tokens, rel=1e-5)
+    assert report["student"]["kl_to_teacher"] == pytest.approx(kl / tokens, rel=1e-4)

@@ -117,7 +117,7 @@ def test_unknown_keys_are_refused_with_the_closest(tmp_path, captured, text, ove
     config_file = _yaml(tmp_path, text)
     result = _run("--config", config_file, *REQUIRED, *([override] if override else []))
     assert result.exit_code == 2 and message in result.output, result.output
-    assert "the options are store, student, output" in result.output and "lr" in result.output
+    assert "the options are store, output, student" in result.output and "lr" in result.output
     assert not captured
 
 

@@ -18,7 +18,8 @@ from conftest import TOKENIZER_DIR
 from transformers import AutoTokenizer
 
 from storage import conversations
-from storage.conversations import ChatConfig, ChatEncoder, detect_format, template_sha256
+from storage.conversations import ChatConfig, ChatEncoder, template_sha256
+from storage.dataset_options import Columns, detect_format
 from storage.samples import iter_rows, load_samples_dataset
 
 CHATML = (  # SmolLM2's template, with a shorter default system prompt
@@ -401,8 +402,8 @@ def test_tokenizer_template_is_the_default():
     tokenizer.chat_template = LLAMA2
     chat = ChatEncoder(tokenizer, ChatConfig(train_on="last-assistant"), "messages")
     assert document(chat, {"messages": SYSTEM + TWO_TURNS}) == parse(LLAMA2_LAST)
-    assert chat.manifest_entry() == {"format": "messages", "train_on": "last-assistant", "overlong": "truncate",
-                                     "chat_template_sha256": template_sha256(LLAMA2)}
+    assert chat.manifest_entry() == {"format": "messages", "columns": ["messages"], "train_on": "last-assistant",
+                                     "overlong": "truncate", "chat_template_sha256": template_sha256(LLAMA2)}
 
 
 def test_template_sha256():
@@ -456,8 +457,8 @@ def test_chat_config_choices():
     (["body"], "body", "text"),
 ])
 def test_detect_format(columns, text_field, expected, caplog):
-    with caplog.at_level(logging.INFO, logger="storage.conversations"):
-        assert detect_format(columns, text_field=text_field) == expected
+    with caplog.at_level(logging.INFO, logger="storage.dataset_options"):
+        assert detect_format(columns, fields=Columns(text=text_field)) == expected
     assert f"dataset format: {expected}" in caplog.text
 
 
@@ -468,7 +469,7 @@ def test_detect_format_without_text_or_conversation_columns_names_the_text_field
 
 @pytest.mark.parametrize("columns,found", [
     (["body", "messages_v2", "completion"], "none"),
-    (["messages", "text"], "several formats: messages, text"),
+    (["messages", "text"], "several formats: text, messages"),
     (["prompt", "completion", "messages"], "several formats: messages, prompt-completion"),
 ])
 def test_detect_format_refuses(columns, found):
@@ -489,7 +490,7 @@ def test_load_jsonl_conversations(tmp_path, chatml_tok):
     """From a file: rows whose messages lack `tool_calls` get it as null from the shared schema; that is ignored."""
     path = tmp_path / "chats.jsonl"
     path.write_text("\n".join(json.dumps({"messages": m}) for m in (TOOL_TURNS, TWO_TURNS[:2])) + "\n")
-    dataset, fmt = load_samples_dataset(str(path), split="train", text_field="text")
+    dataset, fmt = load_samples_dataset(str(path), split="train")
     assert fmt == "messages"
     chat = encoder(chatml_tok, CHATML_TOOLS, train_on="assistant")
     rows = collect(iter_rows(dataset, chatml_tok, text_field="text", seq_len=64, pack=False, chat=chat))

@@ -14,6 +14,7 @@ from conftest import TOKENIZER_DIR, write_jsonl
 from transformers import AutoTokenizer
 
 from storage import samples as data
+from storage.dataset_options import Columns
 from storage.samples import Rows, iter_rows, load_samples_dataset, load_text_dataset
 from teacher_cache.build import iter_batches
 
@@ -262,21 +263,21 @@ def test_load_text_dataset_empty(tmp_path, make):
 def test_load_samples_dataset_reads_text_as_before(tmp_path, texts):
     """Text detected from the columns: the same documents as `load_text_dataset` reads."""
     source = _jsonl(tmp_path, texts)
-    dataset, fmt = load_samples_dataset(str(source), split="train", text_field="text")
+    dataset, fmt = load_samples_dataset(str(source), split="train")
     assert fmt == "text" and dataset["text"] == texts
 
 
 def test_load_samples_dataset_columns_of_no_format(tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", ["a", "b"], field="content")
     with pytest.raises(ValueError, match=r"no column 'text' \(columns: content\); pass --text-field.*--format"):
-        load_samples_dataset(str(source), split="train", text_field="text")
-    assert load_samples_dataset(str(source), split="train", text_field="content")[1] == "text"
+        load_samples_dataset(str(source), split="train")
+    assert load_samples_dataset(str(source), split="train", fields=Columns(text="content"))[1] == "text"
 
 
 def test_load_samples_dataset_empty_conversations(tmp_path):
     datasets.Dataset.from_dict({"messages": []}).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="is empty"):
-        load_samples_dataset(str(tmp_path / "saved"), split="train", text_field="text")
+        load_samples_dataset(str(tmp_path / "saved"), split="train")
 
 
 # ----------------------------------------------------------------------------------------------- batching

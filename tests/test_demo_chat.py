@@ -7,7 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from storage.conversations import conversation_of, detect_format
+from storage.conversations import conversation_of
+from storage.dataset_options import detect_format
 from tools.demo_chat import (
     FUNCTION_PROMPT,
     PASSAGE_PROMPT,

@@ -240,8 +240,8 @@ def test_cli_on_text(tmp_path, monkeypatch, llama_dir, student_dir, corpus_texts
                                        str(tmp_path / "report"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["evaluated_on"] == {"data": str(data), "split": "train", "samples": 3, "seq_len": 16,
-                                      "tokens": 3 * 16}
+    assert report["evaluated_on"] == {"data": str(data), "split": "train", "format": "text", "samples": 3,
+                                      "seq_len": 16, "document_attention": "cross", "tokens": 3 * 16}
     # the rows: documents + EOS as one stream, row i = stream[16 i : 16 i + 17]
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     stream = np.concatenate([ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]])
