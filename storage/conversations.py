@@ -270,13 +270,18 @@ class ChatEncoder:
         return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)  # the template writes BOS
 
     def _aligned(self, messages: list[dict], turns: list[int], index: int) -> Document:
-        """Flags from the character span of each trained turn, found by rendering the turns before it."""
+        """Flags from the character span of each trained turn, found by rendering the turns before it. A turn's
+        training ends with its EOS token (a chat model's end of turn): what the template writes after it (a newline
+        in ChatML) separates turns and is not the model's to generate."""
         full = self._render(messages, index)
         encoded = self._tokenize(full, offsets=True)
         starts = np.array([start for start, _ in encoded["offset_mapping"]], np.int64)
+        is_eos = np.array(encoded["input_ids"]) == self.tokenizer.eos_token_id
         trained = np.zeros(len(starts), bool)
         for begin, end in self._spans(full, messages, turns, index):
-            trained |= (starts >= begin) & (starts < end)
+            inside = np.flatnonzero((starts >= begin) & (starts < end))
+            ends = inside[is_eos[inside]]
+            trained[inside[inside <= ends[-1]] if len(ends) else inside] = True
         return encoded["input_ids"], trained.tolist()
 
     def _spans(self, full: str, messages: list[dict], turns: list[int], index: int) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ against a brute-force cut of the hand-written documents.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -125,6 +126,17 @@ def document(chat: ChatEncoder, row: dict, seq_len: int = 1000) -> tuple[list[st
 def test_chatml_masks(chatml_tok, train_on, expected):
     """SmolLM2-style: the default system prompt and assistant headers are not trained, the reply and its end are."""
     assert document(encoder(chatml_tok, CHATML, train_on=train_on), {"messages": TWO_TURNS}) == parse(expected)
+
+
+def test_a_reply_ends_with_the_end_of_turn_token(chatml_tok):
+    """With <|im_end|> as EOS (as SmolLM2's tokenizer has it), a reply trains through it and not the newline the
+    template writes after it, which the model never generates."""
+    tokenizer = copy.deepcopy(chatml_tok)
+    tokenizer.eos_token = "<|im_end|>"
+    assert document(encoder(tokenizer, CHATML), {"messages": TWO_TURNS}) == parse(
+        "<|im_start|> system <0x0A> You ▁are ▁Sm ol LM . <|im_end|> <0x0A> <|im_start|> user <0x0A> Hi <|im_end|> "
+        "<0x0A> <|im_start|> ass istant <0x0A> *Hello *! *<|im_end|> <0x0A> <|im_start|> user <0x0A> And ▁you ? "
+        "<|im_end|> <0x0A> <|im_start|> ass istant <0x0A> *F *ine *. *<|im_end|> <0x0A> <|im_end|>")
 
 
 @pytest.mark.parametrize("train_on,expected", [
