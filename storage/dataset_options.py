@@ -1,9 +1,10 @@
 """How a command reads a dataset: its shape, the columns that hold it, and how its conversations become samples.
 
 Two groups of options, declared once and shared by every command that reads a dataset of text or conversations
-(`teacher-cache build`, `student-train eval`): a command's config dataclass inherits `DatasetOptions` (the split,
-the shape and its columns) and `ConversationOptions` (the chat template, what is trained, overlong conversations,
-and what packed documents attend to). `detect_format` decides the shape from the columns.
+(`teacher-cache build`, `student-train eval`, `teacher-cache generate`): a command's config dataclass inherits
+`DatasetOptions` (the split, the shape and its columns) and `ConversationOptions` (the chat template,
+`TemplateOptions`, what is trained, overlong conversations, and what packed documents attend to) or only
+`TemplateOptions`. `detect_format` decides the shape from the columns.
 
 Shapes: `text` (one column of text), `messages` (one column of conversations, each a list of `{role, content}`
 turns) and `prompt-completion` (a prompt column and a completion column, each a string or a list of turns). The
@@ -13,6 +14,7 @@ column names default to those of the Hugging Face conventions and are options (`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +53,9 @@ DEFAULT_COLUMNS = Columns()
 
 
 def detect_format(columns: list[str], requested: str = "auto", *, fields: Columns = DEFAULT_COLUMNS,
-                  source: str = "the dataset") -> str:
+                  source: str = "the dataset", prompts_only: bool = False) -> str:
     """The dataset's shape: `requested`, checked against the columns, or the one shape the columns fit (`auto`).
+    With `prompts_only` (prompts to answer), `prompt-completion` needs the prompt column only.
 
     Raises:
         ValueError: an unknown format, a requested format whose columns are missing, or (`auto`) columns that fit
@@ -61,6 +64,8 @@ def detect_format(columns: list[str], requested: str = "auto", *, fields: Column
     if requested not in FORMATS:
         raise ValueError(f"--format {requested!r}: expected one of {', '.join(FORMATS)}.")
     listed = ", ".join(columns)
+    if prompts_only and fields.completion not in columns:
+        fields = dataclasses.replace(fields, completion=fields.prompt)
     conversational = any(c in columns for fmt in ("messages", "prompt-completion") for c in fields.of(fmt))
     if fields.text not in columns and (requested == "text" or (requested == "auto" and not conversational)):
         raise ValueError(f"{source} has no column {fields.text!r} (columns: {listed}); pass --text-field with the "
@@ -108,14 +113,45 @@ class DatasetOptions:
 
 
 @dataclass(kw_only=True)
-class ConversationOptions:
-    """How conversations become samples: the template, the trained tokens, overlong ones, packed attention."""
+class TemplateOptions:
+    """The chat template conversations are rendered with."""
 
     chat_template: str | None = option(
         None, metavar="FILE",
         help="A Jinja chat template file to render conversations with, instead of the tokenizer's own. With "
              "{% generation %} markers around assistant replies, the markers decide what is trained; otherwise each "
              "reply is found by rendering the conversation turn by turn.")
+
+    def template_text(self, dataset_format: str, source: str) -> str | None:
+        """The text of --chat-template (None: the tokenizer's own template).
+
+        Raises:
+            ValueError: a template for a text dataset, or a template file that does not exist.
+        """
+        if self.chat_template is not None and dataset_format == "text":
+            raise ValueError(f"--chat-template {self.chat_template}: {source} is read as text, which has no turns to "
+                             "render; pass --format messages or prompt-completion for conversations, or leave "
+                             "--chat-template out.")
+        return self.read_template()
+
+    def read_template(self) -> str | None:
+        """The text of the --chat-template file, or None without one.
+
+        Raises:
+            ValueError: the file does not exist.
+        """
+        if self.chat_template is None:
+            return None
+        path = Path(self.chat_template).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--chat-template {self.chat_template}: no such file; give a Jinja chat template file.")
+        return path.read_text()
+
+
+@dataclass(kw_only=True)
+class ConversationOptions(TemplateOptions):
+    """How conversations become samples: the template, the trained tokens, overlong ones, packed attention."""
+
     train_on: str = option(
         "assistant", choices=TRAIN_ON,
         help="Which tokens of a conversation are targets (the store's loss_mask). assistant: every assistant reply "
@@ -142,20 +178,3 @@ class ConversationOptions:
         if self.document_attention != "auto":
             return self.document_attention
         return "cross" if dataset_format == "text" else "isolated"
-
-    def template_text(self, dataset_format: str, source: str) -> str | None:
-        """The text of --chat-template (None: the tokenizer's own template).
-
-        Raises:
-            ValueError: a template for a text dataset, or a template file that does not exist.
-        """
-        if self.chat_template is None:
-            return None
-        if dataset_format == "text":
-            raise ValueError(f"--chat-template {self.chat_template}: {source} is read as text, which has no turns to "
-                             "render; pass --format messages or prompt-completion for conversations, or leave "
-                             "--chat-template out.")
-        path = Path(self.chat_template).expanduser()
-        if not path.is_file():
-            raise ValueError(f"--chat-template {self.chat_template}: no such file; give a Jinja chat template file.")
-        return path.read_text()

@@ -22,6 +22,7 @@ import numpy as np
 
 from storage.conversations import ChatEncoder
 from storage.dataset_options import DEFAULT_COLUMNS, Columns, detect_format
+from storage.generated import is_generated, read_generated
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.D
 
 
 def load_samples_dataset(source: str, *, split: str, fields: Columns = DEFAULT_COLUMNS,
-                         dataset_format: str = "auto") -> tuple[datasets.Dataset, str]:
+                         dataset_format: str = "auto", prompts_only: bool = False) -> tuple[datasets.Dataset, str]:
     """Load `source` with `datasets` and decide its format (`storage.dataset_options.detect_format`).
 
     Returns:
@@ -80,12 +81,18 @@ def load_samples_dataset(source: str, *, split: str, fields: Columns = DEFAULT_C
         ValueError: as `load_text_dataset`, and columns that fit no format, or several when `dataset_format` is auto.
     """
     dataset = _read(source, split)
-    fmt = detect_format(dataset.column_names, dataset_format, fields=fields, source=source)
+    fmt = detect_format(dataset.column_names, dataset_format, fields=fields, source=source, prompts_only=prompts_only)
     if len(dataset) == 0:
         raise ValueError(_empty(source, split))
     if fmt == "text":
         _check_text(dataset, source, split, fields.text)
     return dataset, fmt
+
+
+def source_id(source: str) -> str:
+    """How a manifest names a dataset: a local path made absolute, else the name as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 def _empty(source: str, split: str) -> str:
@@ -143,6 +150,8 @@ def _not_utf8(source: str, exc: UnicodeDecodeError) -> ValueError:
 
 
 def _load(path: Path, source: str, split: str) -> datasets.Dataset:
+    if path.is_dir() and is_generated(path):  # a `teacher-cache generate` output, checked as it is read
+        return read_generated(path)[0]
     if path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES):
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
