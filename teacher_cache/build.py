@@ -13,7 +13,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +21,7 @@ from storage.causal_lm import TORCH_DTYPES
 from storage.fs import Location
 from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
-from storage.samples import Rows, iter_rows
+from storage.samples import Rows, iter_rows, source_id
 from storage.targets import KINDS
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
@@ -94,9 +93,10 @@ def _build(config: BuildConfig, output: Location, source: Source, teacher: Teach
     )
     manifest = Manifest(
         teacher=identity,
-        dataset={"source": _source_id(config.dataset), "split": config.split, "text_field": config.text_field,
+        dataset={"source": source_id(config.dataset), "split": config.split, "text_field": config.text_field,
                  "fingerprint": getattr(source.dataset, "_fingerprint", None),
-                 **(chat.manifest_entry() if chat else {})},
+                 **(chat.manifest_entry() if chat else {}),
+                 **({"generated_by": source.generated_by} if source.generated_by else {})},
         build={"seq_len": config.seq_len, "pack": config.pack, "max_samples": config.max_samples,
                "batch_size": config.batch_size, "samples_per_shard": config.samples_per_shard, "seed": config.seed,
                # Written only when set, so the headers of builds without it stay as they were (--resume compares).
@@ -262,11 +262,6 @@ def _targets_section(spec: TargetSpec, config: BuildConfig, layers: tuple[int, .
         if kind in targets:
             targets[kind] |= entries
     return targets | hidden.manifest_section(layers, config.hidden_dtype, hidden_size)
-
-
-def _source_id(source: str) -> str:
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
 
 
 def _chain(first: Rows, rest: Iterator[Rows]) -> Iterator[Rows]:

@@ -1,8 +1,10 @@
-"""`teacher-cache`: build a store of teacher targets; inspect, verify, export, select from and merge stores.
+"""`teacher-cache`: build a store of teacher targets; generate data to build from; inspect, verify, export, select
+from and merge stores.
 
-The commands only parse options (declared once, as the fields of their config dataclass: `BuildConfig` here, the
-others' in `teacher_cache.commands`) and call the library (`build_cache`, `merge_workers`, `concat_stores`,
-`ensemble_stores`, `Store`, `export_parquet`, `inspect_store`, `select_samples`).
+The commands only parse options (declared once, as the fields of their config dataclass: `BuildConfig` and
+`GenerateConfig` here, the others' in `teacher_cache.commands`) and call the library (`build_cache`,
+`generate_responses`, `merge_workers`, `concat_stores`, `ensemble_stores`, `Store`, `export_parquet`,
+`inspect_store`, `select_samples`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from storage.reader import Store
 from teacher_cache.build import build_cache
 from teacher_cache.commands import COMMANDS
 from teacher_cache.config import BuildConfig, resolve_workers, worker_device
+from teacher_cache.generate import GenerateConfig, generate_responses
+from teacher_cache.generate import summary as generation_summary
 from teacher_cache.targets import NonFiniteLogits
 
 log = logging.getLogger("teacher_cache")
@@ -79,14 +83,7 @@ def build(**params) -> None:
     Several workers (--num-workers/--worker-index, or torchrun/SLURM) share one build: each computes every
     num-workers-th shard and resumes on its own; the last one to finish writes the store's manifest.
     """
-    values, sources = load_options(BuildConfig, params)
-    try:  # the workers and the device the options leave open, from torchrun's or SLURM's environment
-        values["num_workers"], values["worker_index"] = resolve_workers(
-            *(values[name] if name in sources else None for name in ("num_workers", "worker_index")), os.environ)
-        values["device"] = worker_device(values["device"], values["backend"], os.environ)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    config = make_config(BuildConfig, values, sources)
+    config, sources = _worker_config(BuildConfig, params)
     try:
         manifest = build_cache(config)
     except ValueError as exc:
@@ -103,6 +100,49 @@ def build(**params) -> None:
         f"Wrote {manifest.num_samples} samples, {manifest.num_tokens} trained tokens in {len(manifest.shards)} shards "
         f"to {config.output}: {bytes_per_token:.1f} bytes/token."
     )
+
+
+@main.command()
+@click_options(GenerateConfig)
+def generate(**params) -> None:
+    """Have a model answer prompts, and write its answers as a dataset for `build`.
+
+    \b
+    Example (sequence-level KD: the teacher writes the replies, then scores them):
+      teacher-cache generate --model /models/teacher --prompts prompts.jsonl --output /data/answers \\
+          --num-responses 4 --temperature 0.8 --max-new-tokens 512
+      teacher-cache build --model /models/teacher --dataset /data/answers --output /cache/answers
+
+    Each prompt (a messages, prompt-completion or text row; text with --prompt-template becomes an instruction) is
+    rendered with the model's chat template and answered --num-responses times. Every row keeps the conversation,
+    the prompt id, the response index, the finish reason and the model's log-prob of each generated token; empty,
+    truncated and repeated responses are dropped and counted. A response depends only on its prompt, its index and
+    --seed, so --resume and several workers (--num-workers/--worker-index, or torchrun/SLURM) write what one
+    uninterrupted run would. `build` over the output trains on the replies and records which model wrote them.
+    """
+    config, sources = _worker_config(GenerateConfig, params)
+    try:
+        manifest = generate_responses(config)
+    except ValueError as exc:
+        raise click.UsageError(with_sources(str(exc), sources)) from None
+    if manifest is None:
+        click.echo(f"Worker {config.worker_index} of {config.num_workers} wrote its shards to {config.output}; the "
+                   "last worker to finish writes generation.json.")
+        return
+    click.echo(f"Wrote {generation_summary(manifest)} to {config.output}.")
+
+
+def _worker_config(config_class: type, params: dict):
+    """The config of a command run by one of several workers, and where each value came from: the workers and the
+    device the options leave open come from torchrun's or SLURM's environment."""
+    values, sources = load_options(config_class, params)
+    try:
+        values["num_workers"], values["worker_index"] = resolve_workers(
+            *(values[name] if name in sources else None for name in ("num_workers", "worker_index")), os.environ)
+        values["device"] = worker_device(values["device"], values["backend"], os.environ)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return make_config(config_class, values, sources), sources
 
 
 for command in COMMANDS:

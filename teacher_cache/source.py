@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 
 from storage.conversations import ChatCounts, ChatEncoder, encoder_for
+from storage.fs import Location
+from storage.generated import is_generated, load_manifest
+from storage.integrity import DIGEST_KEY
 from storage.samples import load_samples_dataset
 from teacher_cache.config import BuildConfig
 
@@ -18,12 +22,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Source:
     """The build's dataset as read, before the teacher loads: its rows, their format (text, messages,
-    prompt-completion), the chat template's text (None: the tokenizer's) and whether packed documents are isolated."""
+    prompt-completion), the chat template's text (None: the tokenizer's), whether packed documents are isolated, and
+    for a `teacher-cache generate` output, what wrote its replies (`generated_by`)."""
 
     dataset: datasets.Dataset
     format: str
     chat_template: str | None
     isolated: bool
+    generated_by: dict | None = None
 
 
 def read_source(config: BuildConfig) -> Source:
@@ -36,7 +42,20 @@ def read_source(config: BuildConfig) -> Source:
     dataset, fmt = load_samples_dataset(config.dataset, split=config.split, fields=config.columns,
                                         dataset_format=config.dataset_format)
     template = config.template_text(fmt, config.dataset)
-    return Source(dataset, fmt, template, config.isolates(fmt))
+    return Source(dataset, fmt, template, config.isolates(fmt), generated_by(config.dataset))
+
+
+def generated_by(source: str) -> dict | None:
+    """For a `teacher-cache generate` output, the model that wrote its replies, how it sampled them, the template it
+    read the prompts with and the output's digest; None for any other dataset."""
+    path = Path(source).expanduser()
+    if not (path.is_dir() and is_generated(path)):
+        return None
+    manifest = load_manifest(Location(path))
+    return {"model": manifest["generator"]["model"], "weights_sha256": manifest["generator"]["weights_sha256"],
+            "backend": manifest["generator"]["backend"], "sampling": manifest["sampling"],
+            "chat_template_sha256": manifest["chat_template_sha256"], "filters": manifest["filters"],
+            "manifest_sha256": manifest[DIGEST_KEY]}
 
 
 def chat_encoder(config: BuildConfig, source: Source, tokenizer) -> ChatEncoder | None:
