@@ -198,3 +198,62 @@ def test_list_container_of_older_releases_gives_the_flat_layout():
         {9: lp(-4.0, 5), 2: lp(-0.1, 1), 7: lp(-2.6, 2)},  # drawn token 9 outside, rank 5
     ]
     np.testing.assert_allclose(_step_values(steps, [3, 9], 2), [[-1.5, -0.5, -1.5], [-4.0, -0.1, -2.6]])
+
+
+LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+          "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+          "{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_generate_build_and_train_from_the_cli(engine, chat_model, tmp_path, monkeypatch):
+    """`teacher-cache generate --backend vllm` -> `build` -> `student-train`: the command runs on the module's
+    engine (a second engine would cost another start), the rows carry vLLM's log-probs of a plain forward, the store
+    records the generator, and a student trains on it."""
+    from click.testing import CliRunner
+    from conftest import make_student_config
+
+    import teacher_cache.generate as generate_module
+    from storage.generated import read_generated
+    from storage.reader import Store
+    from student_train.cli import main as student_main
+    from teacher_cache.cli import main as teacher_main
+
+    path, model, _, _ = chat_model
+    asked = []
+    monkeypatch.setattr(generate_module, "load_generator", lambda backend, *a, **k: asked.append(backend) or engine)
+    (tmp_path / "llama2.jinja").write_text(LLAMA2)
+    prompts = ["What is the capital of France?", "Name a prime number.", "Count to three.", "Why is the sky blue?"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    template = ["--chat-template", str(tmp_path / "llama2.jinja")]
+    result = CliRunner().invoke(teacher_main, [
+        "generate", "--model", str(path), "--prompts", str(tmp_path / "prompts.jsonl"), "--output",
+        str(tmp_path / "answers"), "--backend", "vllm", "--num-responses", "2", "--max-new-tokens", "6",
+        "--keep-truncated", "--seed", "3", *template])
+    assert result.exit_code == 0, result.output
+    assert asked == ["vllm"] and "Wrote 8 responses to 4 prompts" in result.output
+    rows, manifest = read_generated(tmp_path / "answers")
+    assert manifest["generator"]["backend"] == "vllm"
+    tokenizer = engine.tokenizer
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], chat_template=LLAMA2, tokenize=False,
+                                               add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        assert len(ids) == row["prompt_tokens"]
+        logprobs_TV = _model_logprobs(model, ids, row["response_token_ids"])
+        expected = logprobs_TV[np.arange(len(ids := row["response_token_ids"])), ids]
+        np.testing.assert_allclose(row["response_logprobs"], expected, atol=1e-4)
+
+    build = CliRunner().invoke(teacher_main, [
+        "build", "--model", str(path), "--dataset", str(tmp_path / "answers"), "--output", str(tmp_path / "store"),
+        "--seq-len", "64", "--targets", "topk", "--top-k", "4", "--device", "cpu", "--dtype", "float32", *template])
+    assert build.exit_code == 0, build.output
+    generated_by = Store(tmp_path / "store").manifest.dataset["generated_by"]
+    assert generated_by["backend"] == "vllm" and generated_by["sampling"]["seed"] == 3
+    student = make_student_config(tmp_path / "student", path)
+    student_tokenizer = AutoTokenizer.from_pretrained(student)
+    student_tokenizer.chat_template = LLAMA2
+    student_tokenizer.save_pretrained(student)
+    train = CliRunner().invoke(student_main, [
+        "--store", str(tmp_path / "store"), "--student", str(student), "--output", str(tmp_path / "run"),
+        "--max-steps", "2", "--batch-size", "2", "--eval-fraction", "0.25", "--device", "cpu"])
+    assert train.exit_code == 0, train.output
