@@ -100,7 +100,7 @@ class DatasetOptions:
              "content} turns (system, user, assistant, tool; assistant turns may carry tool_calls), the OpenAI / "
              "Hugging Face chat format. prompt-completion: prompt and completion columns, each a string or a list of "
              "turns. auto: the one shape the columns fit (it says which). Conversations are rendered with the "
-             "tokenizer's chat template (or --chat-template) and train only what --train-on names.")
+             "tokenizer's chat template (or --chat-template).")
     text_field: str = option("text", help="The column holding the text (--format text).")
     messages_field: str = option("messages", help="The column holding the conversations (--format messages).")
     prompt_field: str = option("prompt", help="The column holding the prompts (--format prompt-completion).")
