@@ -37,6 +37,19 @@ log = logging.getLogger(__name__)
 
 # Largest top-k whose sampling log-probs are derived from the raw top-k log-probs (the engine's max_logprobs).
 MAX_TOP_K = 128
+# Tokens of one engine step on CPU at least, where prompts are never split (a step also fits the model's context).
+WHOLE_PREFILL_TOKENS = 16384
+
+
+def _whole_prefills(max_context: int) -> dict:
+    """Engine options that keep every prompt's prefill in one step on CPU. A prompt split over steps (chunked
+    prefill) makes vLLM rewind the request's generator for the token it discards, which torch's CPU generators
+    cannot do: seeded requests (every response here) then kill the engine ("CPU Generator does not use offset")."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_context, WHOLE_PREFILL_TOKENS)}
 
 
 class VLLMGenerator:
@@ -60,8 +73,9 @@ class VLLMGenerator:
         self.config = AutoConfig.from_pretrained(self.path)
         self.eos_ids = eos_token_ids(self.path, self.tokenizer)
         self.flat_logprobs = _flat_logprobs_option(SamplingParams)
+        context = getattr(self.config, "max_position_embeddings", 0)
         options = {"dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
-                   "gpu_memory_utilization": gpu_memory_utilization}
+                   "gpu_memory_utilization": gpu_memory_utilization, **_whole_prefills(context)}
         log.info("starting vLLM engine for %s: %s", self.path, options)
         self.llm = LLM(model=self.path, seed=seed, max_logprobs=MAX_TOP_K, logprobs_mode="raw_logprobs",
                        enable_prefix_caching=True, **options)
