@@ -154,13 +154,21 @@ def main(root: Path, train_prompts: int, heldout_prompts: int, max_new_tokens: i
                      "teacher_loglik_of_samples": -teacher_heldout_loss(scored), "train_seconds": seconds,
                      **data_costs(source, data, gen, stores, gen_seconds, build_seconds)})
     teacher_own = -teacher_heldout_loss(stores["heldout"])
-    result = {"machine": platform.processor() or platform.machine(), "options": options | sampling,
+    result = {"machine": machine(), "train": options, "generate": sampling,
               "teacher_loglik_of_own_samples": teacher_own, "heldout_tokens": Store(stores["heldout"]).manifest
               .num_tokens, "generation": {name: {"tokens": generated_tokens(gen[name]), "seconds": gen_seconds[name]}
                                           for name in gen}, "rows": rows}
     (out / "seqkd.json").write_text(json.dumps(result, indent=2))
     (out / "seqkd.md").write_text(table(result))
     click.echo(table(result))
+
+
+def machine() -> str:
+    """The CPU's model name (Linux), else what platform says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0]} x {len(names)}" if names else platform.processor() or platform.machine()
 
 
 def data_costs(source: str, data: dict, gen: dict, stores: dict, gen_seconds: dict, build_seconds: dict) -> dict:
