@@ -82,6 +82,17 @@ def import_vllm(tensor_parallel_size: int) -> tuple[type, type]:
     return LLM, SamplingParams
 
 
+def shut_down(owner) -> None:
+    """Shut down the vLLM engine `owner.llm` (if any) and free its memory (device memory, its processes)."""
+    llm, owner.llm = getattr(owner, "llm", None), None
+    if llm is not None:
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()
+
+
 class VLLMTeacher:
     """A local Hugging Face model served by vLLM's offline `LLM` engine.
 
@@ -153,13 +164,7 @@ class VLLMTeacher:
 
     def close(self) -> None:
         """Shut the engine down and free its memory (device memory, its processes)."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            core = getattr(llm.llm_engine, "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
-            del llm
-            gc.collect()
+        shut_down(self)
 
     def compute(self, rows: Rows, spec: TargetSpec, layers: tuple[int, ...], generator: torch.Generator | None,
                 hidden_dtype: torch.dtype = torch.float16, *, isolated: bool = False) -> dict[str, torch.Tensor]:

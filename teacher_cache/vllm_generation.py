@@ -21,7 +21,6 @@ Legend: T generated tokens, K top-k.
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import numpy as np
@@ -31,7 +30,7 @@ from transformers import AutoConfig, AutoTokenizer
 from storage.causal_lm import model_directory
 from teacher_cache.backend import teacher_identity
 from teacher_cache.sampling import Response, Sampling, eos_token_ids, processed_logprobs, response_seed
-from teacher_cache.vllm_backend import _flat_logprobs_option, import_vllm
+from teacher_cache.vllm_backend import _flat_logprobs_option, import_vllm, shut_down
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +92,7 @@ class VLLMGenerator:
 
     def close(self) -> None:
         """Shut the engine down and free its memory (device memory, its processes)."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            core = getattr(llm.llm_engine, "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
-            del llm
-            gc.collect()
+        shut_down(self)
 
     def generate(self, prompts: list[tuple[int, list[int]]], sampling: Sampling) -> list[Response]:
         """`sampling.num_responses` responses to each (prompt_id, prompt token ids), in (prompt order,
