@@ -21,7 +21,15 @@ import torch
 
 from storage.causal_lm import CausalLM
 from teacher_cache.backend import teacher_identity
-from teacher_cache.sampling import Generator, Response, Sampling, eos_token_ids, processed_logprobs, response_seed
+from teacher_cache.sampling import (
+    Generator,
+    Response,
+    Sampling,
+    check_prompt,
+    eos_token_ids,
+    processed_logprobs,
+    response_seed,
+)
 
 __all__ = ["Generator", "Response", "Sampling", "TransformersGenerator", "load_generator"]
 
@@ -135,7 +143,7 @@ class TransformersGenerator(CausalLM):
         generator, so the batches change nothing but float noise."""
         sequences = []
         for prompt_id, prompt in prompts:
-            assert 1 <= len(prompt) <= self.max_context - sampling.max_new_tokens, (prompt_id, len(prompt))
+            check_prompt(prompt_id, prompt, self.max_context, sampling)
             for index in range(sampling.num_responses):
                 generator = torch.Generator(self.device).manual_seed(response_seed(sampling.seed, prompt_id, index))
                 sequences.append(_Sequence(prompt_id, index, list(prompt), generator))

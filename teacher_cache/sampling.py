@@ -103,10 +103,24 @@ class Generator(Protocol):
 
     def generate(self, prompts: list[tuple[int, list[int]]], sampling: Sampling) -> list[Response]:
         """`sampling.num_responses` responses to each (prompt_id, prompt token ids), in (prompt order,
-        response_index) order. A prompt must leave room for `sampling.max_new_tokens` within `max_context`."""
+        response_index) order. A prompt must leave room for `sampling.max_new_tokens` within `max_context`
+        (`check_prompt` raises a ValueError otherwise)."""
 
     def close(self) -> None:
         """Release the engine's resources."""
+
+
+def check_prompt(prompt_id: int, prompt: list[int], max_context: int, sampling: Sampling) -> None:
+    """Refuse a prompt without tokens, or one that leaves no room for `sampling.max_new_tokens` in the context.
+
+    Raises:
+        ValueError: naming the prompt, its length and the room it has.
+    """
+    room = max_context - sampling.max_new_tokens
+    if not 1 <= len(prompt) <= room:
+        raise ValueError(f"prompt {prompt_id} has {len(prompt)} tokens; the model takes 1 to {room} with "
+                         f"--max-new-tokens {sampling.max_new_tokens} in its context of {max_context}. Shorten or "
+                         "skip the prompt, or lower --max-new-tokens.")
 
 
 def response_seed(seed: int, prompt_id: int, response_index: int) -> int:

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from storage.causal_lm import model_directory
 from teacher_cache.backend import teacher_identity
-from teacher_cache.sampling import Response, Sampling, eos_token_ids, processed_logprobs, response_seed
+from teacher_cache.sampling import Response, Sampling, check_prompt, eos_token_ids, processed_logprobs, response_seed
 from teacher_cache.vllm_backend import _flat_logprobs_option, import_vllm, shut_down
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class VLLMGenerator:
 
         keys, requests, params = [], [], []
         for prompt_id, prompt in prompts:
-            assert 1 <= len(prompt) <= self.max_context - sampling.max_new_tokens, (prompt_id, len(prompt))
+            check_prompt(prompt_id, prompt, self.max_context, sampling)
             for index in range(sampling.num_responses):
                 keys.append((prompt_id, index))
                 requests.append(TokensPrompt(prompt_token_ids=list(prompt)))

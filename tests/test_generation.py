@@ -143,6 +143,17 @@ def test_one_step_draws_follow_the_sampling_distribution(generator, model, promp
     assert chi_square < _chi_square_bound(len(expected_bins) - 1), (chi_square, len(expected_bins))
 
 
+def test_a_prompt_without_room_for_the_reply_is_refused(generator):
+    """An empty prompt, or one that leaves fewer than --max-new-tokens positions of the context, is a ValueError
+    naming the prompt and the room it has."""
+    sampling = Sampling(max_new_tokens=8)
+    room = generator.max_context - 8
+    with pytest.raises(ValueError, match=rf"prompt 7 has 0 tokens; the model takes 1 to {room} with --max-new-tokens"):
+        generator.generate([(7, [])], sampling)
+    with pytest.raises(ValueError, match=rf"prompt 9 has {room + 1} tokens; the model takes 1 to {room}"):
+        generator.generate([(9, [5] * (room + 1))], sampling)
+
+
 def test_stop_strings_cut_the_text_and_the_tokens(generator, prompts):
     prompt_id, prompt = prompts[1]
     full = generator.generate([(prompt_id, prompt)], Sampling(temperature=0, max_new_tokens=16))[0]
