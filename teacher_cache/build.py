@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from storage.causal_lm import TORCH_DTYPES
+from storage.conversations import encoder_for
 from storage.fs import Location
 from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
@@ -28,7 +29,7 @@ from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.backend import TeacherBackend
 from teacher_cache.backend_registry import load_teacher
 from teacher_cache.config import BuildConfig
-from teacher_cache.source import Source, chat_encoder, read_source, report_conversations
+from teacher_cache.source import Source, read_source, report_conversations
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, hidden, wanted_extractors
 from teacher_cache.teacher import check_context_length
 
@@ -77,7 +78,7 @@ def _build(config: BuildConfig, output: Location, source: Source, teacher: Teach
     if config.stores_topk and config.top_k > teacher.vocab_size:
         raise ValueError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of {teacher.vocab_size} ids.")
     layers = teacher.resolve_layers(config.hidden_layers)
-    chat = chat_encoder(config, source, teacher.tokenizer)
+    chat = encoder_for(config, source.format, source.chat_template, teacher.tokenizer)
     rows = iter_rows(source.dataset, teacher.tokenizer, text_field=config.text_field, seq_len=config.seq_len,
                      pack=config.pack, chat=chat)
     first = next(rows, None)

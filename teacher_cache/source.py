@@ -1,5 +1,5 @@
 """What a build reads before its teacher loads: the dataset, its format (text or conversations), the chat template
-and whether packed documents are read alone; and how the conversations become documents and are reported."""
+and whether packed documents are read alone; and how what became of the conversations is reported."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import datasets
 
-from storage.conversations import ChatCounts, ChatEncoder, encoder_for
+from storage.conversations import ChatCounts
 from storage.fs import Location
 from storage.generated import is_generated, load_manifest
 from storage.integrity import DIGEST_KEY
@@ -56,11 +56,6 @@ def generated_by(source: str) -> dict | None:
             "backend": manifest["generator"]["backend"], "sampling": manifest["sampling"],
             "chat_template_sha256": manifest["chat_template_sha256"], "filters": manifest["filters"],
             "manifest_sha256": manifest[DIGEST_KEY]}
-
-
-def chat_encoder(config: BuildConfig, source: Source, tokenizer) -> ChatEncoder | None:
-    """How the conversations of `source` become documents (None for text)."""
-    return encoder_for(config, source.format, source.chat_template, tokenizer)
 
 
 def report_conversations(counts: ChatCounts, config: BuildConfig) -> None:
