@@ -36,7 +36,10 @@ from storage.manifest import header_differences
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "teacher-cache-generated"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this release reads. Version 1 lacks `prompt_token_ids`: its replies can be built on as text only, not as
+# rollouts (`storage.rollouts`).
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "generation.json"
 HEADER_NAME = "header.json"
 DATA_DIR = "data"
@@ -55,6 +58,7 @@ ROW_SCHEMA = pa.schema([
     pa.field("response_logprobs", pa.list_(pa.float32()), nullable=False),
     pa.field("sampling_logprobs", pa.list_(pa.float32())),  # null where the generator cannot give them
     pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),  # as the generator read them (version 2)
 ])
 
 
@@ -323,9 +327,9 @@ def load_manifest(location: Location) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ValueError(f"{source} is not a {FORMAT_NAME} manifest (format={found!r}).")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{source} has format version {manifest.get('format_version')!r}; this release reads "
-                         f"version {FORMAT_VERSION}. Upgrade teacher-cache to read it.")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}. Upgrade teacher-cache to read it.")
     if manifest.get(DIGEST_KEY) != canonical_digest({k: v for k, v in manifest.items() if k != DIGEST_KEY}):
         raise _damaged(location, MANIFEST_NAME, f"does not match its {DIGEST_KEY}: it was edited or damaged after "
                        "it was written, so none of its names, counts or checksums can be trusted", fix)

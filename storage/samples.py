@@ -23,12 +23,14 @@ import numpy as np
 from storage.conversations import ChatEncoder
 from storage.dataset_options import DEFAULT_COLUMNS, Columns, detect_format
 from storage.generated import is_generated, read_generated
+from storage.rollouts import RolloutEncoder
 
 log = logging.getLogger(__name__)
 
 DOCS_PER_BLOCK = 1000
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 Document = tuple[list[int], list[bool] | None]  # token ids, trained flag per token (None: all)
+# A rollout (`storage.rollouts`) also gives each token the log-prob its generator drew it with (NaN: not drawn).
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -41,23 +43,30 @@ class Rows:
         attention_mask: [n, L+1] bool, true for real tokens.
         loss_mask: [n, L] bool, true where position t's target (token t+1) is real and trained on.
         segment_ids: [n, L+1] uint16, document number within the sample.
+        behaviour_logprob: for rollouts (`storage.rollouts`), [n, L] float32: the log-prob token t+1 had under the
+            policy that drew it, NaN where it was not drawn; None for other samples.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     loss_mask: np.ndarray
     segment_ids: np.ndarray
+    behaviour_logprob: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, rows: slice) -> Rows:
-        return Rows(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows], self.segment_ids[rows])
+        behaviour = None if self.behaviour_logprob is None else self.behaviour_logprob[rows]
+        return Rows(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows], self.segment_ids[rows],
+                    behaviour)
 
     @staticmethod
     def concat(blocks: list[Rows]) -> Rows:
-        return Rows(*(np.concatenate([getattr(b, f) for b in blocks]) for f in
-                      ("input_ids", "attention_mask", "loss_mask", "segment_ids")))
+        fields = ["input_ids", "attention_mask", "loss_mask", "segment_ids"]
+        if blocks[0].behaviour_logprob is not None:
+            fields.append("behaviour_logprob")
+        return Rows(*(np.concatenate([getattr(b, f) for b in blocks]) for f in fields))
 
 
 def load_text_dataset(source: str, *, split: str, text_field: str) -> datasets.Dataset:
@@ -188,53 +197,69 @@ def iter_documents(dataset: datasets.Dataset, tokenizer, text_field: str) -> Ite
 
 
 def iter_rows(dataset: datasets.Dataset, tokenizer, *, text_field: str, seq_len: int, pack: bool,
-              chat: ChatEncoder | None = None) -> Iterator[Rows]:
+              chat: ChatEncoder | RolloutEncoder | None = None) -> Iterator[Rows]:
     """Samples of seq_len + 1 tokens, in blocks, in dataset order (deterministic).
 
-    With `chat`, the rows are conversations (`ChatEncoder`): `loss_mask[t]` is the trained flag of token t + 1, and
-    `chat.counts` tells, once the samples are read, how many were skipped, truncated or dropped. Without it, the rows
-    are text and every real token is trained.
+    With `chat`, the rows are conversations (`ChatEncoder`) or a generator's rollouts (`RolloutEncoder`, whose rows
+    also carry `behaviour_logprob`): `loss_mask[t]` is the trained flag of token t + 1, and `chat.counts` tells, once
+    the samples are read, how many were skipped, truncated or dropped. Without it, the rows are text and every real
+    token is trained.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if chat is None:
         blocks = ([(ids, None) for ids in block] for block in iter_documents(dataset, tokenizer, text_field))
     else:
         blocks = chat.iter_documents(dataset, seq_len)
-    yield from (_packed_rows(blocks, seq_len, pad) if pack else (_unpacked_rows(b, seq_len, pad) for b in blocks))
+    drawn = isinstance(chat, RolloutEncoder) and chat.drawn
+    if pack:
+        yield from _packed_rows(blocks, seq_len, pad, drawn)
+    else:
+        yield from (_unpacked_rows(block, seq_len, pad, drawn) for block in blocks)
 
 
-def _packed_rows(blocks: Iterator[list[Document]], seq_len: int, pad: int) -> Iterator[Rows]:
+def _packed_rows(blocks: Iterator[list[Document]], seq_len: int, pad: int, drawn: bool) -> Iterator[Rows]:
     tokens = np.zeros(0, np.int64)
     docs = np.zeros(0, np.int64)  # running document number of each token
     trained = np.zeros(0, bool)
+    behaviour = np.zeros(0, np.float32)  # with `drawn`: each token's log-prob under its generator (NaN: not drawn)
     next_doc = 0
     for block in blocks:
-        lengths = np.fromiter((len(ids) for ids, _ in block), np.int64, len(block))
-        tokens = np.concatenate([tokens, _flat((ids for ids, _ in block), np.int64, lengths.sum())])
+        lengths = np.fromiter((len(doc[0]) for doc in block), np.int64, len(block))
+        tokens = np.concatenate([tokens, _flat((doc[0] for doc in block), np.int64, lengths.sum())])
         docs = np.concatenate([docs, np.repeat(np.arange(next_doc, next_doc + len(block)), lengths)])
-        trained = np.concatenate([trained, _trained([flags for _, flags in block], lengths)])
+        trained = np.concatenate([trained, _trained([doc[1] for doc in block], lengths)])
+        if drawn:
+            behaviour = np.concatenate([behaviour, _flat((doc[2] for doc in block), np.float32, lengths.sum())])
         next_doc += len(block)
         num_rows = (len(tokens) - 1) // seq_len
         if num_rows:
             index = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)
-            yield _rows(tokens[index], docs[index], np.ones(index.shape, bool), trained[index])
-            tokens, docs, trained = tokens[num_rows * seq_len:], docs[num_rows * seq_len:], trained[num_rows * seq_len:]
+            yield _rows(tokens[index], docs[index], np.ones(index.shape, bool), trained[index],
+                        behaviour[index] if drawn else None)
+            rest = slice(num_rows * seq_len, None)
+            tokens, docs, trained, behaviour = tokens[rest], docs[rest], trained[rest], behaviour[rest]
     if len(tokens) > 1:  # a last, partial sample, padded
         real = np.arange(seq_len + 1) < len(tokens)
         yield _rows(_pad(tokens, seq_len + 1, pad)[None], _pad(docs, seq_len + 1, docs[-1])[None], real[None],
-                    _pad(trained, seq_len + 1, False)[None])
+                    _pad(trained, seq_len + 1, False)[None],
+                    _pad(behaviour, seq_len + 1, np.nan)[None] if drawn else None)
 
 
-def _unpacked_rows(block: list[Document], seq_len: int, pad: int) -> Rows:
+def _unpacked_rows(block: list[Document], seq_len: int, pad: int, drawn: bool) -> Rows:
     width = seq_len + 1
-    lengths = np.fromiter((min(len(ids), width) for ids, _ in block), np.int64, len(block))
+    lengths = np.fromiter((min(len(doc[0]), width) for doc in block), np.int64, len(block))
     real = np.arange(width)[None, :] < lengths[:, None]
     ids = np.full((len(block), width), pad, np.int64)
-    ids[real] = _flat((doc[:width] for doc, _ in block), np.int64, lengths.sum())
+    ids[real] = _flat((doc[0][:width] for doc in block), np.int64, lengths.sum())
     trained = np.zeros_like(real)
-    trained[real] = _trained([flags if flags is None else flags[:width] for _, flags in block], lengths)
+    trained[real] = _trained([doc[1] if doc[1] is None else doc[1][:width] for doc in block], lengths)
+    behaviour = None
+    if drawn:
+        behaviour = np.full((len(block), width), np.nan, np.float32)
+        behaviour[real] = _flat((doc[2][:width] for doc in block), np.float32, lengths.sum())
     keep = lengths > 1  # a one-token document has no target
-    return _rows(ids[keep], np.zeros_like(ids[keep]), real[keep], trained[keep])
+    return _rows(ids[keep], np.zeros_like(ids[keep]), real[keep], trained[keep],
+                 None if behaviour is None else behaviour[keep])
 
 
 def _trained(flags: list[list[bool] | None], lengths: np.ndarray) -> np.ndarray:
@@ -248,12 +273,14 @@ def _flat(lists: Iterator[list], dtype: type, count: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(lists), dtype, count)
 
 
-def _rows(ids: np.ndarray, docs: np.ndarray, real: np.ndarray, trained: np.ndarray) -> Rows:
+def _rows(ids: np.ndarray, docs: np.ndarray, real: np.ndarray, trained: np.ndarray,
+          behaviour: np.ndarray | None = None) -> Rows:
     return Rows(
         input_ids=ids,
         attention_mask=real,
         loss_mask=trained[:, 1:].copy(),  # false on padding
         segment_ids=(docs - docs[:, :1]).astype(np.uint16),
+        behaviour_logprob=None if behaviour is None else behaviour[:, 1:].copy(),  # position t: token t + 1
     )
 
 

@@ -18,12 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from storage.causal_lm import TORCH_DTYPES
-from storage.conversations import encoder_for
+from storage.conversations import ChatEncoder, encoder_for
 from storage.fs import Location
 from storage.lock import OutputLock, lock_name
 from storage.manifest import Manifest, ShardInfo
+from storage.rollouts import RolloutEncoder, rollout_encoder
 from storage.samples import Rows, iter_rows, source_id
-from storage.targets import KINDS
+from storage.targets import KINDS, rollout
 from storage.workers import WorkerSlot, merge_if_finished
 from storage.writer import BackgroundWriter, StoreWriter
 from teacher_cache.backend import TeacherBackend
@@ -78,7 +79,7 @@ def _build(config: BuildConfig, output: Location, source: Source, teacher: Teach
     if config.stores_topk and config.top_k > teacher.vocab_size:
         raise ValueError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of {teacher.vocab_size} ids.")
     layers = teacher.resolve_layers(config.hidden_layers)
-    chat = encoder_for(config, source.format, source.chat_template, teacher.tokenizer)
+    chat = _encoder(config, source, teacher)
     rows = iter_rows(source.dataset, teacher.tokenizer, text_field=config.text_field, seq_len=config.seq_len,
                      pack=config.pack, chat=chat)
     first = next(rows, None)
@@ -102,7 +103,8 @@ def _build(config: BuildConfig, output: Location, source: Source, teacher: Teach
                "batch_size": config.batch_size, "samples_per_shard": config.samples_per_shard, "seed": config.seed,
                # Written only when set, so the headers of builds without it stay as they were (--resume compares).
                **({"document_attention": "isolated"} if source.isolated else {})},
-        targets=_targets_section(spec, config, layers, identity["hidden_size"], teacher.target_properties()),
+        targets=_targets_section(spec, config, layers, identity["hidden_size"], teacher.target_properties())
+        | ({"rollout": rollout.section(source.generated_by)} if _drawn(chat) else {}),
         created_by=f"teacher-cache {_version()}",
     )
     worker = _worker(config)
@@ -113,6 +115,22 @@ def _build(config: BuildConfig, output: Location, source: Source, teacher: Teach
         if chat is not None:
             report_conversations(chat.counts, config)
     return writer.manifest if worker is None else _merge_if_finished(writer)
+
+
+def _encoder(config: BuildConfig, source: Source, teacher: TeacherBackend) -> ChatEncoder | RolloutEncoder | None:
+    """How the rows become documents: a generator's replies as the tokens it drew when it had the teacher's
+    tokenizer (`storage.rollouts`), else conversations rendered with the chat template, or text (None)."""
+    if source.generation is not None:
+        encoder = rollout_encoder(source.dataset, source.generation, teacher.tokenizer, train_on=config.train_on,
+                                  overlong=config.overlong)
+        if encoder is not None:
+            return encoder
+    return encoder_for(config, source.format, source.chat_template, teacher.tokenizer)
+
+
+def _drawn(chat: ChatEncoder | RolloutEncoder | None) -> bool:
+    """Whether the samples carry behaviour log-probs (the store then holds the `rollout` kind)."""
+    return isinstance(chat, RolloutEncoder) and chat.drawn
 
 
 def _worker(config: BuildConfig) -> WorkerSlot | None:
@@ -159,6 +177,8 @@ def _run(config: BuildConfig, teacher: TeacherBackend, writer: StoreWriter, rows
             record = {name: value.to("cpu", non_blocking=True) for name, value in record.items()}
             record |= {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                        "loss_mask": batch.loss_mask, "segment_ids": batch.segment_ids}
+            if batch.behaviour_logprob is not None:
+                record[rollout.BEHAVIOUR_LOGPROB] = batch.behaviour_logprob
             background.put(first_row, record, ready=_ready_event(device))
             samples, tokens = samples + len(batch), tokens + int(batch.loss_mask.sum())
             bar.update(batch.loss_mask.size)

@@ -232,7 +232,7 @@ def _kept(batch: list[tuple[int, list[dict], list[int]]], responses: list[Respon
             "prompt_id": response.prompt_id, "response_index": response.response_index,
             "finish_reason": response.finish_reason, "response_token_ids": response.token_ids,
             "response_logprobs": response.logprobs, "sampling_logprobs": response.sampling_logprobs,
-            "prompt_tokens": len(ids),
+            "prompt_tokens": len(ids), "prompt_token_ids": ids,
         })
     return rows
 

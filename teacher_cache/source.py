@@ -30,6 +30,8 @@ class Source:
     chat_template: str | None
     isolated: bool
     generated_by: dict | None = None
+    generation: dict | None = None
+    """For a `teacher-cache generate` output, its checked manifest (generation.json)."""
 
 
 def read_source(config: BuildConfig) -> Source:
@@ -42,16 +44,15 @@ def read_source(config: BuildConfig) -> Source:
     dataset, fmt = load_samples_dataset(config.dataset, split=config.split, fields=config.columns,
                                         dataset_format=config.dataset_format)
     template = config.template_text(fmt, config.dataset)
-    return Source(dataset, fmt, template, config.isolates(fmt), generated_by(config.dataset))
+    path = Path(config.dataset).expanduser()
+    generation = load_manifest(Location(path)) if path.is_dir() and is_generated(path) else None
+    by = None if generation is None else generated_by(generation)
+    return Source(dataset, fmt, template, config.isolates(fmt), by, generation)
 
 
-def generated_by(source: str) -> dict | None:
-    """For a `teacher-cache generate` output, the model that wrote its replies, how it sampled them, the template it
-    read the prompts with and the output's digest; None for any other dataset."""
-    path = Path(source).expanduser()
-    if not (path.is_dir() and is_generated(path)):
-        return None
-    manifest = load_manifest(Location(path))
+def generated_by(manifest: dict) -> dict:
+    """For a `teacher-cache generate` output (its manifest), the model that wrote its replies, how it sampled them,
+    the template it read the prompts with and the output's digest."""
     return {"model": manifest["generator"]["model"], "weights_sha256": manifest["generator"]["weights_sha256"],
             "backend": manifest["generator"]["backend"], "sampling": manifest["sampling"],
             "chat_template_sha256": manifest["chat_template_sha256"], "filters": manifest["filters"],

@@ -42,7 +42,7 @@ def row(prompt: int, response: int, answer: str = "") -> dict:
         "response_token_ids": [100 + prompt, 200 + response, 2],
         "response_logprobs": [-0.5, -1.25, -0.125 * (prompt + 1)],
         "sampling_logprobs": [-0.25, -1.0, 0.0] if response == 0 else None,
-        "prompt_tokens": 10 + prompt,
+        "prompt_tokens": 10 + prompt, "prompt_token_ids": list(range(3, 13 + prompt)),
     }
 
 
@@ -108,7 +108,7 @@ def test_round_trip_in_prompt_then_response_order(finished):
     assert [s["path"] for s in manifest["shards"]] == [f"data/shard-0000{i}.parquet" for i in range(4)]
     for shard in manifest["shards"]:
         assert shard["sha256"] == hashlib.sha256((finished / shard["path"]).read_bytes()).hexdigest()
-    assert manifest["format"] == "teacher-cache-generated" and manifest["format_version"] == 1
+    assert manifest["format"] == "teacher-cache-generated" and manifest["format_version"] == 2
     assert manifest["sampling"] == HEADER["sampling"] and manifest["prompts_per_shard"] == 2
     assert is_generated(str(finished)) and not is_generated(str(finished / "data"))
 

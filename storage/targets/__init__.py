@@ -1,8 +1,8 @@
 """The registry of target kinds, and what a store's arrays, statistics, batches and merges are, composed from the
 kinds its manifest's `targets` section holds.
 
-Each kind is one module here (`topk`, `sampled`, `hybrid`, `hidden`; `base` holds the protocol and the records
-every store has). A kind present in a store is one whose `present` says so: a hybrid store holds `topk` and
+Each kind is one module here (`topk`, `sampled`, `hybrid`, `hidden`, `rollout`; `base` holds the protocol and the
+records every store has). A kind present in a store is one whose `present` says so: a hybrid store holds `topk` and
 `hybrid`, never `sampled`.
 """
 
@@ -16,11 +16,12 @@ from storage.stats import masked_mean
 from storage.targets.base import TargetKind, base_specs, base_stats_specs
 from storage.targets.hidden import HIDDEN
 from storage.targets.hybrid import HYBRID
+from storage.targets.rollout import ROLLOUT
 from storage.targets.sampled import SAMPLED
 from storage.targets.topk import TOPK
 
 # Every kind, in the order a shard lists their arrays.
-KINDS: dict[str, TargetKind] = {kind.name: kind for kind in (TOPK, SAMPLED, HYBRID, HIDDEN)}
+KINDS: dict[str, TargetKind] = {kind.name: kind for kind in (TOPK, SAMPLED, HYBRID, HIDDEN, ROLLOUT)}
 
 
 def present_kinds(targets: dict) -> list[TargetKind]:
