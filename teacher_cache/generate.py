@@ -66,6 +66,9 @@ class GenerateConfig(TemplateOptions, DatasetOptions):
                                               "otherwise: a truncated reply teaches the student to stop mid-way).")
     keep_duplicates: bool = option(False, help="Keep a response whose text equals an earlier response to the same "
                                                "prompt (dropped and counted otherwise).")
+    keep_empty: bool = option(False, help="Keep a response without text (dropped and counted otherwise). Rollouts "
+                                          "for on-policy distillation keep every response (with --keep-truncated and "
+                                          "--keep-duplicates): a filtered sample is no longer the student's.")
     backend: str = option("transformers", choices=BACKENDS,
                           help="transformers: batched decoding with the KV cache. vllm: vLLM's offline engine "
                                "(continuous batching, tensor parallelism; fast on GPUs).")
@@ -142,7 +145,8 @@ def generate_responses(config: GenerateConfig, *, generator: Generator | None = 
                         "columns": list(config.columns.of(fmt)[:1]), "prompt_template": config.prompt_template,
                         "fingerprint": getattr(dataset, "_fingerprint", None)},
             "chat_template_sha256": template_sha256(encoder.template),
-            "filters": {"keep_truncated": config.keep_truncated, "keep_duplicates": config.keep_duplicates},
+            "filters": {"keep_truncated": config.keep_truncated, "keep_duplicates": config.keep_duplicates,
+                        "keep_empty": config.keep_empty},
         }
         with GeneratedWriter.open(config.output, header, resume=config.resume, worker_index=config.worker_index,
                                   num_workers=config.num_workers, prompts_per_shard=config.prompts_per_shard,
@@ -219,7 +223,7 @@ def _kept(batch: list[tuple[int, list[dict], list[int]]], responses: list[Respon
     for response in responses:
         counts["responses"] += 1
         texts = seen.setdefault(response.prompt_id, set())  # of the responses kept
-        reason = ("empty" if not response.text.strip() else
+        reason = ("empty" if not response.text.strip() and not config.keep_empty else
                   "truncated" if response.finish_reason == "length" and not config.keep_truncated else
                   "duplicate" if response.text in texts and not config.keep_duplicates else None)
         if reason is not None:

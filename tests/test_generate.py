@@ -352,6 +352,20 @@ def test_truncated_responses_are_dropped_and_counted(unfiltered, filtered):
     assert f"Wrote {_summary(len(kept), len(QUESTIONS), dropped=dropped)} to {output}." in printed
 
 
+def test_rollouts_keep_every_response(answerer, data, tmp_path):
+    """With every --keep-* flag nothing is dropped: a reply whose first word is a stop string has no text, and is
+    kept as drawn (on-policy rollouts must be the model's samples, unfiltered)."""
+    prompts, keep = data / "questions.jsonl", ["--keep-truncated", "--keep-duplicates"]
+    stops = [arg for word in WORDS[:10] for arg in ("--stop", word)]
+    dropped, manifest, _ = _run(answerer, data, prompts, tmp_path / "dropped", *SAMPLED, *stops, *keep)
+    assert manifest["counts"]["empty"] > 0, "the test model should give some replies without text"
+    rows, kept_manifest, _ = _run(answerer, data, prompts, tmp_path / "kept", *SAMPLED, *stops, *keep, "--keep-empty")
+    assert len(rows) == kept_manifest["counts"]["responses"] == 3 * len(QUESTIONS)
+    assert kept_manifest["counts"]["empty"] == 0 and kept_manifest["filters"]["keep_empty"] is True
+    assert [r for r in rows if r["messages"][-1]["content"].strip()] == dropped
+    assert len(rows) - len(dropped) == manifest["counts"]["empty"]
+
+
 def test_greedy_repeats_are_duplicates(answerer, data, tmp_path):
     prompts = data / "questions.jsonl"
     kept, manifest, printed = _run(answerer, data, prompts, tmp_path / "dedup", *GREEDY, "--keep-truncated")
