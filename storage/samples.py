@@ -221,7 +221,8 @@ def _packed_rows(blocks: Iterator[list[Document]], seq_len: int, pad: int, drawn
     tokens = np.zeros(0, np.int64)
     docs = np.zeros(0, np.int64)  # running document number of each token
     trained = np.zeros(0, bool)
-    behaviour = np.zeros(0, np.float32)  # with `drawn`: each token's log-prob under its generator (NaN: not drawn)
+    # With `drawn`: each token's log-prob under its generator (NaN: not drawn), and its place in its document.
+    behaviour, place = np.zeros(0, np.float32), np.zeros(0, np.int64)
     next_doc = 0
     for block in blocks:
         lengths = np.fromiter((len(doc[0]) for doc in block), np.int64, len(block))
@@ -230,19 +231,30 @@ def _packed_rows(blocks: Iterator[list[Document]], seq_len: int, pad: int, drawn
         trained = np.concatenate([trained, _trained([doc[1] for doc in block], lengths)])
         if drawn:
             behaviour = np.concatenate([behaviour, _flat((doc[2] for doc in block), np.float32, lengths.sum())])
+            place = np.concatenate([place, np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths,
+                                                                                 lengths)])
         next_doc += len(block)
         num_rows = (len(tokens) - 1) // seq_len
         if num_rows:
             index = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)
             yield _rows(tokens[index], docs[index], np.ones(index.shape, bool), trained[index],
-                        behaviour[index] if drawn else None)
+                        _whole_context(behaviour[index], place[index]) if drawn else None)
             rest = slice(num_rows * seq_len, None)
-            tokens, docs, trained, behaviour = tokens[rest], docs[rest], trained[rest], behaviour[rest]
+            tokens, docs, trained = tokens[rest], docs[rest], trained[rest]
+            behaviour, place = behaviour[rest], place[rest]
     if len(tokens) > 1:  # a last, partial sample, padded
         real = np.arange(seq_len + 1) < len(tokens)
         yield _rows(_pad(tokens, seq_len + 1, pad)[None], _pad(docs, seq_len + 1, docs[-1])[None], real[None],
                     _pad(trained, seq_len + 1, False)[None],
-                    _pad(behaviour, seq_len + 1, np.nan)[None] if drawn else None)
+                    _whole_context(_pad(behaviour, seq_len + 1, np.nan)[None], _pad(place, seq_len + 1, 0)[None])
+                    if drawn else None)
+
+
+def _whole_context(behaviour: np.ndarray, place: np.ndarray) -> np.ndarray:
+    """Behaviour log-probs [n, L+1] with NaN on the tokens of a document that began in an earlier sample: the
+    generator drew them after the document's whole start, which this sample no longer holds, so the teacher and the
+    student see them in another context than the one they were drawn in."""
+    return np.where(place > np.arange(place.shape[1]), np.float32(np.nan), behaviour)
 
 
 def _unpacked_rows(block: list[Document], seq_len: int, pad: int, drawn: bool) -> Rows:

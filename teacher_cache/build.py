@@ -123,6 +123,10 @@ def _encoder(config: BuildConfig, source: Source, teacher: TeacherBackend) -> Ch
     if source.generation is not None:
         encoder = rollout_encoder(source.dataset, source.generation, teacher.tokenizer, train_on=config.train_on,
                                   overlong=config.overlong)
+        if encoder is not None and encoder.drawn and config.pack and not source.isolated:
+            raise ValueError("--document-attention cross: each reply of these rollouts was drawn with its own prompt "
+                             "as its only context, so its tokens must be scored in that context; leave "
+                             "--document-attention at auto (isolated), or build with --no-pack.")
         if encoder is not None:
             return encoder
     return encoder_for(config, source.format, source.chat_template, teacher.tokenizer)

@@ -143,23 +143,43 @@ def test_unpacked_samples_hold_the_drawn_tokens_and_their_behaviour_logprobs(lla
 
 
 def test_packed_samples_cut_the_stream_of_rollouts(llama_dir, tokenizer, tmp_path):
+    """Packed, every target once; a rollout cut across two samples keeps no behaviour log-probs in the second, where
+    its tokens are read without the start they were drawn after."""
     rows = _rows(tokenizer)
     dataset = write_generated(tmp_path / "gen", rows, tokenizer_sha256=tokenizer_fingerprint(tokenizer))
     seq_len = 24  # longer than each rollout (a longer one is truncated, as a conversation is), shorter than all
-    store = build(llama_dir, dataset, tmp_path / "store", "--seq-len", str(seq_len), "--document-attention", "cross")
-    ids, trained, behaviour = ([], [], [])
+    store = build(llama_dir, dataset, tmp_path / "store", "--seq-len", str(seq_len))
+    assert store.manifest.build["document_attention"] == "isolated"
+    ids, trained, behaviour, starts = [], [], [], []
     for row in rows:
-        for whole, part in zip((ids, trained, behaviour), _laid_out(row), strict=True):
-            whole += part
+        doc_ids, doc_trained, doc_behaviour = _laid_out(row)
+        starts += [len(ids)] * len(doc_ids)
+        ids, trained, behaviour = ids + doc_ids, trained + doc_trained, behaviour + doc_behaviour
+    cut = 0
     for k in range(len(store)):
-        window = slice(k * seq_len, k * seq_len + seq_len + 1)
+        first = k * seq_len
+        window = slice(first, first + seq_len + 1)
         real = len(ids[window])
         sample = store[k]
         assert sample["input_ids"][:real].tolist() == ids[window]
         assert sample["loss_mask"][: real - 1].tolist() == trained[window][1:]
-        np.testing.assert_array_equal(sample["behaviour_logprob"][: real - 1],
-                                      np.array(behaviour[window][1:], np.float32))
+        expected = [np.nan if start < first else value for value, start in
+                    zip(behaviour[window][1:], starts[window][1:], strict=True)]
+        cut += sum(start < first and not np.isnan(value) for value, start in
+                   zip(behaviour[window][1:], starts[window][1:], strict=True))
+        np.testing.assert_array_equal(sample["behaviour_logprob"][: real - 1], np.array(expected, np.float32))
+    assert cut > 0, "a rollout should be cut across two samples"
     assert (len(store) - 1) * seq_len < len(ids) - 1 <= len(store) * seq_len  # every target once
+
+
+def test_rollouts_are_not_packed_across_documents(llama_dir, tokenizer, tmp_path):
+    rows = _rows(tokenizer)
+    dataset = write_generated(tmp_path / "gen", rows, tokenizer_sha256=tokenizer_fingerprint(tokenizer))
+    result = CliRunner().invoke(teacher_cli.main, [
+        "build", "--model", str(llama_dir), "--dataset", str(dataset), "--output", str(tmp_path / "store"),
+        "--document-attention", "cross", "--seq-len", "24", "--device", "cpu"])
+    assert result.exit_code == 2 and "--document-attention cross" in result.output
+    assert not (tmp_path / "store").exists()
 
 
 def test_train_on_all_trains_the_prompt_too_without_behaviour(llama_dir, tokenizer, tmp_path):
