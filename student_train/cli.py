@@ -79,6 +79,8 @@ def main(ctx: click.Context, verbose: bool, **params) -> None:
       skew_kl     KL(p || a p + (1-a) q)              DistiLLM's skew KL, a = --skew-alpha
       skew_rkl    KL(q || a q + (1-a) p)              skew reverse KL
       ce          -log q(true next token)             never tempered nor scheduled
+      rollout_rkl w (log q(x) - log p(x)), x sampled  on-policy KL(q || p) on a store of the student's own rollouts;
+                  by the student, w = min(q/mu, C)    mu its sampling distribution, C = --rollout-clip; T = 1 only
     p and q are compared over the buckets of --targets-from: topk_tail = the k stored ids + one bucket for the
     rest of the vocabulary; topk_renorm = the k ids, both renormalised; topk_residual = the k ids + the tail mass
     on the true next token + one bucket for the student's mass elsewhere; sampled = the teacher's draws (counts / N)

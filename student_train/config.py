@@ -10,7 +10,7 @@ from storage.options import option
 from student_train.divergences import ONLINE, REPRESENTATIONS, TARGETS_FROM
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.liger import FUSED_CE
-from student_train.loss_config import CE, LOSS_IMPLS, LOSS_NAMES, SCHEDULES, LossConfig
+from student_train.loss_config import CE, LOSS_IMPLS, LOSS_NAMES, ROLLOUT, SCHEDULES, LossConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -30,7 +30,8 @@ class TrainConfig:
         default_factory=list, multiple=True, metavar="NAME=WEIGHT",
         help=f"A loss term, repeatable; NAME is one of {', '.join(LOSS_NAMES)} (the menu above). Default: "
              f"forward_kl=ALPHA ce=1-ALPHA. A bare {'/'.join(REPRESENTATIONS)} is --targets-from. In a file also "
-             "a mapping {NAME: WEIGHT}. Resolved to the weighted terms alone, zero weights dropped.")
+             "a mapping {NAME: WEIGHT}. Resolved to the weighted terms alone, zero weights dropped. "
+             f"{ROLLOUT} trains on a store built over this student's own rollouts (see --rollout-clip).")
     targets_from: str | None = option(
         None, choices=tuple(TARGETS_FROM),
         help="What the divergences compare with. Default: hybrid (exact top-k plus draws from the tail) when the "
@@ -60,8 +61,13 @@ class TrainConfig:
     skew_alpha: float = option(LossConfig.skew_alpha, help="skew_kl's and skew_rkl's alpha in (0, 1).")
     kd_schedule: str = option(
         LossConfig.kd_schedule, metavar="SCHEDULE",
-        help=f"Factor on the divergences by step: {', '.join(SCHEDULES)} (0 -> 1 over STEPS; 1 -> 0 over STEPS). CE "
-             "is not scheduled.")
+        help=f"Factor on the divergences and {ROLLOUT} by step: {', '.join(SCHEDULES)} (0 -> 1 over STEPS; 1 -> 0 "
+             "over STEPS). CE is not scheduled.")
+    rollout_clip: float = option(
+        LossConfig.rollout_clip, metavar="C",
+        help=f"{ROLLOUT}'s truncation (>= 1) of its importance weights min(q(x) / mu(x), C): q the student now, mu "
+             "the distribution it sampled the token x from when it generated the rollouts, so that the estimate "
+             "follows the student's drift since, with bounded variance.")
     feature_loss: str | None = option(
         None, choices=tuple(FEATURE_LOSSES),
         help="Also pull the student's hidden states towards the teacher's stored by `teacher-cache build "
@@ -208,7 +214,7 @@ class TrainConfig:
         return LossConfig(weights=weights, targets=targets, temperature=self.temperature, jsd_beta=self.jsd_beta,
                           skew_alpha=self.skew_alpha, kd_schedule=self.kd_schedule,
                           chunk_positions=self.chunk_positions, sampled_tail_bucket=sampled_tail_bucket,
-                          top_k=self.top_k, impl=self.loss_impl)
+                          top_k=self.top_k, impl=self.loss_impl, rollout_clip=self.rollout_clip)
 
 
 def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | None) -> tuple[list[str], str | None]:

@@ -78,6 +78,14 @@ With `sampled`, and with `hybrid` on the tail, every divergence except forward K
 divergence to the teacher (for example E TV(counts / N, q) >= TV(p, q)), with a bias that shrinks as the number of
 draws grows; the draws are still useful as a target, but the estimate is not the teacher's divergence.
 
+On-policy, without a representation: `rollout_rkl` reads only the student's log q(x) of the next token x, which the
+student itself sampled (a store built over its rollouts), the teacher's stored log p(x) (`true_logprob`) and the
+log-prob mu(x) the generator sampled x with (`behaviour_logprob`, NaN where x was not drawn). Per position, with
+a = log q(x) - log p(x) and w = min(q(x) / mu(x), C): the value w a estimates KL(q(.|prefix) || p(.|prefix)), and
+the gradient w a grad log q(x) estimates its gradient (E_q[a grad log q] = grad KL, as E_q[grad log q] = 0), both
+exactly in expectation over x ~ mu while w is not truncated. The prefix, itself drawn from the student, is not
+differentiated (as in GKD and per-token on-policy distillation).
+
 Legend: C positions in a chunk, V vocabulary (with `online`: the student's is W >= the teacher's V), K top-k ids, M
 sampled entries per position (padding: id 0, count 0), J buckets.
 """
@@ -94,6 +102,9 @@ from student_train.collate import TAIL_BUCKET
 
 # The targets' entry of the true next token, [C] (see READS_TRUE_IDS).
 TRUE_IDS = "true_ids"
+# The batch records `rollout_rkl` reads, [C] each: the teacher's and the generator's log-prob of the next token.
+TRUE_LOGPROB, BEHAVIOUR_LOGPROB = "true_logprob", "behaviour_logprob"
+ROLLOUT_KEYS = (TRUE_LOGPROB, BEHAVIOUR_LOGPROB)
 
 
 class Logits:
@@ -325,3 +336,26 @@ DIVERGENCES: dict[str, Divergence] = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tv": tv, "skew_kl": skew_kl,
     "skew_rkl": skew_rkl,
 }
+
+
+def rollout_rkl(
+    logq_C: torch.Tensor, targets: dict[str, torch.Tensor], clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token sample estimate of KL(q || p) at the student's sampled tokens (module docstring).
+
+    Args:
+        logq_C: the student's log-prob of each position's next token x (a differentiable function of its logits).
+        targets: ROLLOUT_KEYS: the teacher's log p(x) and the generator's log mu(x), NaN where x was not drawn.
+        clip: C, the truncation of the importance weights q(x) / mu(x).
+
+    Returns:
+        (surrogate [C], w [C]): the surrogate's value is w a, its gradient w a grad log q(x), with
+        a = log q(x) - log p(x) and w = min(q(x) / mu(x), C) detached; both 0 where x was not drawn.
+    """
+    behaviour_C = targets[BEHAVIOUR_LOGPROB]
+    drawn_C = behaviour_C.isfinite()
+    logq_now_C = logq_C.detach()
+    # where, not a product with a mask: NaN * 0 is NaN (undrawn positions have NaN log mu and any log p).
+    weight_C = torch.where(drawn_C, (logq_now_C - behaviour_C).exp().clamp(max=clip), 0.0)
+    coef_C = weight_C * torch.where(drawn_C, logq_now_C - targets[TRUE_LOGPROB], 0.0)
+    return coef_C + coef_C * (logq_C - logq_now_C), weight_C

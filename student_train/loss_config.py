@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from student_train.divergences import DIVERGENCES, TARGETS_FROM
+from student_train.divergences import DIVERGENCES, ONLINE, TARGETS_FROM
 from student_train.targets.topk import TOPK
 
 CE = "ce"
-LOSS_NAMES = (*DIVERGENCES, CE)  # the terms a loss mixes
+# The on-policy reverse KL estimated on the student's own samples (`student_train.divergences.rollout_rkl`).
+ROLLOUT = "rollout_rkl"
+LOSS_NAMES = (*DIVERGENCES, CE, ROLLOUT)  # the terms a loss mixes
 # KD schedules: STEPS is a number of optimizer steps.
 SCHEDULES = ("constant", "linear_warmup:STEPS", "cosine_decay:STEPS")
 # Representations that read the stored top-k, which `LossConfig.top_k` may narrow.
@@ -68,7 +70,12 @@ class LossConfig:
     """How the student learns from the targets.
 
     Attributes:
-        weights: weight of each term, by name: a key of DIVERGENCES or "ce". Weights are >= 0, not all 0.
+        weights: weight of each term, by name: a key of DIVERGENCES, "ce" or "rollout_rkl". Weights are >= 0, not
+            all 0. rollout_rkl estimates, on a store built over the student's own rollouts, the sum over the
+            student's positions of KL(q(.|prefix) || p(.|prefix)), the prefixes being the student's samples, from
+            the stored log-probs of the sampled tokens alone (no target representation); the prefix distribution is
+            not differentiated, as in GKD and per-token on-policy distillation (see
+            `student_train.divergences.rollout_rkl`). Temperature 1 only; not with online targets.
         targets: the target representation of every divergence, a key of TARGETS_FROM: the store's (REPRESENTATIONS)
             or ONLINE, the full distribution of a teacher run beside the student (`distillation_loss`'s
             `teacher_head`).
@@ -76,7 +83,7 @@ class LossConfig:
             hybrid.
         jsd_beta: jsd's beta, in (0, 1): the teacher's share of the mixture m = beta p + (1 - beta) q.
         skew_alpha: skew_kl's and skew_rkl's alpha, in (0, 1): the share of the first distribution in the mixture.
-        kd_schedule: factor on the divergences by optimizer step, one of SCHEDULES (see `kd_scale`).
+        kd_schedule: factor on the divergences and rollout_rkl by optimizer step, one of SCHEDULES (see `kd_scale`).
         chunk_positions: positions whose student logits exist at once.
         sampled_tail_bucket: the store's sampled draws include a tail bucket (id TAIL_BUCKET once collated), whose
             student probability is the mass outside the position's top-k ids; the batch must hold `topk_ids`.
@@ -90,6 +97,8 @@ class LossConfig:
             `student_train.fused_loss`); "checkpoint": each chunk under activation checkpointing, its logits
             recomputed in backward (slower; the reference). Same loss and gradients. Online targets always use
             "checkpoint"; `fused_ce` takes precedence for CE alone.
+        rollout_clip: rollout_rkl's truncation C >= 1 of its importance weights min(q(x) / mu(x), C), mu the
+            distribution the student sampled x from when it generated: they correct for the student's drift since.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
@@ -103,6 +112,7 @@ class LossConfig:
     fused_ce: bool = False
     top_k: int | None = None
     impl: str = "fused"
+    rollout_clip: float = 2.0
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.weights if name not in LOSS_NAMES]
@@ -123,8 +133,9 @@ class LossConfig:
         kd_scale(self.kd_schedule, 0)
         if self.chunk_positions < 1:
             raise ValueError(f"chunk_positions: expected a positive number of positions, got {self.chunk_positions}.")
-        if self.kd_weights:
+        if self.divergence_weights:
             self._check_representation()
+        self._check_rollout()
         if self.fused_ce and self.kd_weights:
             raise ValueError(f"fused_ce: Liger's fused kernel computes CE alone, and the loss also has "
                              f"{', '.join(self.kd_weights)}; use the torch path for a mix.")
@@ -138,6 +149,25 @@ class LossConfig:
                              f"targets are {self.targets}.")
         if self.impl not in LOSS_IMPLS:
             raise ValueError(f"impl: {self.impl!r} is not one of {', '.join(LOSS_IMPLS)}.")
+
+    def _check_rollout(self) -> None:
+        """rollout_clip, and the temperature and targets rollout_rkl supports."""
+        if not self.rollout_clip >= 1.0:
+            raise ValueError(f"rollout_clip: expected a truncation of the importance weights >= 1, got "
+                             f"{self.rollout_clip}.")
+        if ROLLOUT not in self.kd_weights:
+            return
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"temperature: {self.temperature} cannot be used with {ROLLOUT}: it compares the untempered "
+                "log-probs of the sampled tokens (the student's, the teacher's and the generator's). Use temperature "
+                f"1.0, or drop {ROLLOUT}."
+            )
+        if self.targets == ONLINE:
+            raise ValueError(
+                f"{ROLLOUT} cannot be used with online targets: it reads the log-probs that the store's teacher gave "
+                f"the sampled tokens, not the online teacher's. Drop --online-teacher, or drop {ROLLOUT}."
+            )
 
     def _check_representation(self) -> None:
         """The temperature and divergences the targets support."""
@@ -156,8 +186,14 @@ class LossConfig:
 
     @property
     def kd_weights(self) -> dict[str, float]:
-        """The divergences of the mix with a positive weight."""
+        """The KD terms of the mix with a positive weight: the divergences and rollout_rkl, those the KD schedule
+        scales."""
         return {name: weight for name, weight in self.weights.items() if name != CE and weight > 0}
+
+    @property
+    def divergence_weights(self) -> dict[str, float]:
+        """The divergences of the mix with a positive weight: the terms that read the target representation."""
+        return {name: weight for name, weight in self.kd_weights.items() if name != ROLLOUT}
 
     def parameter(self, divergence: str) -> float:
         """The parameter passed to a divergence: jsd's beta, the skew divergences' alpha (unused by the others)."""

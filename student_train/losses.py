@@ -1,5 +1,6 @@
-"""Distillation losses: a weighted mix of divergences on the store's sparse targets, plus CE; never a dense teacher
-(but for online KD, the baseline: a teacher run beside the student, one chunk of its logits at a time).
+"""Distillation losses: a weighted mix of divergences on the store's sparse targets, an on-policy reverse KL on the
+student's own samples, plus CE; never a dense teacher (but for online KD, the baseline: a teacher run beside the
+student, one chunk of its logits at a time).
 
 Sits between the loader (which collates a batch of store records, `student_train.collate`) and the trainer; its
 options are a `LossConfig` (`student_train.loss_config`). The student gives its final hidden states and its output
@@ -12,7 +13,7 @@ Everything after the head is in fp32, whatever the autocast dtype.
 
 The loss of a batch, each term a mean over `loss_mask` positions:
 
-    loss = s(step) * T^2 * sum_d w_d * D_d(p, q)  +  w_ce * CE
+    loss = s(step) * (T^2 * sum_d w_d * D_d(p, q)  +  w_r * R)  +  w_ce * CE
 
 - D_d: the divergences of `student_train.divergences` (forward_kl, reverse_kl, jsd, tv, skew_kl, skew_rkl), each
   between the teacher p and the student q as given by one target representation (topk_tail, topk_renorm,
@@ -25,16 +26,27 @@ The loss of a batch, each term a mean over `loss_mask` positions:
 - Online: the batch holds the teacher's final hidden states (`TEACHER_HIDDEN`, added by the trainer) instead of
   targets, and `teacher_head` turns one chunk of them into the teacher's [C, V] logits inside the chunk, without
   gradient; like the student's, they are recomputed in backward rather than kept.
+- R (`rollout_rkl`), on a store built over the student's own rollouts (`teacher-cache generate --model STUDENT`,
+  then `teacher-cache build` over them): a sample estimate of sum over the student's positions of
+  KL(q(.|prefix) || p(.|prefix)), the prefixes being the student's own samples, from the teacher's stored log-prob
+  of each sampled token x (`true_logprob`) and the generator's (`behaviour_logprob`, NaN where x was not drawn: a
+  prompt, template, appended EOS or padding, which adds 0). Per such position, with a = log q(x) - log p(x) and the
+  truncated importance weight w = min(q(x) / mu(x), C) (`LossConfig.rollout_clip`, for the student's drift since
+  it generated), its value is w a and its gradient w a grad log q(x): the score-function (policy) gradient of the
+  reverse KL, with the prefix distribution not differentiated, as GKD and per-token on-policy distillation do (see
+  `student_train.divergences.rollout_rkl`). It reads no target representation and needs T = 1; not with online
+  targets.
 - CE: -log softmax(z)[true next token], never tempered, never scheduled.
 - w: the weights of `LossConfig.weights`, used as given (they need not sum to 1). A term of weight 0 is not
-  computed; with no divergence the batch needs no targets and the reported KD is 0.
-- s(step): the KD schedule (`kd_scale`), a factor in [0, 1] on every divergence, from the optimizer step.
+  computed; with no divergence the batch needs no targets, and with no KD term the reported KD is 0.
+- s(step): the KD schedule (`kd_scale`), a factor in [0, 1] on every divergence and on R, from the optimizer step.
 
 A loss of CE alone may instead come from Liger-kernel's fused linear cross-entropy on CUDA (`LossConfig.fused_ce`;
 see `student_train.liger`), which gives the same CE and gradients without the checkpointed chunks.
 
 Legend: B batch, L positions per row, H hidden size (G the online teacher's), V vocabulary, P trained positions
-(loss_mask true), C positions in a chunk, D divergences in the mix, K stored top-k ids (k kept of them).
+(loss_mask true), C positions in a chunk, D KD terms in the mix (divergences, rollout_rkl), K stored top-k ids
+(k kept of them).
 """
 
 from __future__ import annotations
@@ -47,18 +59,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from student_train.divergences import (
+    BEHAVIOUR_LOGPROB,
     DIVERGENCES,
     ONLINE,
     READS_TRUE_IDS,
     REPRESENTATIONS,
+    ROLLOUT_KEYS,
     TARGET_KEYS,
     TARGETS_FROM,
     TRUE_IDS,
     Logits,
 )
-from student_train.fused_loss import fused_loss, weighted_loss
+from student_train.fused_loss import fused_loss, kd_terms, weighted_loss
 from student_train.liger import liger_ce_sum
-from student_train.loss_config import LossConfig, kd_scale
+from student_train.loss_config import ROLLOUT, LossConfig, kd_scale
 
 __all__ = ["DIVERGENCES", "ONLINE", "REPRESENTATIONS", "TARGETS_FROM", "TEACHER_HIDDEN", "distillation_loss"]
 
@@ -71,19 +85,18 @@ TeacherHead = Callable[[torch.Tensor], torch.Tensor]
 def _chunk_sums(
     hidden_CH: torch.Tensor, true_C: torch.Tensor, targets: dict[str, torch.Tensor], head: nn.Linear,
     config: LossConfig, teacher_head: TeacherHead | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed divergences [D] (in `config.kd_weights` order) and CE over one chunk: the only place [C, V] exists."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed KD terms [D] (in `config.kd_weights` order), CE and rollout_rkl importance weights over one chunk: the
+    only place [C, V] exists."""
     logits_CV = head(hidden_CH).float()
     ce_C = logits_CV.logsumexp(-1) - logits_CV.gather(-1, true_C[:, None]).squeeze(-1)
     if not config.kd_weights:
-        return ce_C.new_zeros(0), ce_C.sum()
+        return ce_C.new_zeros(0), ce_C.sum(), ce_C.new_zeros(())
     if config.targets == ONLINE:  # the teacher's logits of this chunk: a constant for the student
         with torch.no_grad():
             targets = {"teacher_logits": teacher_head(targets[TEACHER_HIDDEN]).float()}
-    logp_CJ, logq_CJ = TARGETS_FROM[config.targets](Logits(logits_CV), targets, config.temperature)
-    kd_D = torch.stack([DIVERGENCES[name](logp_CJ, logq_CJ, config.parameter(name)).sum()
-                        for name in config.kd_weights])
-    return kd_D, ce_C.sum()
+    kd, weight_sum = kd_terms(Logits(logits_CV), -ce_C, targets, config)
+    return torch.stack(kd), ce_C.sum(), weight_sum
 
 
 def distillation_loss(
@@ -95,9 +108,10 @@ def distillation_loss(
     Args:
         hidden_BLH: the student's final hidden states (after its final norm), [B, L, H].
         head: the student's output layer, H -> V.
-        batch: collated store records: `loss_mask` [B, L], `input_ids` [B, L + 1] and the targets of
-            `config.targets` (see TARGET_KEYS) when a divergence has weight: for online targets, the teacher's
-            final hidden states `TEACHER_HIDDEN` [B, L, G]. They are moved to the device of `hidden_BLH`.
+        batch: collated store records: `loss_mask` [B, L], `input_ids` [B, L + 1], the targets of
+            `config.targets` (see TARGET_KEYS) when a divergence has weight (for online targets, the teacher's
+            final hidden states `TEACHER_HIDDEN` [B, L, G]), and ROLLOUT_KEYS [B, L] when rollout_rkl has weight.
+            They are moved to the device of `hidden_BLH`.
         config: the weighted terms, their representation, temperature, schedule, chunk size, and whether CE is
             Liger's fused kernel.
         step: the optimizer step, for the KD schedule.
@@ -106,8 +120,10 @@ def distillation_loss(
 
     Returns:
         The scalar loss (module docstring; 0 with a graph when no position is trained), and detached metrics: the
-        mean of each weighted divergence by name, "kd" (their weight-averaged mean, without T^2 or schedule; 0
-        without divergences), "ce" (mean CE), "kd_scale" (the schedule's factor), "tokens" (positions).
+        mean of each weighted KD term by name (a divergence, or rollout_rkl's estimate), "kd" (their
+        weight-averaged mean, without T^2 or schedule; 0 without KD terms), "ce" (mean CE), "kd_scale" (the
+        schedule's factor), "tokens" (positions); with rollout_rkl, "rollout_weight": its mean importance weight
+        over the positions with a behaviour log-prob (0 without any).
     """
     device = hidden_BLH.device
     mask_BL = batch["loss_mask"].to(device)
@@ -115,17 +131,18 @@ def distillation_loss(
     true_P = batch["input_ids"][:, 1:].to(device)[mask_BL]
     kd_weights = config.kd_weights
     assert teacher_head is not None or config.targets != ONLINE or not kd_weights, "online targets need the head"
-    targets_P = _select_targets(batch, config, mask_BL, true_P) if kd_weights else {}
+    targets_P = _select_targets(batch, config, mask_BL, true_P)
 
     num_positions = hidden_PH.shape[0]
     scale = kd_scale(config.kd_schedule, step)
     loss = None
+    weight_sum = 0.0  # rollout_rkl's importance weights, summed
     if config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
         kd_sum_D, ce_sum = hidden_PH.new_zeros(0, dtype=torch.float32), liger_ce_sum(hidden_PH, head, true_P)
-    elif config.impl == "fused" and not (config.targets == ONLINE and kd_weights):
-        loss, kd_sum_D, ce_sum = fused_loss(hidden_PH, true_P, targets_P, head, config, scale)
+    elif config.impl == "fused" and not (config.targets == ONLINE and config.divergence_weights):
+        loss, kd_sum_D, ce_sum, weight_sum = fused_loss(hidden_PH, true_P, targets_P, head, config, scale)
     else:
-        kd_sum_D, ce_sum = _chunked_sums(hidden_PH, true_P, targets_P, head, config, teacher_head)
+        kd_sum_D, ce_sum, weight_sum = _chunked_sums(hidden_PH, true_P, targets_P, head, config, teacher_head)
     kd_mean_D, ce_mean = kd_sum_D / max(num_positions, 1), ce_sum / max(num_positions, 1)
     weights_D = kd_mean_D.new_tensor(list(kd_weights.values()))
     kd_total = (weights_D * kd_mean_D).sum()
@@ -134,49 +151,69 @@ def distillation_loss(
     metrics = {name: value.detach() for name, value in zip(kd_weights, kd_mean_D, strict=True)}
     kd = kd_total.detach() / weights_D.sum() if kd_weights else kd_total.detach()
     metrics |= {"kd": kd, "ce": ce_mean.detach(), "kd_scale": torch.tensor(scale), "tokens": mask_BL.sum()}
+    if ROLLOUT in kd_weights:
+        drawn = int(targets_P[BEHAVIOUR_LOGPROB].isfinite().sum())
+        metrics["rollout_weight"] = weight_sum / max(drawn, 1)
     return loss, metrics
 
 
 def _chunked_sums(
     hidden_PH: torch.Tensor, true_P: torch.Tensor, targets_P: dict[str, torch.Tensor], head: nn.Linear,
     config: LossConfig, teacher_head: TeacherHead | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed divergences [D] and CE over all P positions, `config.chunk_positions` at a time, each chunk under
-    activation checkpointing."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed KD terms [D], CE and rollout_rkl importance weights over all P positions, `config.chunk_positions` at
+    a time, each chunk under activation checkpointing."""
     size = config.chunk_positions
-    kd_sum_D = ce_sum = 0.0
+    kd_sum_D = ce_sum = weight_sum = 0.0
     # With no trained position, one empty chunk still runs, so the loss is 0 with a graph through the head.
     for start in range(0, max(hidden_PH.shape[0], 1), size):
         chunk = slice(start, start + size)
-        kd_D, ce = checkpoint(
+        kd_D, ce, weights = checkpoint(
             _chunk_sums, hidden_PH[chunk], true_P[chunk], {key: value[chunk] for key, value in targets_P.items()},
             head, config, teacher_head,
             use_reentrant=False,
             preserve_rng_state=False,  # nothing random inside
         )
-        kd_sum_D, ce_sum = kd_sum_D + kd_D, ce_sum + ce
-    return kd_sum_D, ce_sum
+        kd_sum_D, ce_sum, weight_sum = kd_sum_D + kd_D, ce_sum + ce, weight_sum + weights
+    return kd_sum_D, ce_sum, weight_sum
 
 
 def _select_targets(
     batch: dict[str, torch.Tensor], config: LossConfig, mask_BL: torch.Tensor, true_P: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The records the representation reads, at the trained positions only: [P, ...] each; with the true next tokens
-    `true_P` as TRUE_IDS for a representation that reads them."""
-    keys = TARGET_KEYS[config.targets]
-    if config.targets == "sampled" and config.sampled_tail_bucket:
-        keys += ("topk_ids",)
+    """The records the weighted KD terms read, at the trained positions only: [P, ...] each. Those of the
+    representation when a divergence has weight, with the true next tokens `true_P` as TRUE_IDS for a
+    representation that reads them; ROLLOUT_KEYS when rollout_rkl has weight."""
+    targets_P = {}
+    if config.divergence_weights:
+        keys = TARGET_KEYS[config.targets]
+        if config.targets == "sampled" and config.sampled_tail_bucket:
+            keys += ("topk_ids",)
+        _require(batch, keys, f"{config.targets} targets need",
+                 "Load a store built with those targets, choose other targets, or train with ce alone.")
+        targets_P = {key: batch[key].to(mask_BL.device)[mask_BL] for key in keys}
+        if config.targets in READS_TRUE_IDS:
+            targets_P[TRUE_IDS] = true_P
+        if config.top_k is not None:
+            targets_P = _keep_most_probable(targets_P, config.top_k)
+    if ROLLOUT in config.kd_weights:
+        _require(batch, ROLLOUT_KEYS, f"{ROLLOUT} needs",
+                 "Load a store built over the student's rollouts (`teacher-cache build --dataset ROLLOUTS` over the "
+                 f"output of `teacher-cache generate --model STUDENT`), or drop {ROLLOUT}.")
+        targets_P |= {key: batch[key].to(mask_BL.device)[mask_BL] for key in ROLLOUT_KEYS}
+    return targets_P
+
+
+def _require(batch: dict[str, torch.Tensor], keys: tuple[str, ...], what: str, fix: str) -> None:
+    """The batch holds the records `keys` that a term reads (`what`: "... need(s)").
+
+    Raises:
+        ValueError: some are missing; the message ends with `fix`.
+    """
     missing = [key for key in keys if key not in batch]
     if missing:
-        raise ValueError(
-            f"{config.targets} targets need the batch records {', '.join(keys)}, but {', '.join(missing)} "
-            f"are missing (the batch has {', '.join(sorted(batch))}). Load a store built with those targets, choose "
-            "other targets, or train with ce alone."
-        )
-    targets_P = {key: batch[key].to(mask_BL.device)[mask_BL] for key in keys}
-    if config.targets in READS_TRUE_IDS:
-        targets_P[TRUE_IDS] = true_P
-    return _keep_most_probable(targets_P, config.top_k) if config.top_k is not None else targets_P
+        raise ValueError(f"{what} the batch records {', '.join(keys)}, but {', '.join(missing)} are missing "
+                         f"(the batch has {', '.join(sorted(batch))}). {fix}")
 
 
 def _keep_most_probable(targets_P: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from student_train.distributed import TrainedModules, World, launch
 from student_train.features import build_feature_head
 from student_train.liger import use_liger
 from student_train.loader import LoaderConfig, StoreLoader
-from student_train.loss_config import LossConfig
+from student_train.loss_config import ROLLOUT, LossConfig
 from student_train.losses import TEACHER_HIDDEN, distillation_loss
 from student_train.online_teacher import OnlineTeacher
 from student_train.order import held_out_range
@@ -49,6 +49,9 @@ from student_train.student import build_student
 from student_train.targets import check_targets, check_top_k, default_targets, eval_targets
 
 log = logging.getLogger(__name__)
+
+# The manifest's targets section of a store built over a generator's rollouts (its `behaviour_logprob` record).
+ROLLOUT_TARGETS = "rollout"
 
 
 class Trainer:
@@ -74,8 +77,9 @@ class Trainer:
         # Decided before the student loads, so that --fused-ce liger where it cannot run fails at once.
         self.loss_config = dataclasses.replace(loss_config,
                                                fused_ce=use_liger(config.fused_ce, self.device, loss_config))
-        if self.loss_config.kd_weights:
+        if self.loss_config.divergence_weights:
             check_targets(self.loss_config.targets, manifest.targets)
+        _check_rollout(self.loss_config, manifest.targets, config.store)
         check_top_k(config.top_k, manifest.targets)
         held_out = 0.0 if config.eval_store else config.eval_fraction
         train_split = LoaderConfig(
@@ -336,6 +340,21 @@ def _check_split(num_samples: int, config: TrainConfig, loader: LoaderConfig, wo
                      f"last {held_out} for evaluation, leaving {left} for training{problem}. Evaluate on another "
                      "store (--eval-fraction 0 --eval-store STORE), choose an --eval-fraction that holds out at least "
                      "one sample and leaves a batch, a smaller --batch-size, or build a bigger store.")
+
+
+def _check_rollout(loss_config: LossConfig, targets: dict, store: str) -> None:
+    """rollout_rkl reads the generator's log-probs, which only a store built over rollouts holds.
+
+    Raises:
+        ValueError: rollout_rkl has weight and the store's manifest has no `targets["rollout"]`.
+    """
+    if ROLLOUT in loss_config.kd_weights and ROLLOUT_TARGETS not in targets:
+        raise ValueError(
+            f"--loss {ROLLOUT}: the store {store} holds no rollouts (its manifest's targets are "
+            f"{', '.join(targets)}, without {ROLLOUT_TARGETS!r}), so it has no log-probs the student sampled its "
+            f"tokens with. Build the store with `teacher-cache build --dataset ROLLOUTS` over a `teacher-cache "
+            f"generate --model STUDENT` output of this student (with the store's tokenizer), or drop {ROLLOUT}."
+        )
 
 
 def _top1_agreement(hidden_BLH, head, batch, chunk: int) -> float:
