@@ -26,6 +26,7 @@ from storage.generated import GeneratedWriter
 from storage.identity import tokenizer_fingerprint
 from storage.integrity import canonical_digest
 from storage.reader import Store
+from student_train.cli import main as student_main
 
 EOS = 2
 TEMPLATE = (  # Llama-2 style: a reply is its content then EOS, and the generation prompt ends with [/INST]
@@ -247,3 +248,34 @@ def test_an_output_of_format_version_1_is_read_as_text(llama_dir, tokenizer, tmp
         store = build(llama_dir, dataset, tmp_path / "store", "--seq-len", "24", "--no-pack", "--chat-template",
                       str(template))
     assert store.manifest.dataset["format"] == "messages" and "older teacher-cache" in caplog.text
+
+
+def test_a_student_scored_by_itself_has_importance_weight_one_and_no_reverse_kl(llama_dir, tmp_path):
+    """The whole loop on the tiny Llama as both student and teacher: it answers (generate, T = 1), scores its own
+    answers (build, packed: some replies are cut across samples) and trains with rollout_rkl. Before its first
+    update the student is the policy that drew every token and the teacher is the student: each importance weight
+    q/mu is 1 and each advantage log q - log p is 0, up to float noise, wherever a behaviour log-prob is kept."""
+    template = tmp_path / "template.jinja"
+    template.write_text(TEMPLATE)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n"
+                               for i in range(12)))
+    runner = CliRunner()
+    generated = runner.invoke(teacher_cli.main, [
+        "generate", "--model", str(llama_dir), "--prompts", str(prompts), "--output", str(tmp_path / "gen"),
+        "--chat-template", str(template), "--max-new-tokens", "12", "--keep-truncated", "--keep-duplicates",
+        "--keep-empty", "--device", "cpu", "--dtype", "float32"])
+    assert generated.exit_code == 0, generated.output
+    store = build(llama_dir, tmp_path / "gen", tmp_path / "store", "--seq-len", "40")
+    assert "rollout" in store.manifest.targets
+    behaviour = np.stack([store[i]["behaviour_logprob"] for i in range(len(store))])
+    assert 0 < np.isnan(behaviour[np.stack([store[i]["loss_mask"] for i in range(len(store))])]).sum()  # cut
+    trained = runner.invoke(student_main, [
+        "--store", str(tmp_path / "store"), "--student", str(llama_dir), "--output", str(tmp_path / "run"),
+        "--loss", "rollout_rkl=1", "--max-steps", "1", "--log-every", "1",
+        "--batch-size", str(len(store)), "--eval-store", str(tmp_path / "store"), "--device", "cpu",
+        "--allow-chat-template-mismatch"])
+    assert trained.exit_code == 0, trained.output
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rollout_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert first["rollout_rkl"] == pytest.approx(0.0, abs=1e-4)
