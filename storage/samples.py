@@ -89,7 +89,7 @@ def load_samples_dataset(source: str, *, split: str, fields: Columns = DEFAULT_C
     Raises:
         ValueError: as `load_text_dataset`, and columns that fit no format, or several when `dataset_format` is auto.
     """
-    dataset = _read(source, split)
+    dataset = read_dataset(source, split)
     fmt = detect_format(dataset.column_names, dataset_format, fields=fields, source=source, prompts_only=prompts_only)
     if len(dataset) == 0:
         raise ValueError(_empty(source, split))
@@ -108,7 +108,8 @@ def _empty(source: str, split: str) -> str:
     return f"{source} (split {split!r}) is empty: there is nothing to build a cache from."
 
 
-def _read(source: str, split: str) -> datasets.Dataset:
+def read_dataset(source: str, split: str) -> datasets.Dataset:
+    """The rows of `source` (a file, folder, saved dataset or generated dataset) as `datasets` reads them."""
     path = Path(source).expanduser()
     looks_local = source.startswith(("/", ".", "~")) or path.suffix.lower() in FILE_BUILDERS
     if not path.exists() and looks_local:

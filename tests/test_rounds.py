@@ -255,6 +255,19 @@ def test_more_rounds_extend_a_finished_run(reference, setup, tmp_path):
     assert summaries[3]["teacher_tokens"]["cumulative"] == summaries[2]["teacher_tokens"]["cumulative"] + scored
 
 
+def test_prompts_per_round_walk_through_the_prompts(setup, tmp_path):
+    """Round r answers rows r*N .. (r+1)*N - 1 of the prompts, wrapping around: with 4 prompts and N = 3, round 0
+    answers prompts 0, 1, 2 and round 1 answers 3, 0, 1."""
+    values = {key: value for key, value in setup.items() if key not in ("heldout_prompts", "eval_generate")}
+    values |= {"output": str(tmp_path / "run"), "prompts_per_round": 3}
+    result = distill(write_config(tmp_path / "rounds.yaml", values))
+    assert result.exit_code == 0, (result.output, result.exception)
+    for r, expected in enumerate([[0, 1, 2], [3, 0, 1]]):
+        rows, _ = read_generated(tmp_path / "run" / f"round-{r}" / "rollouts")
+        asked = [row["messages"][0]["content"] for row in rows.to_list() if row["response_index"] == 0]
+        assert asked == [PROMPTS[i] for i in expected], r
+
+
 # 2. Killed at each step of round 1, then resumed ----------------------------------------------------------------------
 
 

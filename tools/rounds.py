@@ -25,6 +25,7 @@ may change only `rounds` (more rounds extend a finished run).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -38,12 +39,14 @@ from storage.fs import Location
 from storage.lock import OutputLock
 from storage.option_cli import click_options, load_options, make_config
 from storage.options import config_values, option, with_sources
+from storage.samples import read_dataset
 from student_train.run_dir import check_writable
 from tools.rounds_report import format_table, held_out_metrics, rollout_stats, teacher_loglik, trained_tokens
 from tools.rounds_steps import BUILD, GENERATE, TRAIN, Step, check_step, option_args, run_step
 
 log = logging.getLogger(__name__)
 
+ROUND_PROMPTS = "prompts.jsonl"  # a round's share of the prompts, with prompts_per_round
 CONFIG_NAME = "rounds_config.json"  # the saved config, which a rerun must match
 SUMMARY_NAME = "summary.json"  # of a round (its commit), of the initial evaluation, and of the run
 TIMINGS_NAME = "timings.json"  # per round: the wall seconds of each step, written as each one finishes
@@ -76,6 +79,9 @@ class RoundsConfig:
     prompts: str = option(help="The prompts the student answers every round (`teacher-cache generate --prompts`).")
     output: str = option(help="The run directory: RUN/round-R/ for each round, RUN/initial/, RUN/summary.json.")
     rounds: int = option(1, help="Rounds to run. A rerun with more continues a finished run.")
+    prompts_per_round: int | None = option(
+        None, help="Round r answers N of the prompts: rows r*N to (r+1)*N - 1, wrapping around (written to "
+                   "RUN/round-r/prompts.jsonl). Default: every prompt, every round (round r draws with seed SEED + r).")
     heldout_prompts: str | None = option(
         None, help="Held-out prompts: before the first round and after each, the student answers them and the "
                    "teacher's mean log-prob of its answers is reported.")
@@ -93,6 +99,9 @@ class RoundsConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds: must be at least 1, got {self.rounds}.")
+        if self.prompts_per_round is not None and self.prompts_per_round < 1:
+            raise ValueError(f"prompts_per_round: must be at least 1, got {self.prompts_per_round}; leave it out to "
+                             "answer every prompt every round.")
         if self.eval_generate and self.heldout_prompts is None:
             raise ValueError("eval_generate: options of the answers to heldout_prompts, which is not given; add "
                              "heldout_prompts, or remove eval_generate.")
@@ -161,12 +170,13 @@ def _round_steps(config: RoundsConfig, r: int) -> list[Step]:
     """The steps of round r: generate, build, train, then the held-out evaluation of the trained student."""
     root = Path(config.output) / f"round-{r}"
     student = config.student if r == 0 else str(Path(config.output) / f"round-{r - 1}" / "train")
+    prompts = config.prompts if config.prompts_per_round is None else str(root / ROUND_PROMPTS)
     rollouts, store, train = root / "rollouts", root / "store", root / "train"
     where = f"round {r}"
     eval_store = ("--eval-store", config.eval_store) if config.eval_store else ()
     return [
         Step(where=where, name="generate", program=GENERATE, output=rollouts, args=(
-            "--model", student, "--prompts", config.prompts, "--output", str(rollouts), "--seed", str(config.seed + r),
+            "--model", student, "--prompts", prompts, "--output", str(rollouts), "--seed", str(config.seed + r),
             *ON_POLICY, *option_args(GENERATE, config.generate, "generate"))),
         Step(where=where, name="build", program=BUILD, output=store, args=(
             "--model", config.teacher, "--dataset", str(rollouts), "--output", str(store), *ONE_PROCESS,
@@ -213,6 +223,8 @@ def _round(config: RoundsConfig, r: int, cumulative: int) -> dict:
     root = Path(config.output) / f"round-{r}"
     if (root / SUMMARY_NAME).exists():
         return json.loads((root / SUMMARY_NAME).read_text())
+    if config.prompts_per_round is not None and not (root / ROUND_PROMPTS).exists():
+        _write_round_prompts(config, r, root / ROUND_PROMPTS)
     seconds = _run_steps(_round_steps(config, r), root)
     scored = {"train_store": trained_tokens(root / "store"), "eval_store": 0}
     loglik = None
@@ -225,6 +237,17 @@ def _round(config: RoundsConfig, r: int, cumulative: int) -> dict:
                           "rollouts": rollout_stats(root / "rollouts"), "teacher_tokens": scored,
                           "held_out": held_out_metrics(root / "train"), "teacher_loglik": loglik,
                           "seconds": seconds})
+
+
+def _write_round_prompts(config: RoundsConfig, r: int, path: Path) -> None:
+    """Round r's share of the prompts (`prompts_per_round`), as JSON lines with the source's columns."""
+    dataset = read_dataset(config.prompts, config.generate.get("split", "train"))
+    count = config.prompts_per_round
+    rows = dataset.select([(r * count + i) % len(dataset) for i in range(count)])
+    buffer = io.BytesIO()
+    rows.to_json(buffer, lines=True, force_ascii=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Location(path.parent).write_bytes_atomic(path.name, buffer.getvalue())
 
 
 def _run_steps(steps: list[Step], root: Path) -> dict[str, float | None]:
