@@ -213,24 +213,29 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """The teacher's log-likelihood of the student's samples against the teacher tokens scored after the warm start."""
+    """Against the teacher tokens scored after the warm start: the teacher's log-likelihood of the student's samples
+    (left) and the held-out KL(teacher || student) on the teacher's answers (right), a point per round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    warm = result["rows"][0]["teacher_loglik"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    warm = result["rows"][0]
     for r in result["rows"][1:]:
-        points = [(0, warm)] + ([(t, ll) for t, ll, _ in r["curve"]] or [(r["teacher_tokens"], r["teacher_loglik"])])
-        ax.plot(*zip(*points, strict=True), marker="o", label=r["row"])
-    ax.set_xlabel("teacher-scored tokens after the warm start")
-    ax.set_ylabel("teacher log-likelihood of the student's samples (nats/token)")
-    ax.set_title("SmolLM2-135M-Instruct -> 6-layer student")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        curve = r["curve"] or [(r["teacher_tokens"], r["teacher_loglik"], r["heldout_kl"])]
+        tokens = [0] + [point[0] for point in curve]
+        for ax, column, start in ((axes[0], 1, warm["teacher_loglik"]), (axes[1], 2, warm["heldout_kl"])):
+            ax.plot(tokens, [start] + [point[column] for point in curve], marker="o", label=r["row"])
+    axes[0].set_ylabel("teacher log-prob per token of the student's samples")
+    axes[1].set_ylabel("held-out KL(teacher || student), nats/token")
+    for ax in axes:
+        ax.set_xlabel("teacher-scored tokens after the warm start")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct -> 6-layer student: on-policy rounds vs off-policy KD")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
