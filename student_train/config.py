@@ -11,6 +11,7 @@ from student_train.divergences import ONLINE, REPRESENTATIONS, TARGETS_FROM
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.liger import FUSED_CE
 from student_train.loss_config import CE, LOSS_IMPLS, LOSS_NAMES, ROLLOUT, SCHEDULES, LossConfig
+from student_train.mixture_loader import parse_mix
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -26,6 +27,16 @@ class TrainConfig:
         None, help="Student: a local HF model directory (weights are the init) or an HF config (config.json, or a "
                    "directory with only one) for a random init. Not with --init-from-teacher.")
     output: str = option(help="Run directory: checkpoints, metrics.jsonl and the final student.")
+    mix: list[str] | str = option(
+        default_factory=list, multiple=True, metavar="STORE=WEIGHT",
+        help="Another store to train on, repeatable: WEIGHT in (0, 1) is the share of micro-batches drawn from "
+             "STORE, each micro-batch whole from one store (in a fixed order, the same on every rank); --store gets "
+             "the rest, 1 - the sum of the weights, which must stay above 0. On-policy distillation (GKD): with the "
+             "student's own rollouts scored by the teacher as --store, 1 - the sum is the on-policy share (GKD's "
+             "lambda), e.g. --store /cache/rollouts --mix /cache/teacher-answers=0.5. The mixed stores need the "
+             "tokenizer, vocabulary and --seq-len of --store and the targets the loss reads (rollout_rkl adds 0 "
+             "on a store without rollouts); they are read whole, with their own order and epochs, while an epoch "
+             "is one pass over --store. In a file also a mapping {STORE: WEIGHT}. See student_train/mixture_loader.py.")
     loss: list[str] | str = option(
         default_factory=list, multiple=True, metavar="NAME=WEIGHT",
         help=f"A loss term, repeatable; NAME is one of {', '.join(LOSS_NAMES)} (the menu above). Default: "
@@ -142,6 +153,8 @@ class TrainConfig:
         terms = [self.loss] if isinstance(self.loss, str) else list(self.loss)  # one term may come as a string
         self.loss, self.targets_from = _resolve_loss(terms, self.alpha, self.targets_from)
         self.alpha = None
+        mix = [self.mix] if isinstance(self.mix, str) else list(self.mix)  # one store may come as a string
+        self.mix = [f"{store}={float(share)!r}" for store, share in parse_mix(mix)]
         if self.temperature <= 0:
             raise ValueError(f"--temperature: must be positive, got {self.temperature}.")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_checkpoints",

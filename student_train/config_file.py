@@ -1,7 +1,7 @@
 """Config files of `student-train`, beyond what `storage.options` does for every command (a YAML file and KEY=VALUE
 overrides read into the config dataclass, checked against its fields before its own checks): the YAML forms of
-`loss`; the resolved config saved beside a run's outputs; and, when the run resumes, its comparison with the saved
-one.
+`loss` and `mix`; the resolved config saved beside a run's outputs; and, when the run resumes, its comparison with
+the saved one.
 
 Precedence: options given on the command line > KEY=VALUE overrides > the file > TrainConfig's defaults.
 """
@@ -25,7 +25,8 @@ CHANGEABLE_ON_RESUME = ("resume", "max_steps", "epochs", "device", "num_workers"
 
 
 def loss_terms(value):
-    """The other YAML forms of `loss` as its "NAME=WEIGHT" terms: {jsd: 0.9, ce: 0.1}, [{jsd: 0.9}, {ce: 0.1}]."""
+    """The other YAML forms of `loss` (and of `mix`) as its "NAME=WEIGHT" terms: {jsd: 0.9, ce: 0.1},
+    [{jsd: 0.9}, {ce: 0.1}]."""
     if isinstance(value, dict):
         return [f"{name}={weight}" for name, weight in value.items()]
     if isinstance(value, list):
@@ -33,7 +34,7 @@ def loss_terms(value):
     return value
 
 
-READERS = {"loss": loss_terms}  # for `storage.option_cli.load_options` and `resolve_options`
+READERS = {"loss": loss_terms, "mix": loss_terms}  # for `storage.option_cli.load_options` and `resolve_options`
 
 
 def resolve_options(config_file: str | None, overrides: list[str], command_line: dict) -> tuple[dict, dict]:

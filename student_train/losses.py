@@ -30,7 +30,8 @@ The loss of a batch, each term a mean over `loss_mask` positions:
   then `teacher-cache build` over them): a sample estimate of sum over the student's positions of
   KL(q(.|prefix) || p(.|prefix)), the prefixes being the student's own samples, from the teacher's stored log-prob
   of each sampled token x (`true_logprob`) and the generator's (`behaviour_logprob`, NaN where x was not drawn: a
-  prompt, template, appended EOS or padding, which adds 0). Per such position, with a = log q(x) - log p(x) and the
+  prompt, template, appended EOS or padding, or every position of a mixed-in store without rollouts, which adds
+  0). Per such position, with a = log q(x) - log p(x) and the
   truncated importance weight w = min(q(x) / mu(x), C) (`LossConfig.rollout_clip`, for the student's drift since
   it generated), its value is w a and its gradient w a grad log q(x): the score-function (policy) gradient of the
   reverse KL, with the prefix distribution not differentiated, as GKD and per-token on-policy distillation do (see
@@ -101,7 +102,7 @@ def _chunk_sums(
 
 def distillation_loss(
     hidden_BLH: torch.Tensor, head: nn.Linear, batch: dict[str, torch.Tensor], config: LossConfig, step: int = 0,
-    teacher_head: TeacherHead | None = None,
+    teacher_head: TeacherHead | None = None, rollouts_optional: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss of a batch, from the student's final hidden states and its output head.
 
@@ -117,6 +118,8 @@ def distillation_loss(
         step: the optimizer step, for the KD schedule.
         teacher_head: with online targets, the teacher's output head (hidden states [C, G] -> logits [C, V],
             V <= the student's vocabulary); its parameters must not require gradients.
+        rollouts_optional: the batch is of a store in a mix (`student_train.mixture_loader`): without
+            `behaviour_logprob` it holds no token the student drew, and adds 0 to rollout_rkl instead of an error.
 
     Returns:
         The scalar loss (module docstring; 0 with a graph when no position is trained), and detached metrics: the
@@ -131,7 +134,7 @@ def distillation_loss(
     true_P = batch["input_ids"][:, 1:].to(device)[mask_BL]
     kd_weights = config.kd_weights
     assert teacher_head is not None or config.targets != ONLINE or not kd_weights, "online targets need the head"
-    targets_P = _select_targets(batch, config, mask_BL, true_P)
+    targets_P = _select_targets(batch, config, mask_BL, true_P, rollouts_optional)
 
     num_positions = hidden_PH.shape[0]
     scale = kd_scale(config.kd_schedule, step)
@@ -179,11 +182,13 @@ def _chunked_sums(
 
 
 def _select_targets(
-    batch: dict[str, torch.Tensor], config: LossConfig, mask_BL: torch.Tensor, true_P: torch.Tensor
+    batch: dict[str, torch.Tensor], config: LossConfig, mask_BL: torch.Tensor, true_P: torch.Tensor,
+    rollouts_optional: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The records the weighted KD terms read, at the trained positions only: [P, ...] each. Those of the
     representation when a divergence has weight, with the true next tokens `true_P` as TRUE_IDS for a
-    representation that reads them; ROLLOUT_KEYS when rollout_rkl has weight."""
+    representation that reads them; ROLLOUT_KEYS when rollout_rkl has weight (with `rollouts_optional`, a batch
+    without `behaviour_logprob` gets NaN there: no position was drawn by the student, so each adds 0)."""
     targets_P = {}
     if config.divergence_weights:
         keys = TARGET_KEYS[config.targets]
@@ -197,6 +202,8 @@ def _select_targets(
         if config.top_k is not None:
             targets_P = _keep_most_probable(targets_P, config.top_k)
     if ROLLOUT in config.kd_weights:
+        if rollouts_optional and BEHAVIOUR_LOGPROB not in batch:
+            batch = batch | {BEHAVIOUR_LOGPROB: torch.full(batch["loss_mask"].shape, math.nan)}
         _require(batch, ROLLOUT_KEYS, f"{ROLLOUT} needs",
                  "Load a store built over the student's rollouts (`teacher-cache build --dataset ROLLOUTS` over the "
                  f"output of `teacher-cache generate --model STUDENT`), or drop {ROLLOUT}.")

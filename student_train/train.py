@@ -11,6 +11,9 @@ Under torchrun each rank trains on its own part of every global batch (see `stud
 batch is batch_size x grad_accum x world_size samples, and the ranks' gradients average to the single-process
 gradient of that batch. Only rank 0 logs, writes metrics, checkpoints and the final student.
 
+With `--mix`, the training loader is a `MixedLoader` (`student_train.mixture_loader`): each micro-batch is whole from
+one of the stores, at fixed shares, and the metrics count where each logging window's samples came from.
+
 Legend: B batch, L positions, H hidden size, V vocabulary.
 """
 
@@ -23,6 +26,7 @@ import logging
 import math
 import os
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -30,7 +34,7 @@ from tqdm.auto import tqdm
 
 from storage.causal_lm import forward_inputs, resolve_device
 from storage.lock import is_lock_file
-from storage.manifest import isolates_documents
+from storage.manifest import Manifest, isolates_documents
 from storage.reader import Store
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_staging, save_checkpoint
 from student_train.collate import tail_bucket
@@ -42,6 +46,7 @@ from student_train.liger import use_liger
 from student_train.loader import LoaderConfig, StoreLoader
 from student_train.loss_config import ROLLOUT, LossConfig
 from student_train.losses import TEACHER_HIDDEN, distillation_loss
+from student_train.mixture_loader import MAIN, MixSource, SourceWindow, mixed_loader, open_mixed_stores
 from student_train.online_teacher import OnlineTeacher
 from student_train.order import held_out_range
 from student_train.run_dir import check_writable, output_lock, truncate_metrics
@@ -79,8 +84,9 @@ class Trainer:
                                                fused_ce=use_liger(config.fused_ce, self.device, loss_config))
         if self.loss_config.divergence_weights:
             check_targets(self.loss_config.targets, manifest.targets)
-        _check_rollout(self.loss_config, manifest.targets, config.store)
         check_top_k(config.top_k, manifest.targets)
+        mixed = open_mixed_stores(config, manifest, self.loss_config) if config.mix else {}
+        _check_rollout(self.loss_config, {config.store: manifest} | mixed)
         held_out = 0.0 if config.eval_store else config.eval_fraction
         train_split = LoaderConfig(
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
@@ -106,6 +112,14 @@ class Trainer:
                                            sampled_tail_bucket=tail_bucket(held_out_targets) is not None,
                                            impl=config.loss_impl)
         self.train_loader = StoreLoader(train_split, rank=self.world.rank, world_size=self.world.world_size)
+        # Without --mix, every batch is of --store; with it, each batch names its store (`MixedLoader.source_of`).
+        self.main_source = MixSource(index=0, name=MAIN, store=config.store, share=Fraction(1),
+                                     isolated=self.isolated)
+        self.source_window = None
+        if config.mix:
+            self.train_loader = mixed_loader(config, self.train_loader, manifest, mixed, rank=self.world.rank,
+                                             world_size=self.world.world_size)
+            self.source_window = SourceWindow([source.name for source in self.train_loader.sources])
         self.eval_loader_config = LoaderConfig(
             store=config.eval_store or config.store, batch_size=config.batch_size, shuffle=False, drop_last=False,
             only_fraction_from_end=held_out, verify=config.verify)
@@ -174,8 +188,11 @@ class Trainer:
             if main:
                 truncate_metrics(self.output / "metrics.jsonl", self.step)
         student = config.student or f"layers of {config.init_from_teacher}"
+        stores = config.store if self.source_window is None else (
+            f"{config.store} mixed with {', '.join(source.store for source in self.train_loader.sources[1:])} "
+            f"(shares of micro-batches {self.train_loader.describe()})")
         log.info("training %s for %d steps on %s (loss %s over %s targets, T %.2f, KD schedule %s) on %s",
-                 student, self.total_steps, config.store, " + ".join(config.loss), self.loss_config.targets,
+                 student, self.total_steps, stores, " + ".join(config.loss), self.loss_config.targets,
                  config.temperature, config.kd_schedule, self.device)
         batches = self._batches()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="student-train", dynamic_ncols=True,
@@ -194,6 +211,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": self.step, **stats, "lr": self.scheduler.get_last_lr()[0],
                               "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                    if self.source_window is not None:  # where the window's samples came from
+                        record |= self.source_window.record()
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -225,6 +244,9 @@ class Trainer:
         self.model.train()
         accum, ranks = self.config.grad_accum, self.world.world_size
         micro = [next(batches) for _ in range(accum)]
+        # The store of each micro-batch: with --mix, the one the batch names; else --store.
+        sources = ([self.main_source] * accum if self.source_window is None else
+                   [self.train_loader.source_of(batch) for batch in micro])
         # Each loss term is a mean over a micro-batch's loss-mask tokens. Over the ranks, the global micro-batch's
         # mean is sum_r share_r * mean_r, share_r = n_r / N (N = sum_r n_r tokens); DDP and FSDP average the ranks'
         # gradients, so rank r backpropagates ranks * share_r * mean_r. In a single process that factor is 1.
@@ -232,26 +254,37 @@ class Trainer:
         total_A = self.world.sum(tokens_A)
         share_A = torch.where(total_A > 0, tokens_A / total_A.clamp(min=1), 1 / ranks).tolist()
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-        for index, batch in enumerate(micro):
+        # With --mix: per store, the samples, trained tokens and loss x tokens of this step (SourceWindow).
+        by_source_S3 = None if self.source_window is None else torch.zeros(len(self.train_loader.sources), 3,
+                                                                           dtype=torch.float64)
+        for index, (source, batch) in enumerate(zip(sources, micro, strict=True)):
             batch, share = _to_device(batch, self.device), share_A[index]
             if self.teacher is not None:
                 batch[TEACHER_HIDDEN] = self.teacher.hidden(batch)
             with self.world.gradient_sync(self.replica, sync=index == accum - 1):
                 with self.autocast():
-                    out = self._forward(batch, output_hidden_states=self.feature_head is not None)
+                    out = self._forward(batch, output_hidden_states=self.feature_head is not None,
+                                        isolated=source.isolated)
                 loss, parts = distillation_loss(out.last_hidden_state, self.head, batch, self.loss_config,
-                                                step=self.step, teacher_head=self.teacher_head)
+                                                step=self.step, teacher_head=self.teacher_head,
+                                                rollouts_optional=self.source_window is not None)
                 if self.feature_head is not None:  # outside autocast: fp32
                     feature = self.feature_head(out.hidden_states, batch)
                     loss = loss + self.config.feature_weight * feature
                     parts["feature"] = feature.detach()
                 (loss * (ranks * share) / accum).backward()
             totals["loss"] += loss.item() * share / accum
+            if by_source_S3 is not None:
+                tokens = int(tokens_A[index])
+                by_source_S3[source.index] += torch.tensor([len(batch["sample_ids"]), tokens, loss.item() * tokens],
+                                                           dtype=torch.float64)
             for name, value in parts.items():  # kd, ce, kd_scale, each divergence of the mix, feature
                 if name != "tokens":
                     totals[name] = totals.get(name, 0.0) + float(value) * share / accum
         totals = dict(zip(totals, self.world.sum(list(totals.values())).tolist(), strict=True))
         totals["tokens"] = int(total_A.sum())
+        if by_source_S3 is not None:
+            self.source_window.add(self.world.sum(by_source_S3))
         if self.config.clip_grad > 0:
             trained = [p for group in self.optimizer.param_groups for p in group["params"]]
             totals["grad_norm"] = self.world.clip_grad_norm(trained, self.config.clip_grad)
@@ -260,10 +293,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
-    def _forward(self, batch: dict, output_hidden_states: bool = False, module: torch.nn.Module | None = None):
+    def _forward(self, batch: dict, output_hidden_states: bool = False, module: torch.nn.Module | None = None,
+                 isolated: bool | None = None):
         """The student's base model output (through DDP or FSDP unless another `module` is given); every layer's
-        hidden states only when asked (the feature loss)."""
-        segments = batch["segment_ids"][:, :-1] if self.isolated else None
+        hidden states only when asked (the feature loss). `isolated`: whether the batch's documents attend only
+        within themselves, as its store was built (default: as --store's)."""
+        segments = batch["segment_ids"][:, :-1] if (self.isolated if isolated is None else isolated) else None
         return (module or self.replica)(**forward_inputs(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1],
                                                          segments), output_hidden_states=output_hidden_states)
 
@@ -342,19 +377,27 @@ def _check_split(num_samples: int, config: TrainConfig, loader: LoaderConfig, wo
                      "one sample and leaves a batch, a smaller --batch-size, or build a bigger store.")
 
 
-def _check_rollout(loss_config: LossConfig, targets: dict, store: str) -> None:
-    """rollout_rkl reads the generator's log-probs, which only a store built over rollouts holds.
+def _check_rollout(loss_config: LossConfig, manifests: dict[str, Manifest]) -> None:
+    """rollout_rkl reads the generator's log-probs, which only a store built over rollouts holds: at least one of
+    the run's stores (`manifests` by store: --store, then those of --mix, whose batches without them add 0).
 
     Raises:
-        ValueError: rollout_rkl has weight and the store's manifest has no `targets["rollout"]`.
+        ValueError: rollout_rkl has weight and no store's manifest has `targets["rollout"]`.
     """
-    if ROLLOUT in loss_config.kd_weights and ROLLOUT_TARGETS not in targets:
-        raise ValueError(
-            f"--loss {ROLLOUT}: the store {store} holds no rollouts (its manifest's targets are "
-            f"{', '.join(targets)}, without {ROLLOUT_TARGETS!r}), so it has no log-probs the student sampled its "
-            f"tokens with. Build the store with `teacher-cache build --dataset ROLLOUTS` over a `teacher-cache "
-            f"generate --model STUDENT` output of this student (with the store's tokenizer), or drop {ROLLOUT}."
-        )
+    if ROLLOUT not in loss_config.kd_weights or any(ROLLOUT_TARGETS in m.targets for m in manifests.values()):
+        return
+    store, manifest = next(iter(manifests.items()))
+    if len(manifests) == 1:
+        found = (f"the store {store} holds no rollouts (its manifest's targets are {', '.join(manifest.targets)}, "
+                 f"without {ROLLOUT_TARGETS!r})")
+    else:
+        found = (f"none of the stores {', '.join(manifests)} holds rollouts (a manifest's targets with "
+                 f"{ROLLOUT_TARGETS!r})")
+    raise ValueError(
+        f"--loss {ROLLOUT}: {found}, so there are no log-probs the student sampled its tokens with. Build the store "
+        f"with `teacher-cache build --dataset ROLLOUTS` over a `teacher-cache generate --model STUDENT` output of "
+        f"this student (with the store's tokenizer), or drop {ROLLOUT}."
+    )
 
 
 def _top1_agreement(hidden_BLH, head, batch, chunk: int) -> float:
