@@ -119,8 +119,12 @@ def test_ensemble_rules_keep_what_mixes_and_name_what_they_drop(caplog):
     names = ["a", "b"]
     plan = {name: kind.ensemble(names, [HYBRID | HIDDEN, HYBRID], weights=[0.5, 0.5], top_k=None)
             for name, kind in KINDS.items()}
-    assert plan == {"topk": 4, "sampled": None, "hybrid": None, "hidden": None}
+    assert plan == {"topk": 4, "sampled": None, "hybrid": None, "hidden": None, "rollout": None}
     assert "draws of a, b come from the tail" in caplog.text and "hidden states dropped: those of a" in caplog.text
+    caplog.clear()
+    # Behaviour log-probs describe the generator, not a teacher: never mixed, the stores that hold them named.
+    assert KINDS["rollout"].ensemble(names, [TOPK, TOPK | {"rollout": {}}], weights=[0.5, 0.5], top_k=None) is None
+    assert "rollout targets dropped: those of b cannot be ensembled" in caplog.text
     caplog.clear()
     pooled = KINDS["sampled"].ensemble(names, [SAMPLED, TOPK | SAMPLED], weights=[0.75, 0.25], top_k=None)
     assert pooled == [6, 2] and not caplog.text  # 8 draws split 3:1
