@@ -14,7 +14,9 @@ prompts (gen-train) and their store (cache-generated), the store of its answers 
    - on-policy, R rounds (R = 1, 2, 4; `distill-rounds`): round r, the student answers Q/R of those prompts, the
      teacher scores the answers (`build`), the student trains --steps/R steps on the scores: forward KL on the
      teacher's sampled targets at the student's own positions (no CE: the student's own text is no target);
-   - on-policy, 2 rounds with `rollout_rkl`, the per-token estimator of the reverse KL.
+   - on-policy, 2 rounds with `rollout_rkl`, the per-token estimator of the reverse KL, at --lr and at 5e-5;
+   - on-policy, 2 rounds whose micro-batches are half the warm start's data again (`--mix`, GKD's lambda 0.5: the
+     teacher's targets on its answers to the warm-start prompts, scored once, no new teacher tokens).
 3. Every student (and every round): held-out loss and KL(teacher || student) on the teacher's held-out answers, the
    teacher's log-likelihood of the student's own answers to --heldout-prompts held-out prompts (sampled at T = 1 with
    the same seed, scored by `build`), the teacher tokens scored, wall time.
@@ -52,6 +54,10 @@ ROUNDS = {  # row -> (rounds, student-train options of each round)
     "on-policy, 2 rounds": (2, {"alpha": 1.0, "targets_from": "sampled"}),
     "on-policy, 4 rounds": (4, {"alpha": 1.0, "targets_from": "sampled"}),
     "on-policy, 2 rounds, rollout_rkl": (2, {"loss": {"rollout_rkl": 1.0}}),
+    # Half of the micro-batches replay the warm start's teacher answers (GKD's lambda 0.5): no new teacher tokens.
+    "on-policy, 2 rounds, half replayed warm-start data": (2, {"alpha": 1.0, "targets_from": "sampled",
+                                                              "mix": {"WARM_STORE": 0.5}}),
+    "on-policy, 2 rounds, rollout_rkl, lr 5e-5": (2, {"loss": {"rollout_rkl": 1.0}, "lr": 5e-5}),
 }
 
 
@@ -68,6 +74,16 @@ def held_back(store: Path, gen: Path, prompts: int) -> tuple[list[int], list[int
         taken += 1
         tokens += int(counts[n - taken])
     return list(range(n - taken)), list(range(n - taken, n)), tokens
+
+
+def warm_start_store(steps: Steps, teacher: Path, gen: Path, output: Path, samples: int) -> Path:
+    """The teacher's targets on its answers to the warm-start prompts: the first `samples` samples of a build over
+    all its training answers (the same packing as cache-generated's)."""
+    if reuse(output, [sha256(gen / "generation.json"), samples]) and (output / "manifest.json").exists():
+        return output
+    steps.run(cli("teacher-cache"), "build", "--model", str(teacher), "--dataset", str(gen), "--output", str(output),
+              "--seq-len", "512", "--batch-size", "4", "--dtype", "float32", "--max-samples", str(samples))
+    return output
 
 
 def prompt_slice(source: Path, output: Path, first: int) -> Path:
@@ -166,8 +182,11 @@ def main(root: Path, held_back_prompts: int, heldout_prompts: int, max_new_token
                  "teacher_tokens": back_tokens, "seconds": off_seconds + data_seconds,
                  "curve": []})
 
-    # 2. On-policy rounds.
+    # 2. On-policy rounds; the mixed rows replay the warm start's data: the teacher's answers as its first samples.
+    warm_store = warm_start_store(steps, teacher, seqkd / "gen-train", out / "cache-warm", len(warm_ids))
     for label, (count, loss) in ROUNDS.items():
+        if "mix" in loss:
+            loss = loss | {"mix": {str(warm_store): share for share in loss["mix"].values()}}
         directory = out / label.replace(", ", "-").replace(" ", "-")
         config = {
             "teacher": str(teacher), "student": str(warm), "prompts": str(phase_prompts),
