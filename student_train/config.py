@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from storage.options import option
 from student_train.divergences import ONLINE, REPRESENTATIONS, TARGETS_FROM
 from student_train.features import FEATURE_LOSSES, PROJECTIONS, parse_layer_map
 from student_train.liger import FUSED_CE
 from student_train.loss_config import CE, LOSS_IMPLS, LOSS_NAMES, ROLLOUT, SCHEDULES, LossConfig
-from student_train.mixture_loader import parse_mix
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -288,3 +288,34 @@ def _check_init(student: str | None, teacher: str | None, keep_layers: list[int]
     except ValueError:
         raise ValueError(f"--keep-layers {keep_layers}: expected layer indices separated by commas, "
                          "e.g. 0,2,4 or 0,-1.") from None
+
+
+def parse_mix(terms: list[str]) -> list[tuple[str, Fraction]]:
+    """(store, share) of each "STORE=WEIGHT" term, the share exact as written (0.3 is 3/10).
+
+    Raises:
+        ValueError: a term that is not STORE=WEIGHT, a weight outside (0, 1), a store given twice, or weights that
+            leave the main store no share.
+    """
+    mix = []
+    for term in terms:
+        store, equals, text = term.rpartition("=")
+        try:
+            share = Fraction(text.strip()) if equals and store else None
+        except ValueError:
+            share = None
+        if share is None:
+            raise ValueError(f"--mix {term}: expected STORE=WEIGHT with a number as weight, e.g. "
+                             "--mix /cache/teacher-answers=0.5.")
+        if not 0 < share < 1:
+            raise ValueError(f"--mix {term}: the weight is the share of training batches drawn from {store}, in "
+                             f"(0, 1); got {text}. Leave a store out rather than giving it 0.")
+        if store in (given for given, _ in mix):
+            raise ValueError(f"--mix: {store} is given twice; give it once, with the sum of its weights.")
+        mix.append((store, share))
+    total = sum((share for _, share in mix), Fraction(0))
+    if total >= 1:
+        raise ValueError(f"--mix: the weights sum to {float(total):g}, leaving --store no share of the batches (it "
+                         "gets 1 - their sum, which must stay above 0); lower them, e.g. --mix STORE=0.5 trains "
+                         "half the batches on STORE and half on --store.")
+    return mix

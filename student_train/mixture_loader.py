@@ -30,47 +30,16 @@ from storage.integrity import StoreDamaged
 from storage.manifest import Manifest, isolates_documents
 from storage.reader import Store
 from student_train.collate import Batch
+from student_train.config import TrainConfig, parse_mix
 from student_train.loader import LoaderConfig, StoreLoader
 from student_train.targets import check_targets, check_top_k
 
 if TYPE_CHECKING:
-    from student_train.config import TrainConfig
     from student_train.loss_config import LossConfig
 
 STATE_VERSION = 1
 MAIN = "main"  # the name of --store among a mix's sources
 SOURCE = "mix_source"  # the record of a mixed batch that names its store: its index in the mix, an int64 scalar
-
-
-def parse_mix(terms: list[str]) -> list[tuple[str, Fraction]]:
-    """(store, share) of each "STORE=WEIGHT" term, the share exact as written (0.3 is 3/10).
-
-    Raises:
-        ValueError: a term that is not STORE=WEIGHT, a weight outside (0, 1), a store given twice, or weights that
-            leave the main store no share.
-    """
-    mix = []
-    for term in terms:
-        store, equals, text = term.rpartition("=")
-        try:
-            share = Fraction(text.strip()) if equals and store else None
-        except ValueError:
-            share = None
-        if share is None:
-            raise ValueError(f"--mix {term}: expected STORE=WEIGHT with a number as weight, e.g. "
-                             "--mix /cache/teacher-answers=0.5.")
-        if not 0 < share < 1:
-            raise ValueError(f"--mix {term}: the weight is the share of training batches drawn from {store}, in "
-                             f"(0, 1); got {text}. Leave a store out rather than giving it 0.")
-        if store in (given for given, _ in mix):
-            raise ValueError(f"--mix: {store} is given twice; give it once, with the sum of its weights.")
-        mix.append((store, share))
-    total = sum((share for _, share in mix), Fraction(0))
-    if total >= 1:
-        raise ValueError(f"--mix: the weights sum to {float(total):g}, leaving --store no share of the batches (it "
-                         "gets 1 - their sum, which must stay above 0); lower them, e.g. --mix STORE=0.5 trains "
-                         "half the batches on STORE and half on --store.")
-    return mix
 
 
 class MixSchedule:

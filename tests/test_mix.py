@@ -26,12 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from storage.causal_lm import forward_inputs as plain_forward_inputs
 from storage.identity import tokenizer_fingerprint
 from student_train.cli import main
-from student_train.config import TrainConfig
+from student_train.config import TrainConfig, parse_mix
 from student_train.config_file import resolve_options
 from student_train.loader import LoaderConfig, StoreLoader
 from student_train.loss_config import LossConfig
 from student_train.losses import distillation_loss
-from student_train.mixture_loader import MixSchedule, parse_mix, source_names
+from student_train.mixture_loader import MixSchedule, source_names
 from student_train.train import Trainer, train
 
 BATCH = 4
