@@ -76,7 +76,8 @@ class RoundsConfig:
                                "scores the student's answers, never beside the student.")
     student: str = option(help="The initial student: a model directory with weights, the teacher's tokenizer and chat "
                                "template. It answers round 0's prompts.")
-    prompts: str = option(help="The prompts the student answers every round (`teacher-cache generate --prompts`).")
+    prompts: str = option(help="The prompts the student answers (`teacher-cache generate --prompts`): all of them "
+                               "every round, or prompts_per_round of them.")
     output: str = option(help="The run directory: RUN/round-R/ for each round, RUN/initial/, RUN/summary.json.")
     rounds: int = option(1, help="Rounds to run. A rerun with more continues a finished run.")
     prompts_per_round: int | None = option(
@@ -288,6 +289,7 @@ def main(verbose: bool, **params) -> None:
       teacher: /models/teacher
       student: /models/student
       prompts: prompts.jsonl
+      prompts_per_round: 512
       heldout_prompts: heldout.jsonl
       output: runs/onpolicy
       rounds: 3
