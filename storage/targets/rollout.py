@@ -4,7 +4,8 @@ output written with the teacher's tokenizer; manifest section `rollout`).
 
 One array, `behaviour_logprob` [S, L]: at position t, the log-prob of token t+1 under the distribution the generator
 drew it from (its temperature, top-k and top-p applied), NaN where token t+1 was not drawn by the generator (prompt
-and template tokens, an EOS appended after a truncated reply, padding). With the teacher's `true_logprob` of the same
+and template tokens, an EOS appended after a truncated reply, padding) or belongs to a rollout that began in an
+earlier packed sample (read there without the start it was drawn after). With the teacher's `true_logprob` of the same
 token it gives the per-token advantage and importance weight of the on-policy reverse-KL estimator
 (`student_train` loss `rollout_rkl`). Not a distribution of the teacher, so ensembles drop it.
 """
@@ -32,7 +33,7 @@ class Rollout(TargetKind):
     def array_specs(self, targets: dict, *, vocab_size: int, format_version: int) -> list[ArraySpec]:
         return [ArraySpec(BEHAVIOUR_LOGPROB, ("S", "L"), np.dtype(np.float32), "shuffle_zstd",
                           "log-prob of token t+1 under the distribution the generator drew it from; NaN where it "
-                          "was not drawn (prompt, appended EOS, padding)")]
+                          "was not drawn (prompt, appended EOS, padding) or its rollout began in an earlier sample")]
 
     def describe(self, targets: dict) -> str:
         model = targets["rollout"].get("generated_by", {}).get("model", "?")
