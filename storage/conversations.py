@@ -179,6 +179,8 @@ class ChatEncoder:
     `counts` tallies the conversations encoded, skipped, truncated and dropped so far.
     """
 
+    drawn = False  # its documents carry no behaviour log-probs (a `storage.rollouts.RolloutEncoder`'s may)
+
     def __init__(self, tokenizer, config: ChatConfig, fmt: str, fields: Columns = DEFAULT_COLUMNS) -> None:
         assert fmt in ("messages", "prompt-completion"), fmt
         if tokenizer.eos_token_id is None:

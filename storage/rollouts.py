@@ -23,12 +23,11 @@ from collections.abc import Iterator
 import datasets
 import numpy as np
 
-from storage.conversations import ChatCounts
+from storage.conversations import ROWS_PER_BLOCK, ChatCounts
 from storage.identity import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_BLOCK = 1000
 FORMAT = "rollouts"  # the manifest's dataset.format of a store built this way
 # A rollout: token ids, trained flag and behaviour log-prob (NaN: not drawn) of each token.
 Rollout = tuple[list[int], list[bool], list[float]]

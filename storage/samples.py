@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 DOCS_PER_BLOCK = 1000
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
-Document = tuple[list[int], list[bool] | None]  # token ids, trained flag per token (None: all)
-# A rollout (`storage.rollouts`) also gives each token the log-prob its generator drew it with (NaN: not drawn).
+# Token ids, trained flag per token (None: all); a rollout (`storage.rollouts`) adds each token's log-prob under the
+# policy that drew it (NaN: not drawn) as a third element.
+Document = tuple[list[int], list[bool] | None]
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -211,7 +212,7 @@ def iter_rows(dataset: datasets.Dataset, tokenizer, *, text_field: str, seq_len:
         blocks = ([(ids, None) for ids in block] for block in iter_documents(dataset, tokenizer, text_field))
     else:
         blocks = chat.iter_documents(dataset, seq_len)
-    drawn = isinstance(chat, RolloutEncoder) and chat.drawn
+    drawn = chat is not None and chat.drawn
     if pack:
         yield from _packed_rows(blocks, seq_len, pad, drawn)
     else:

@@ -104,7 +104,7 @@ def _build(config: BuildConfig, output: Location, source: Source, teacher: Teach
                # Written only when set, so the headers of builds without it stay as they were (--resume compares).
                **({"document_attention": "isolated"} if source.isolated else {})},
         targets=_targets_section(spec, config, layers, identity["hidden_size"], teacher.target_properties())
-        | ({"rollout": rollout.section(source.generated_by)} if _drawn(chat) else {}),
+        | ({"rollout": rollout.section(source.generated_by)} if chat is not None and chat.drawn else {}),
         created_by=f"teacher-cache {_version()}",
     )
     worker = _worker(config)
@@ -123,18 +123,13 @@ def _encoder(config: BuildConfig, source: Source, teacher: TeacherBackend) -> Ch
     if source.generation is not None:
         encoder = rollout_encoder(source.dataset, source.generation, teacher.tokenizer, train_on=config.train_on,
                                   overlong=config.overlong)
-        if encoder is not None and encoder.drawn and config.pack and not source.isolated:
-            raise ValueError("--document-attention cross: each reply of these rollouts was drawn with its own prompt "
-                             "as its only context, so its tokens must be scored in that context; leave "
-                             "--document-attention at auto (isolated), or build with --no-pack.")
         if encoder is not None:
+            if encoder.drawn and config.pack and not source.isolated:
+                raise ValueError("--document-attention cross: each reply of these rollouts was drawn with its own "
+                                 "prompt as its only context, so its tokens must be scored in that context; leave "
+                                 "--document-attention at auto (isolated), or build with --no-pack.")
             return encoder
     return encoder_for(config, source.format, source.chat_template, teacher.tokenizer)
-
-
-def _drawn(chat: ChatEncoder | RolloutEncoder | None) -> bool:
-    """Whether the samples carry behaviour log-probs (the store then holds the `rollout` kind)."""
-    return isinstance(chat, RolloutEncoder) and chat.drawn
 
 
 def _worker(config: BuildConfig) -> WorkerSlot | None:
