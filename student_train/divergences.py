@@ -98,12 +98,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from storage.targets.rollout import BEHAVIOUR_LOGPROB
 from student_train.collate import TAIL_BUCKET
 
 # The targets' entry of the true next token, [C] (see READS_TRUE_IDS).
 TRUE_IDS = "true_ids"
 # The batch records `rollout_rkl` reads, [C] each: the teacher's and the generator's log-prob of the next token.
-TRUE_LOGPROB, BEHAVIOUR_LOGPROB = "true_logprob", "behaviour_logprob"
+TRUE_LOGPROB = "true_logprob"
 ROLLOUT_KEYS = (TRUE_LOGPROB, BEHAVIOUR_LOGPROB)
 
 

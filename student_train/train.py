@@ -36,6 +36,7 @@ from storage.causal_lm import forward_inputs, resolve_device
 from storage.lock import is_lock_file
 from storage.manifest import Manifest, isolates_documents
 from storage.reader import Store
+from storage.targets.rollout import ROLLOUT as ROLLOUT_KIND
 from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_staging, save_checkpoint
 from student_train.collate import tail_bucket
 from student_train.config import TrainConfig
@@ -54,9 +55,6 @@ from student_train.student import build_student
 from student_train.targets import check_targets, check_top_k, default_targets, eval_targets
 
 log = logging.getLogger(__name__)
-
-# The manifest's targets section of a store built over a generator's rollouts (its `behaviour_logprob` record).
-ROLLOUT_TARGETS = "rollout"
 
 
 class Trainer:
@@ -384,15 +382,15 @@ def _check_rollout(loss_config: LossConfig, manifests: dict[str, Manifest]) -> N
     Raises:
         ValueError: rollout_rkl has weight and no store's manifest has `targets["rollout"]`.
     """
-    if ROLLOUT not in loss_config.kd_weights or any(ROLLOUT_TARGETS in m.targets for m in manifests.values()):
+    if ROLLOUT not in loss_config.kd_weights or any(ROLLOUT_KIND.present(m.targets) for m in manifests.values()):
         return
     store, manifest = next(iter(manifests.items()))
     if len(manifests) == 1:
         found = (f"the store {store} holds no rollouts (its manifest's targets are {', '.join(manifest.targets)}, "
-                 f"without {ROLLOUT_TARGETS!r})")
+                 f"without {ROLLOUT_KIND.section!r})")
     else:
         found = (f"none of the stores {', '.join(manifests)} holds rollouts (a manifest's targets with "
-                 f"{ROLLOUT_TARGETS!r})")
+                 f"{ROLLOUT_KIND.section!r})")
     raise ValueError(
         f"--loss {ROLLOUT}: {found}, so there are no log-probs the student sampled its tokens with. Build the store "
         f"with `teacher-cache build --dataset ROLLOUTS` over a `teacher-cache generate --model STUDENT` output of "
