@@ -41,7 +41,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from seqkd import generate, machine, timed_build  # noqa: E402
+from seqkd import generate, machine, timed_build, train  # noqa: E402
 
 from storage.generated import read_generated  # noqa: E402
 from storage.reader import Store  # noqa: E402
@@ -92,20 +92,6 @@ def prompt_slice(source: Path, output: Path, first: int) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(line + "\n" for line in lines))
     return output
-
-
-def train(steps: Steps, store: Path, heldout: Path, student: Path, output: Path, options: dict) -> tuple[dict, float]:
-    """`student-train` from `student`, reused when done from the same inputs; (final metrics, seconds)."""
-    final, timing = output / "final_metrics.json", output.with_name(f".{output.name}.seconds")
-    if not (reuse(output, [sha256(store / "manifest.json"), sha256(student / "model.safetensors"), options])
-            and final.exists()):
-        given = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
-        start = time.perf_counter()
-        steps.run(cli("student-train"), "--store", str(store), "--eval-store", str(heldout), "--student",
-                  str(student), "--output", str(output), *given, "--eval-every", str(options["max_steps"]),
-                  "--save-every", str(options["max_steps"]))
-        timing.write_text(str(time.perf_counter() - start))
-    return json.loads(final.read_text()), float(timing.read_text())
 
 
 def scored_answers(steps: Steps, teacher: Path, student: Path, prompts: Path, output: Path, sampling: dict) -> float:
@@ -160,7 +146,7 @@ def main(root: Path, held_back_prompts: int, heldout_prompts: int, max_new_token
     base = {"batch_size": batch_size, "lr": lr, "seed": 0}
 
     # 1. Warm start, and the off-policy row.
-    warm_metrics, warm_seconds = train(steps, store, heldout_store, student_init, out / "warm",
+    warm_metrics, warm_seconds = train(steps, store, heldout_store, student_init, out / "warm", [],
                                        base | {"max_steps": warm_steps, "targets_from": "sampled",
                                                "selection": str(out / "warm.json")})
     warm = out / "warm"
@@ -168,7 +154,7 @@ def main(root: Path, held_back_prompts: int, heldout_prompts: int, max_new_token
              "heldout_kl": warm_metrics["kl"],
              "teacher_loglik": scored_answers(steps, teacher, warm, heldout, out / "eval-warm", sampling),
              "teacher_tokens": 0, "seconds": 0.0, "curve": []}]
-    off_metrics, off_seconds = train(steps, store, heldout_store, warm, out / "off-policy",
+    off_metrics, off_seconds = train(steps, store, heldout_store, warm, out / "off-policy", [],
                                      base | {"max_steps": phase_steps, "targets_from": "sampled",
                                              "selection": str(out / "held-back.json")})
     # The held-back answers' share of the teacher's generation and build (benchmarks/seqkd.py's timings).
