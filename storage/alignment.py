@@ -265,6 +265,53 @@ def carry_ids(teacher_ids: np.ndarray, chunks: Chunks, *, fill: int = -1) -> np.
     return np.where(chunks.student_chunk >= 0, first[chunks.student_chunk], fill)
 
 
+def vocabulary_map(teacher, student, size: int) -> np.ndarray:
+    """[size] int64: for each teacher id, the student id that stands for exactly the same bytes, -1 for none.
+
+    Text tokens match by their bytes as they read inside a text (sentencepiece's `▁` a space, byte-level BPE's
+    characters bytes). Where several student tokens stand for the same bytes (sentencepiece's `<0xNN>` beside a
+    one-character piece), a byte-fallback token takes the student's byte-fallback token and any other token the
+    student's other token, so that a tokenizer maps to itself one to one. Special tokens match a
+    student special token of the same string, and BOS and EOS each other's; ids at or past the teacher tokenizer's
+    length (padding rows of a model's embedding) map to none.
+    """
+    fallback_ids: dict[bytes, int] = {}
+    text_ids: dict[bytes, int] = {}
+    student_scheme = _scheme(student)
+    student_special = set(special_ids(student).tolist())
+    for token_id, token in enumerate(student.convert_ids_to_tokens(list(range(len(student))))):
+        if token_id not in student_special:
+            fallback = student_scheme.byte_fallback and BYTE_TOKEN.fullmatch(token) is not None
+            (fallback_ids if fallback else text_ids).setdefault(_token_bytes(student_scheme, token), token_id)
+    mapped = np.full(size, -1, np.int64)
+    teacher_scheme = _scheme(teacher)
+    teacher_special = set(special_ids(teacher).tolist())
+    count = min(size, len(teacher))
+    for token_id, token in enumerate(teacher.convert_ids_to_tokens(list(range(count)))):
+        if token_id not in teacher_special:
+            data = _token_bytes(teacher_scheme, token)
+            fallback = teacher_scheme.byte_fallback and BYTE_TOKEN.fullmatch(token) is not None
+            first, second = (fallback_ids, text_ids) if fallback else (text_ids, fallback_ids)
+            mapped[token_id] = first.get(data, second.get(data, -1))
+    for token_id, student_id in special_map(teacher, student).items():
+        if token_id < size:
+            mapped[token_id] = student_id
+    return mapped
+
+
+def special_map(teacher, student) -> dict[int, int]:
+    """Teacher special token id -> the student's: the student special token of the same string, else for BOS and EOS
+    the student's BOS and EOS; a teacher special token with neither is left out."""
+    student_by_string = {student.convert_ids_to_tokens(int(i)): int(i) for i in special_ids(student)}
+    roles = {teacher.bos_token_id: student.bos_token_id, teacher.eos_token_id: student.eos_token_id}
+    mapped = {}
+    for token_id in special_ids(teacher).tolist():
+        student_id = student_by_string.get(teacher.convert_ids_to_tokens(token_id), roles.get(token_id))
+        if student_id is not None:
+            mapped[token_id] = student_id
+    return mapped
+
+
 def _cut_offsets(tokens: TokenSpans) -> np.ndarray:
     """Character offsets of the breakable token boundaries (0 and the text's end always among them)."""
     offsets = np.append(tokens.spans[:, 0], len(tokens.text))  # [N + 1] offset of boundary i
