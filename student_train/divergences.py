@@ -86,6 +86,9 @@ the gradient w a grad log q(x) estimates its gradient (E_q[a grad log q] = grad 
 exactly in expectation over x ~ mu while w is not truncated. The prefix, itself drawn from the student, is not
 differentiated (as in GKD and per-token on-policy distillation).
 
+A student whose tokenizer differs from the teacher's trains from the same store through other targets (`chunks`,
+`mapped`, `sorted`: CROSS_TARGETS), which `student_train.cross_losses` computes with the divergences below.
+
 Legend: C positions in a chunk, V vocabulary (with `online`: the student's is W >= the teacher's V), K top-k ids, M
 sampled entries per position (padding: id 0, count 0), J buckets.
 """
@@ -159,6 +162,11 @@ class Logits:
     def full(self, temperature: float = 1.0) -> torch.Tensor:
         """z / T itself, [C, V]: only for a dense teacher (`online`), which has no sparse form."""
         return self.scaled(temperature)
+
+    def top_ids(self, k: int) -> torch.Tensor:
+        """The ids of the k largest logits, [C, k], in decreasing order of the logits (at every temperature): only
+        for the cross-tokenizer `sorted` targets (`student_train.cross_losses`), which have no fused form."""
+        return self.logits_CV.topk(k, -1).indices
 
 
 def _id_mask(ids_CJ: torch.Tensor, vocab: int, valid_CJ: torch.Tensor | None = None) -> torch.Tensor:
@@ -319,8 +327,18 @@ REPRESENTATIONS: dict[str, Representation] = {
     "topk_residual": topk_residual,
 }
 ONLINE = "online"
-# Every representation a loss may use: the store's, and the full distribution of a teacher run online.
-TARGETS_FROM: dict[str, Representation] = {**REPRESENTATIONS, ONLINE: online}
+# The targets of a student whose tokenizer differs from the teacher's, computed over a whole batch by
+# `student_train.cross_losses` (`losses.distillation_loss` dispatches them there), never one chunk at a time here.
+CROSS_TARGETS = ("chunks", "mapped", "sorted")
+
+
+def _cross(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
+    raise AssertionError("cross-tokenizer targets are computed by student_train.cross_losses over the whole batch")
+
+
+# Every representation a loss may use: the store's, the full distribution of a teacher run online, and the
+# cross-tokenizer targets.
+TARGETS_FROM: dict[str, Representation] = {**REPRESENTATIONS, ONLINE: online, **dict.fromkeys(CROSS_TARGETS, _cross)}
 # The batch records each representation reads (`sampled` also reads topk_ids when its draws have a tail bucket;
 # `online` reads the teacher's final hidden states, which the trainer adds, and its head makes the teacher logits).
 TARGET_KEYS: dict[str, tuple[str, ...]] = {

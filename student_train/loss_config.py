@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from student_train.divergences import DIVERGENCES, ONLINE, TARGETS_FROM
+from student_train.divergences import CROSS_TARGETS, DIVERGENCES, ONLINE, TARGETS_FROM
 from student_train.targets.topk import TOPK
 
 CE = "ce"
@@ -76,11 +76,12 @@ class LossConfig:
             the stored log-probs of the sampled tokens alone (no target representation); the prefix distribution is
             not differentiated, as in GKD and per-token on-policy distillation (see
             `student_train.divergences.rollout_rkl`). Temperature 1 only; not with online targets.
-        targets: the target representation of every divergence, a key of TARGETS_FROM: the store's (REPRESENTATIONS)
-            or ONLINE, the full distribution of a teacher run beside the student (`distillation_loss`'s
-            `teacher_head`).
-        temperature: softmax temperature of the divergences (their sum is scaled by T^2); must be 1 with sampled and
-            hybrid.
+        targets: the target representation of every divergence, a key of TARGETS_FROM: the store's (REPRESENTATIONS),
+            ONLINE, the full distribution of a teacher run beside the student (`distillation_loss`'s
+            `teacher_head`), or one of CROSS_TARGETS, for a student whose tokenizer differs from the teacher's (see
+            `student_train.cross_losses`; not with rollout_rkl).
+        temperature: softmax temperature of the divergences (their sum is scaled by T^2); must be 1 with sampled,
+            hybrid and chunks (whose temperature is `chunk_temperature`).
         jsd_beta: jsd's beta, in (0, 1): the teacher's share of the mixture m = beta p + (1 - beta) q.
         skew_alpha: skew_kl's and skew_rkl's alpha, in (0, 1): the share of the first distribution in the mixture.
         kd_schedule: factor on the divergences and rollout_rkl by optimizer step, one of SCHEDULES (see `kd_scale`).
@@ -96,9 +97,13 @@ class LossConfig:
             built in forward and kept as the hidden states' and head's gradients until backward (see
             `student_train.fused_loss`); "checkpoint": each chunk under activation checkpointing, its logits
             recomputed in backward (slower; the reference). Same loss and gradients. Online targets always use
-            "checkpoint"; `fused_ce` takes precedence for CE alone.
+            "checkpoint", and the cross-tokenizer targets their own checkpointed chunks (`student_train.cross_losses`);
+            `fused_ce` takes precedence for CE alone.
         rollout_clip: rollout_rkl's truncation C >= 1 of its importance weights min(q(x) / mu(x), C), mu the
             distribution the student sampled x from when it generated: they correct for the student's drift since.
+        chunk_temperature: tau > 0 of the chunks targets: each aligned chunk's log-likelihood is divided by tau before
+            the binary distributions "this chunk or not" are compared, and each chunk's divergence is scaled by tau
+            (see `student_train.cross_losses`); 100 as in tokenkit's approximate likelihood matching.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
@@ -113,6 +118,7 @@ class LossConfig:
     top_k: int | None = None
     impl: str = "fused"
     rollout_clip: float = 2.0
+    chunk_temperature: float = 100.0
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.weights if name not in LOSS_NAMES]
@@ -127,6 +133,9 @@ class LossConfig:
             raise ValueError(f"targets: {self.targets!r} is not one of {', '.join(TARGETS_FROM)}.")
         if not self.temperature > 0:
             raise ValueError(f"temperature: expected a positive temperature, got {self.temperature}.")
+        if not (math.isfinite(self.chunk_temperature) and self.chunk_temperature > 0):
+            raise ValueError(f"chunk_temperature: expected a finite temperature > 0 for the chunks' log-likelihoods, "
+                             f"got {self.chunk_temperature}.")
         for name in ("jsd_beta", "skew_alpha"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name}: expected a value in (0, 1), got {getattr(self, name)}.")
@@ -168,9 +177,22 @@ class LossConfig:
                 f"{ROLLOUT} cannot be used with online targets: it reads the log-probs that the store's teacher gave "
                 f"the sampled tokens, not the online teacher's. Drop --online-teacher, or drop {ROLLOUT}."
             )
+        if self.targets in CROSS_TARGETS:
+            raise ValueError(
+                f"{ROLLOUT} cannot be used with {self.targets} targets: it compares the student's log-prob of each "
+                "sampled token with the teacher's log-prob of the same token, and a student with another tokenizer "
+                f"samples tokens the teacher never scored. Drop {ROLLOUT}, or train a student with the teacher's "
+                "tokenizer."
+            )
 
     def _check_representation(self) -> None:
         """The temperature and divergences the targets support."""
+        if self.targets == "chunks" and self.temperature != 1.0:
+            raise ValueError(
+                f"temperature: {self.temperature} cannot be used with chunks targets: they compare the likelihoods "
+                "of whole chunks of text, not next-token distributions, and are tempered by --chunk-temperature. "
+                "Use temperature 1.0 and set --chunk-temperature instead."
+            )
         if self.targets in DRAWN and self.temperature != 1.0:
             raise ValueError(
                 f"temperature: {self.temperature} cannot be used with {self.targets} targets: {DRAWN[self.targets]}, "

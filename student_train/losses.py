@@ -42,6 +42,9 @@ The loss of a batch, each term a mean over `loss_mask` positions:
   computed; with no divergence the batch needs no targets, and with no KD term the reported KD is 0.
 - s(step): the KD schedule (`kd_scale`), a factor in [0, 1] on every divergence and on R, from the optimizer step.
 
+A student whose tokenizer differs from the teacher's trains with the cross-tokenizer targets (chunks, mapped,
+sorted): the same loss, computed by `student_train.cross_losses` over a batch the cross-tokenizer transform made.
+
 A loss of CE alone may instead come from Liger-kernel's fused linear cross-entropy on CUDA (`LossConfig.fused_ce`;
 see `student_train.liger`), which gives the same CE and gradients without the checkpointed chunks.
 
@@ -59,8 +62,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from student_train.cross_losses import CROSS_KEYS, cross_sums
 from student_train.divergences import (
     BEHAVIOUR_LOGPROB,
+    CROSS_TARGETS,
     DIVERGENCES,
     ONLINE,
     READS_TRUE_IDS,
@@ -111,8 +116,9 @@ def distillation_loss(
         head: the student's output layer, H -> V.
         batch: collated store records: `loss_mask` [B, L], `input_ids` [B, L + 1], the targets of
             `config.targets` (see TARGET_KEYS) when a divergence has weight (for online targets, the teacher's
-            final hidden states `TEACHER_HIDDEN` [B, L, G]), and ROLLOUT_KEYS [B, L] when rollout_rkl has weight.
-            They are moved to the device of `hidden_BLH`.
+            final hidden states `TEACHER_HIDDEN` [B, L, G]; for cross-tokenizer targets, those of
+            `cross_losses.CROSS_KEYS`), and ROLLOUT_KEYS [B, L] when rollout_rkl has weight. They are moved to the
+            device of `hidden_BLH`.
         config: the weighted terms, their representation, temperature, schedule, chunk size, and whether CE is
             Liger's fused kernel.
         step: the optimizer step, for the KD schedule.
@@ -134,13 +140,19 @@ def distillation_loss(
     true_P = batch["input_ids"][:, 1:].to(device)[mask_BL]
     kd_weights = config.kd_weights
     assert teacher_head is not None or config.targets != ONLINE or not kd_weights, "online targets need the head"
-    targets_P = _select_targets(batch, config, mask_BL, true_P, rollouts_optional)
+    cross = config.targets in CROSS_TARGETS and bool(config.divergence_weights)
+    targets_P = {} if cross else _select_targets(batch, config, mask_BL, true_P, rollouts_optional)
 
     num_positions = hidden_PH.shape[0]
     scale = kd_scale(config.kd_schedule, step)
     loss = None
     weight_sum = 0.0  # rollout_rkl's importance weights, summed
-    if config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
+    if cross:
+        _require(batch, CROSS_KEYS[config.targets], f"{config.targets} targets need",
+                 "The cross-tokenizer batch transform adds them, for a student whose tokenizer differs from the "
+                 "teacher's; a student with the teacher's tokenizer trains with --targets-from topk_tail.")
+        kd_sum_D, ce_sum = cross_sums(hidden_PH, true_P, head, batch, mask_BL, config)
+    elif config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
         kd_sum_D, ce_sum = hidden_PH.new_zeros(0, dtype=torch.float32), liger_ce_sum(hidden_PH, head, true_P)
     elif config.impl == "fused" and not (config.targets == ONLINE and config.divergence_weights):
         loss, kd_sum_D, ce_sum, weight_sum = fused_loss(hidden_PH, true_P, targets_P, head, config, scale)
