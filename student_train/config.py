@@ -27,6 +27,18 @@ class TrainConfig:
         None, help="Student: a local HF model directory (weights are the init) or an HF config (config.json, or a "
                    "directory with only one) for a random init. Not with --init-from-teacher.")
     output: str = option(help="Run directory: checkpoints, metrics.jsonl and the final student.")
+    student_tokenizer: str | None = option(
+        None, metavar="DIR",
+        help="The student's tokenizer (a local HF tokenizer directory). Default: the one saved with --student, else "
+             "the store's teacher's. When it is not the store's, the cross-tokenizer path runs: each sample's text "
+             "is recovered from the teacher's ids, tokenized with this tokenizer, and aligned with the teacher's "
+             "tokens on shared character boundaries; the divergences then compare chunks, mapped or sorted "
+             "targets (--targets-from). Byte-level BPE and sentencepiece tokenizers align. See "
+             "student_train/cross_tokenizer.py.")
+    teacher_tokenizer: str | None = option(
+        None, metavar="DIR",
+        help="With a student tokenizer other than the store's: where the store's teacher tokenizer is (default: the "
+             "teacher directory the manifest names); it must be the one the store was built with.")
     mix: list[str] | str = option(
         default_factory=list, multiple=True, metavar="STORE=WEIGHT",
         help="Another store to train on, repeatable: WEIGHT in (0, 1) is the share of micro-batches drawn from "
@@ -68,6 +80,10 @@ class TrainConfig:
     temperature: float = option(LossConfig.temperature,
                                 help="Softening of both distributions in the divergences, with the T^2 factor (must "
                                      "be 1 for sampled and hybrid targets).")
+    chunk_temperature: float = option(
+        LossConfig.chunk_temperature, metavar="TAU",
+        help="With --targets-from chunks: the divergences compare the chunk likelihoods p^(1/TAU) of teacher and "
+             "student (approximate likelihood matching), times TAU; large TAU compares log-likelihood ratios.")
     jsd_beta: float = option(LossConfig.jsd_beta, help="jsd's beta in (0, 1): the teacher's share of the mixture.")
     skew_alpha: float = option(LossConfig.skew_alpha, help="skew_kl's and skew_rkl's alpha in (0, 1).")
     kd_schedule: str = option(
@@ -227,7 +243,8 @@ class TrainConfig:
         return LossConfig(weights=weights, targets=targets, temperature=self.temperature, jsd_beta=self.jsd_beta,
                           skew_alpha=self.skew_alpha, kd_schedule=self.kd_schedule,
                           chunk_positions=self.chunk_positions, sampled_tail_bucket=sampled_tail_bucket,
-                          top_k=self.top_k, impl=self.loss_impl, rollout_clip=self.rollout_clip)
+                          top_k=self.top_k, impl=self.loss_impl, rollout_clip=self.rollout_clip,
+                          chunk_temperature=self.chunk_temperature)
 
 
 def _resolve_loss(terms: list[str], alpha: float | None, targets_from: str | None) -> tuple[list[str], str | None]:

@@ -17,7 +17,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from student_train.shard_cache import ShardCache
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# What a loader may apply to each collated batch (`StoreLoader(transform=...)`).
+Transform = Callable[[Batch], Batch]
 
 
 @dataclass(kw_only=True)
@@ -117,9 +119,10 @@ class StoreDataset(IterableDataset):
     """
 
     def __init__(self, url: str, order: SampleOrder, *, rank: int, epoch: int, start_batch: int, cache_shards: int,
-                 stride: int = 1, verify: bool = True):
+                 stride: int = 1, verify: bool = True, transform: Transform | None = None):
         self.url, self.order, self.rank, self.epoch = url, order, rank, epoch
         self.start_batch, self.cache_shards, self.stride, self.verify = start_batch, cache_shards, stride, verify
+        self.transform = transform
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -129,7 +132,8 @@ class StoreDataset(IterableDataset):
         cache = ShardCache(store, self.cache_shards)
         for index in range(self.start_batch + worker * self.stride, self.order.num_batches, num_workers * self.stride):
             ids = self.order.batch(order, self.rank, index)
-            yield collate(cache.rows(ids), ids, store.manifest.targets)
+            batch = collate(cache.rows(ids), ids, store.manifest.targets)
+            yield batch if self.transform is None else self.transform(batch)
 
 
 class StoreLoader:
@@ -142,13 +146,16 @@ class StoreLoader:
         interleave: rank r reads the batches r, r + world_size, ... of the single-rank order, so the ranks read every
             sample exactly once but may get one batch fewer than others (an evaluation shared by ranks). Otherwise
             each step's block of world_size batches is split among the ranks (see the module docstring).
+        transform: applied to each collated batch where it is made (in the worker processes, if any), e.g. a
+            `student_train.cross_tokenizer.CrossTokenizer`; it must pickle for workers.
 
     Iterating yields the current epoch's batches from the current position and advances the state; once an epoch
     is exhausted the next iteration starts the following one. All ranks hold the same state (they consume equal
     batches), so one rank's `state_dict` resumes them all.
     """
 
-    def __init__(self, config: LoaderConfig, *, rank: int = 0, world_size: int = 1, interleave: bool = False):
+    def __init__(self, config: LoaderConfig, *, rank: int = 0, world_size: int = 1, interleave: bool = False,
+                 transform: Transform | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}.")
         self.config = config
@@ -169,7 +176,7 @@ class StoreLoader:
                 f"{world_size} rank(s) ({self.order.num_samples} samples in {config.store} after selection and "
                 "held-out split); lower batch_size or set drop_last=False."
             )
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.transform = rank, world_size, transform
         # Batch b of this rank is batch first + b * stride of the order, read as the order's rank `order_rank`.
         self._first, self._stride, self._order_rank = (rank, world_size, 0) if interleave else (0, 1, rank)
         self.epoch, self.samples_consumed = 0, 0
@@ -211,7 +218,8 @@ class StoreLoader:
         """This rank's remaining batches of the current epoch, for a DataLoader(batch_size=None) of your own."""
         start = self._first + self._stride * (self.samples_consumed // self.order.batch_size)
         return StoreDataset(self.config.store, self.order, rank=self._order_rank, epoch=self.epoch, start_batch=start,
-                            cache_shards=self.config.shuffle_window, stride=self._stride, verify=self.config.verify)
+                            cache_shards=self.config.shuffle_window, stride=self._stride, verify=self.config.verify,
+                            transform=self.transform)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.samples_consumed >= self.order.rank_samples:

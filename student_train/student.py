@@ -1,9 +1,10 @@
 """Loading the student: a local model (its weights are the init), a config (random init) or some of a teacher's
 layers (`--init-from-teacher`), plus its tokenizer.
 
-The tokenizer must be the teacher's: the store's targets are token ids. A config-only student takes the tokenizer
-from the teacher directory named in the store's manifest; either way the fingerprints are compared before
-training.
+The store's targets are token ids, so the student's tokenizer is the teacher's: a config-only student takes it from
+the teacher directory named in the store's manifest, and the fingerprints are compared before training. A student
+with another tokenizer (`--student-tokenizer`, or one saved with the student) trains through the character alignment
+of `student_train.cross_tokenizer`, which decides whether the two can be aligned.
 """
 
 from __future__ import annotations
@@ -32,14 +33,40 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def build_student(config: TrainConfig, manifest: Manifest):
+def student_tokenizer(config: TrainConfig, manifest: Manifest):
+    """The student's tokenizer: `--student-tokenizer`, else the one saved with `--student`, else the store's
+    teacher's (a config-only student, `--init-from-teacher`).
+
+    Raises:
+        ValueError: a path that does not exist, or `--student-tokenizer` with `--init-from-teacher`.
+    """
+    source = config.student or config.init_from_teacher
+    path = Path(source).expanduser()
+    if config.student and not path.exists():
+        raise ValueError(f"--student {source}: no such file or directory; pass a model directory or a config.json.")
+    if config.student_tokenizer is None:
+        return load_tokenizer(path.parent if path.is_file() else path, manifest)
+    if config.init_from_teacher:
+        raise ValueError(f"--student-tokenizer {config.student_tokenizer} and --init-from-teacher: the teacher's "
+                         "layers read the teacher's token ids; leave --student-tokenizer out, or give a --student "
+                         "model with that tokenizer's vocabulary.")
+    tokenizer_dir = Path(config.student_tokenizer).expanduser()
+    if not ((tokenizer_dir / "tokenizer.json").exists() or (tokenizer_dir / "tokenizer_config.json").exists()):
+        raise ValueError(f"--student-tokenizer {config.student_tokenizer}: no tokenizer there (tokenizer.json or "
+                         "tokenizer_config.json); pass a local directory saved with tokenizer.save_pretrained.")
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def build_student(config: TrainConfig, manifest: Manifest, tokenizer, *, cross: bool = False):
     """(model in fp32, tokenizer) a run starts from: `--student`, or layers of `--init-from-teacher`.
 
-    A resumed run of the latter takes its student from the newest checkpoint, whose weights replace the init anyway:
-    the teacher's weights are not read again, only its tokenizer (or the store's teacher's, if it is gone).
+    `tokenizer` is the student's (`student_tokenizer`); with `cross`, it is not the store's and trains through the
+    character alignment, so only the student's vocabulary is checked against it. A resumed run of
+    `--init-from-teacher` takes its student from the newest checkpoint, whose weights replace the init anyway: the
+    teacher's weights are not read again, only its tokenizer (or the store's teacher's, if it is gone).
     """
     if config.init_from_teacher is None:
-        model, tokenizer = load_student(config.student, manifest, seed=config.seed)
+        model = load_student(config.student, manifest, tokenizer, seed=config.seed, cross=cross)
     elif not config.resume:
         model, tokenizer = init_from_teacher(config.init_from_teacher, config.keep_layers, manifest)
     else:
@@ -47,8 +74,9 @@ def build_student(config: TrainConfig, manifest: Manifest):
                                                      dtype=torch.float32)
         tokenizer = load_tokenizer(Path(config.init_from_teacher).expanduser(), manifest)
         _check(model, tokenizer, manifest, config.init_from_teacher)
-    check_chat_template(tokenizer, manifest, config.init_from_teacher or config.student,
-                        allow=config.allow_chat_template_mismatch)
+    if not cross:  # across tokenizers, the student's template is its own: the alignment keeps the store's turns
+        check_chat_template(tokenizer, manifest, config.init_from_teacher or config.student,
+                            allow=config.allow_chat_template_mismatch)
     return model, tokenizer
 
 
@@ -81,17 +109,14 @@ def init_from_teacher(teacher: str, keep_layers: list[int] | None, manifest: Man
     return model, tokenizer
 
 
-def load_student(student: str, manifest: Manifest, *, seed: int):
-    """(model in fp32, tokenizer) for `student`, checked against the store.
+def load_student(student: str, manifest: Manifest, tokenizer, *, seed: int, cross: bool = False):
+    """The model (fp32) of `student`, checked against the store and the student's `tokenizer`.
 
     Raises:
-        ValueError: missing path, a tokenizer other than the teacher's, a vocabulary smaller than the teacher's
-            tokenizer, or an architecture with logit post-processing.
+        ValueError: a tokenizer other than the teacher's (unless `cross`), a vocabulary smaller than the tokenizer
+            whose ids it reads, or an architecture with logit post-processing.
     """
     path = Path(student).expanduser()
-    if not path.exists():
-        raise ValueError(f"--student {student}: no such file or directory; pass a model directory or a config.json.")
-    config_dir = path.parent if path.is_file() else path
     has_weights = path.is_dir() and any((path / name).exists() for name in WEIGHT_FILES)
     if has_weights:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -100,9 +125,8 @@ def load_student(student: str, manifest: Manifest, *, seed: int):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         log.info("student: random init from %s (%.1fM parameters)", path, model.num_parameters() / 1e6)
-    tokenizer = load_tokenizer(config_dir, manifest)
-    _check(model, tokenizer, manifest, student)
-    return model, tokenizer
+    _check(model, tokenizer, manifest, student, cross=cross)
+    return model
 
 
 def load_tokenizer(config_dir: Path, manifest: Manifest):
@@ -124,9 +148,14 @@ def load_tokenizer(config_dir: Path, manifest: Manifest):
     return AutoTokenizer.from_pretrained(teacher_dir)
 
 
-def _check(model, tokenizer, manifest: Manifest, student: str) -> None:
+def _check(model, tokenizer, manifest: Manifest, student: str, *, cross: bool = False) -> None:
     vocab = model.get_output_embeddings().weight.shape[0]
-    problems = compatibility_problems(tokenizer, vocab, manifest, student)
+    if cross:
+        problems = [] if vocab >= len(tokenizer) else [
+            f"vocab size mismatch: the student {student} predicts {vocab} ids and its tokenizer has {len(tokenizer)} "
+            f"tokens. Resize the student's embeddings to at least {len(tokenizer)}."]
+    else:
+        problems = compatibility_problems(tokenizer, vocab, manifest, student)
     post = [name for name in LOGIT_POSTPROCESSING if getattr(model.config, name, None) is not None]
     if post:
         problems.append(f"student {student} post-processes its logits ({', '.join(post)}), which the sparse "

@@ -41,6 +41,7 @@ from student_train.checkpoint import latest_checkpoint, load_checkpoint, read_st
 from student_train.collate import tail_bucket
 from student_train.config import TrainConfig
 from student_train.config_file import refuse_changed_config, save_run_config
+from student_train.cross_tokenizer import cross_tokenizer_for, default_cross_targets
 from student_train.distributed import TrainedModules, World, launch
 from student_train.features import build_feature_head
 from student_train.liger import use_liger
@@ -51,7 +52,7 @@ from student_train.mixture_loader import MAIN, MixSource, SourceWindow, mixed_lo
 from student_train.online_teacher import OnlineTeacher
 from student_train.order import held_out_range
 from student_train.run_dir import check_writable, output_lock, truncate_metrics
-from student_train.student import build_student
+from student_train.student import build_student, student_tokenizer
 from student_train.targets import check_targets, check_top_k, default_targets, eval_targets
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,11 @@ class Trainer:
         self.device = self.world.device
         # The student reads packed documents as the teacher did: alone, or attending across each other.
         self.isolated = isolates_documents(manifest.build)
-        loss_config = config.loss_config(config.targets_from or default_targets(manifest.targets),
+        # A student with another tokenizer reads the store through the character alignment (`CrossTokenizer`).
+        tokenizer = student_tokenizer(config, manifest)
+        self.cross = cross_tokenizer_for(config, manifest, tokenizer)
+        default = (default_cross_targets if self.cross else default_targets)(manifest.targets)
+        loss_config = config.loss_config(config.targets_from or default,
                                          sampled_tail_bucket=tail_bucket(manifest.targets) is not None)
         # Decided before the student loads, so that --fused-ce liger where it cannot run fails at once.
         self.loss_config = dataclasses.replace(loss_config,
@@ -90,7 +95,7 @@ class Trainer:
             store=config.store, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
             selection=config.selection, exclude_fraction_from_end=held_out, verify=config.verify)
         _check_split(manifest.num_samples, config, train_split, self.world.world_size)
-        self.model, self.tokenizer = build_student(config, manifest)
+        self.model, self.tokenizer = build_student(config, manifest, tokenizer, cross=self.cross is not None)
         self.model.to(self.device)
         self.head = self.model.get_output_embeddings()
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
@@ -105,11 +110,13 @@ class Trainer:
         # Evaluation always measures KL with the same estimator (forward KL over `eval_targets`, at T = 1), whatever
         # the training loss, so runs compare.
         held_out_targets = Store(config.eval_store).manifest.targets if config.eval_store else manifest.targets
-        self.eval_loss_config = LossConfig(weights={"forward_kl": 1.0}, targets=eval_targets(held_out_targets),
+        self.eval_loss_config = LossConfig(weights={"forward_kl": 1.0}, targets=eval_targets(held_out_targets,
+                                                                                         cross=self.cross is not None),
                                            chunk_positions=config.chunk_positions,
                                            sampled_tail_bucket=tail_bucket(held_out_targets) is not None,
-                                           impl=config.loss_impl)
-        self.train_loader = StoreLoader(train_split, rank=self.world.rank, world_size=self.world.world_size)
+                                           impl=config.loss_impl, chunk_temperature=config.chunk_temperature)
+        self.train_loader = StoreLoader(train_split, rank=self.world.rank, world_size=self.world.world_size,
+                                        transform=self.cross)
         # Without --mix, every batch is of --store; with it, each batch names its store (`MixedLoader.source_of`).
         self.main_source = MixSource(index=0, name=MAIN, store=config.store, share=Fraction(1),
                                      isolated=self.isolated)
@@ -306,14 +313,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out LM loss on true tokens, KL(teacher || student) on stored targets, top-1 agreement.
+        """Held-out LM loss on true tokens, KL(teacher || student) on stored targets, top-1 agreement; across
+        tokenizers also the LM loss in bits per character (the KL and agreement then over mapped targets, at the
+        aligned positions).
 
         The ranks share the held-out batches (rank r takes batches r, r + world_size, ...) and sum their results.
         """
         self.model.eval()
-        tokens, ce, kl, agree = 0, 0.0, 0.0, 0.0
+        tokens, ce, kl, agree, compared, chars = 0, 0.0, 0.0, 0.0, 0, 0
         loader = StoreLoader(self.eval_loader_config, rank=self.world.rank, world_size=self.world.world_size,
-                             interleave=True)
+                             interleave=True, transform=self.cross)
         for batch in loader:
             batch = _to_device(batch, self.device)
             with self.autocast():
@@ -323,14 +332,19 @@ class Trainer:
             tokens += n
             ce += float(parts["ce"]) * n
             kl += float(parts["kd"]) * n
-            agree += _top1_agreement(hidden_BLH, self.head, batch, self.config.chunk_positions)
+            agreed, count = _top1_agreement(hidden_BLH, self.head, batch, self.config.chunk_positions)
+            agree, compared = agree + agreed, compared + count
+            chars += int(batch["chars"][batch["loss_mask"]].sum()) if "chars" in batch else 0
         if self.world.sharded:  # FSDP gathers shards in every forward: a rank with a batch fewer joins once more
             for _ in range(len(loader), -(-loader.order.num_batches // self.world.world_size)):
                 self.replica(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
-        tokens, ce, kl, agree = self.world.sum([tokens, ce, kl, agree]).tolist()
+        tokens, ce, kl, agree, compared, chars = self.world.sum([tokens, ce, kl, agree, compared, chars]).tolist()
         tokens = int(tokens)
         n = max(tokens, 1)
-        return {"lm_loss": ce / n, "kl": kl / n, "top1_agreement": agree / n, "tokens": tokens}
+        result = {"lm_loss": ce / n, "kl": kl / n, "top1_agreement": agree / max(compared, 1), "tokens": tokens}
+        if self.cross is not None:
+            result["bits_per_char"] = ce / max(chars, 1) / math.log(2)
+        return result
 
     def _save_final(self, evaluation: dict) -> None:
         whole = self.world.whole(self.replica, self.optimizer)
@@ -398,9 +412,12 @@ def _check_rollout(loss_config: LossConfig, manifests: dict[str, Manifest]) -> N
     )
 
 
-def _top1_agreement(hidden_BLH, head, batch, chunk: int) -> float:
-    """Positions where the student's argmax equals the teacher's most likely stored id."""
-    mask_P = batch["loss_mask"].flatten()
+def _top1_agreement(hidden_BLH, head, batch, chunk: int) -> tuple[float, int]:
+    """(positions where the student's argmax equals the teacher's most likely stored id, positions compared): the
+    trained ones, those with mapped targets across tokenizers (`kd_mask`), none without top-k or sampled targets."""
+    mask_P = (batch["loss_mask"] & batch.get("kd_mask", True)).flatten()
+    if "topk_ids" not in batch and "sampled_ids" not in batch:
+        return 0.0, 0
     hidden_PH = hidden_BLH.flatten(0, 1)[mask_P]
     if "topk_ids" in batch:
         ids_PK, logp_PK = batch["topk_ids"].flatten(0, 1)[mask_P], batch["topk_logprobs"].flatten(0, 1)[mask_P]
@@ -408,7 +425,7 @@ def _top1_agreement(hidden_BLH, head, batch, chunk: int) -> float:
         ids_PK, logp_PK = batch["sampled_ids"].flatten(0, 1)[mask_P], batch["sampled_counts"].flatten(0, 1)[mask_P]
     teacher_P = ids_PK.gather(1, logp_PK.argmax(1, keepdim=True)).squeeze(1)
     student_P = torch.cat([head(hidden_PH[i:i + chunk]).argmax(-1) for i in range(0, len(hidden_PH), chunk)])
-    return float((student_P == teacher_P).sum())
+    return float((student_P == teacher_P).sum()), len(teacher_P)
 
 
 def _adamw(model, config: TrainConfig, feature_head: torch.nn.Module | None = None) -> torch.optim.AdamW:

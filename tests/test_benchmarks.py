@@ -19,7 +19,7 @@ from conftest import load_benchmark, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from storage import open_store
-from student_train.student import load_student
+from student_train.student import load_student, load_tokenizer
 
 pytestmark = pytest.mark.slow  # real training steps; train_step.py starts three processes
 
@@ -88,7 +88,8 @@ def test_train_step_losses_match_dense_computations(tmp_path, llama_dir, corpus_
     # Step 0 sees the first batch (store order) and the initial student, rebuilt here as student-train builds it.
     store = open_store(work / "store")
     batch = store.read_rows(0, 2)
-    student, _ = load_student(str(work / "student"), store.manifest, seed=0)
+    student = load_student(str(work / "student"), store.manifest, load_tokenizer(work / "student", store.manifest),
+                           seed=0)
     teacher = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     dense = _dense_losses(student, teacher, batch)
     for name, value in dense.items():

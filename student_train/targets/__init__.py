@@ -26,8 +26,11 @@ def default_targets(targets: dict) -> str:
     return next((kind.default for kind in STUDENT_KINDS.values() if kind.present(targets)), SAMPLED.default)
 
 
-def eval_targets(targets: dict) -> str:
-    """The representation of the held-out KL: topk_tail when the store has top-k targets, else sampled."""
+def eval_targets(targets: dict, *, cross: bool = False) -> str:
+    """The representation of the held-out KL: topk_tail when the store has top-k targets, else sampled; across
+    tokenizers, mapped top-k targets, else the chunks' likelihoods."""
+    if cross:
+        return "mapped" if TOPK.present(targets) else "chunks"
     return next((kind.default for kind in EVAL_KINDS if kind.present(targets)), SAMPLED.default)
 
 
@@ -41,6 +44,8 @@ def check_targets(representation: str, targets: dict) -> None:
     for kind in STUDENT_KINDS.values():
         if representation in kind.representations:
             kind.check(representation, targets)
+    if representation in TOPK.cross_representations:
+        TOPK.check(representation, targets)
 
 
 def check_top_k(top_k: int | None, targets: dict) -> None:

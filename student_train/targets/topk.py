@@ -9,6 +9,8 @@ from student_train.targets.base import StudentKind
 class TopK(StudentKind):
     name = "topk"
     representations = ("topk_tail", "topk_renorm", "topk_residual")
+    # Across tokenizers: the stored top-k, mapped to the student's ids or sorted (`student_train.cross_losses`).
+    cross_representations = ("mapped", "sorted")
     default = "topk_tail"
 
     def check(self, representation: str, targets: dict) -> None:
