@@ -44,15 +44,22 @@ Targets (T the temperature, z the student's logits; the divergences are those of
   tokenizer) is the binary divergence of the two next-token log-probs of the true token.
 
 The loss is that of `student_train.losses`: s(step) * T^2 * sum_d w_d D_d + w_ce CE, every term a sum (over the
-`kd_mask` positions, or over the usable chunks) divided by the number of trained positions P (`loss_mask`). Positions
-outside `kd_mask`, chunk_ids of -1 and chunks whose `chunk_logprob` is NaN add exactly 0 to the value and gradient.
+`kd_mask` positions, or over the usable chunks) divided by the number of trained positions P (`loss_mask`). A trained
+position outside `kd_mask` has no teacher distribution: with `mapped` and `sorted`, each divergence term counts the
+CE of its true token there instead (a one-hot teacher; divided by T^2, so that the loss weighs it by w_d exactly),
+so that every trained position carries the divergences' weight (left out, the tokens a student splits finer than
+the teacher would train on CE's weight alone). Chunk_ids of -1 and chunks whose `chunk_logprob` is NaN add exactly 0
+to the value and gradient.
 
-One path computes them, whatever `LossConfig.impl`: the trained positions a chunk of positions at a time
-(`LossConfig.chunk_positions`), each under non-reentrant activation checkpointing as in `losses`, so one [C, V] logits
-block exists at once. For `mapped` and `sorted`, the `kd_mask` positions go first, their divergences summed inside
-each chunk, then the others with CE alone (a position outside `kd_mask` never enters a divergence, whatever its
-records hold). For `chunks` each chunk gives the per-position log q(true next token), [P], which are then summed per
-text chunk (index_add) and compared, the gradient flowing back through the checkpoints.
+`mapped` reads the logits only as the store's representations do (log-normaliser, the logits of some ids, the
+log-sum-exp outside them), so with `LossConfig.impl` "fused" it runs on the fused path of `student_train.fused_loss`
+(`fused_mapped`). Otherwise, and always for `sorted` and `chunks`, the trained positions are computed a chunk of
+positions at a time (`LossConfig.chunk_positions`), each under non-reentrant activation checkpointing as in
+`losses`, so one [C, V] logits block exists at once. For `mapped` and `sorted`, the `kd_mask` positions go first,
+their divergences summed inside each chunk, then the others with their CE alone (a position outside `kd_mask` never
+enters a divergence, whatever its records hold). For `chunks` each chunk gives the per-position log q(true next
+token), [P], which are then summed per text chunk (index_add) and compared, the gradient flowing back through the
+checkpoints.
 
 Legend: B batch, L student positions per row, H hidden size, V student vocabulary, P trained positions (loss_mask
 true), C positions in a chunk of positions, K teacher top-k entries, J buckets, D divergences in the mix, A text
@@ -61,6 +68,7 @@ chunks per row in the records, N = B * A text chunks of the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -68,8 +76,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from student_train.divergences import DIVERGENCES, Logits, Representation
-from student_train.loss_config import LossConfig
+from student_train.divergences import DIVERGENCES, Logits, Representation, mapped
+from student_train.fused_loss import fused_loss
+from student_train.loss_config import CE, LossConfig
 
 # The records the cross-tokenizer batch transform adds. [B, L] bool: positions with mapped targets (a subset of
 # loss_mask); elsewhere the top-k records hold filler (ids -1, log-probs -inf, tail 0), which no divergence reads.
@@ -82,22 +91,6 @@ CHUNK_IDS = "chunk_ids"
 CHUNK_LOGPROB = "chunk_logprob"
 # The largest log-likelihood / tau a chunk keeps, so that log(1 - e^a) stays finite (tokenkit's clamp).
 MAX_CHUNK_LOGPROB = -1e-6
-
-
-def mapped(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
-    """The teacher's top-k entries mapped to student ids, plus a tail bucket holding the rest, J = K + 1."""
-    ids_CK, logp_CK = targets["topk_ids"], targets["topk_logprobs"]
-    valid_CK = ids_CK >= 0
-    # The unmapped entries' mass joins the stored tail (exactly the tail when every entry is mapped).
-    unmapped_C1 = logp_CK.masked_fill(valid_CK, -math.inf).logsumexp(-1, keepdim=True)
-    teacher_CJ = torch.cat([logp_CK.masked_fill(~valid_CK, -math.inf),
-                            torch.logaddexp(targets["tail_logmass"][:, None], unmapped_C1)], -1)
-    ids_CK = ids_CK.clamp_min(0)
-    lse_C1 = z.lse(temperature)
-    tiny = torch.finfo(lse_C1.dtype).min
-    logq_CK = torch.where(valid_CK, z.gather(ids_CK, temperature) - lse_C1, tiny)  # unmapped: empty for both
-    logq_C1 = z.outside_lse(ids_CK, temperature, valid_CK) - lse_C1
-    return F.log_softmax(teacher_CJ / temperature, -1), torch.cat([logq_CK, logq_C1], -1)
 
 
 def sorted_by_rank(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
@@ -143,12 +136,37 @@ def cross_sums(
         chunk_P = _global_chunk_ids(batch[CHUNK_IDS].to(device), mask_BL, batch[CHUNK_LOGPROB].shape[-1])
         kd_sum_D = _chunk_sums(logq_P, chunk_P, batch[CHUNK_LOGPROB].to(device).reshape(-1), config)
         return kd_sum_D, -logq_P.sum()
-    # The kd_mask positions apart from the others (CE alone): a divergence never meets the filler.
+    # The kd_mask positions apart from the others: a divergence never meets the filler. The others have no teacher
+    # distribution; each divergence term takes their CE instead (the true token as the teacher; / T^2, which the
+    # loss's T^2 undoes), so that every trained position carries the same weight.
     kd_P = batch[KD_MASK].to(device)[mask_BL]
     targets_P = {key: batch[key].to(device)[mask_BL][kd_P] for key in CROSS_KEYS[config.targets] if key != KD_MASK}
     kd_sum_D, logq_kd = _chunked(hidden_PH[kd_P], true_P[kd_P], targets_P, head, config)
     _, logq_rest = _chunked(hidden_PH[~kd_P], true_P[~kd_P], {}, head, config)
-    return kd_sum_D, -(logq_kd.sum() + logq_rest.sum())
+    return kd_sum_D - logq_rest.sum() / config.temperature**2, -(logq_kd.sum() + logq_rest.sum())
+
+
+def fused_mapped(
+    hidden_PH: torch.Tensor, true_P: torch.Tensor, head: nn.Linear, batch: dict[str, torch.Tensor],
+    mask_BL: torch.Tensor, config: LossConfig, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mapped` on the fused path (`student_train.fused_loss`, for `LossConfig.impl` "fused"): (loss, summed
+    divergences [D], summed CE), the loss and sums of `cross_sums`, with each chunk's logits computed once.
+
+    The `kd_mask` positions run with the mix as it is; the others with CE alone, weighted by what the loss gives them
+    (their CE in each divergence term, s(step) w_d, plus w_ce); both losses are means over their own positions,
+    turned into shares of the P trained positions.
+    """
+    device = hidden_PH.device
+    kd_P = batch[KD_MASK].to(device)[mask_BL]
+    targets_P = {key: batch[key].to(device)[mask_BL][kd_P] for key in CROSS_KEYS["mapped"] if key != KD_MASK}
+    loss_kd, kd_sum_D, ce_kd, _ = fused_loss(hidden_PH[kd_P], true_P[kd_P], targets_P, head, config, scale)
+    ce_only = dataclasses.replace(config, weights={CE: 1.0})
+    loss_rest, _, ce_rest, _ = fused_loss(hidden_PH[~kd_P], true_P[~kd_P], {}, head, ce_only, scale)
+    rest_weight = scale * sum(config.divergence_weights.values()) + config.weights.get(CE, 0.0)
+    positions, kd_positions = hidden_PH.shape[0], int(kd_P.sum())
+    loss = (loss_kd * kd_positions + rest_weight * loss_rest * (positions - kd_positions)) / max(positions, 1)
+    return loss, kd_sum_D + ce_rest / config.temperature**2, ce_kd + ce_rest
 
 
 def _chunked(

@@ -271,6 +271,23 @@ def topk_residual(z: Logits, targets: dict[str, torch.Tensor], temperature: floa
     return logp_CJ, torch.cat([z.gather(ids_CK, temperature) - lse_C1, logq_true_C1, logq_rest_C1], -1)
 
 
+def mapped(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
+    """The teacher's top-k entries mapped to student ids (-1: none), plus a tail bucket holding the rest, J = K + 1:
+    a student with another tokenizer (`student_train.cross_losses`, which documents it)."""
+    ids_CK, logp_CK = targets["topk_ids"], targets["topk_logprobs"]
+    valid_CK = ids_CK >= 0
+    # The unmapped entries' mass joins the stored tail (exactly the tail when every entry is mapped).
+    unmapped_C1 = logp_CK.masked_fill(valid_CK, -math.inf).logsumexp(-1, keepdim=True)
+    teacher_CJ = torch.cat([logp_CK.masked_fill(~valid_CK, -math.inf),
+                            torch.logaddexp(targets["tail_logmass"][:, None], unmapped_C1)], -1)
+    ids_CK = ids_CK.clamp_min(0)
+    lse_C1 = z.lse(temperature)
+    tiny = torch.finfo(lse_C1.dtype).min
+    logq_CK = torch.where(valid_CK, z.gather(ids_CK, temperature) - lse_C1, tiny)  # unmapped: empty for both
+    logq_C1 = z.outside_lse(ids_CK, temperature, valid_CK) - lse_C1
+    return F.log_softmax(teacher_CJ / temperature, -1), torch.cat([logq_CK, logq_C1], -1)
+
+
 def online(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     """The teacher's full distribution over the whole vocabulary, J = W (the student's width, >= the teacher's V)."""
     teacher_CV = targets["teacher_logits"]
@@ -327,18 +344,20 @@ REPRESENTATIONS: dict[str, Representation] = {
     "topk_residual": topk_residual,
 }
 ONLINE = "online"
-# The targets of a student whose tokenizer differs from the teacher's, computed over a whole batch by
-# `student_train.cross_losses` (`losses.distillation_loss` dispatches them there), never one chunk at a time here.
+# The targets of a student whose tokenizer differs from the teacher's, over batches `student_train.cross_losses`
+# computes (`losses.distillation_loss` dispatches them there): `mapped` reads the logits as the store's
+# representations do, and its chunks of positions run here too; `chunks` and `sorted` never do.
 CROSS_TARGETS = ("chunks", "mapped", "sorted")
 
 
 def _cross(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
-    raise AssertionError("cross-tokenizer targets are computed by student_train.cross_losses over the whole batch")
+    raise AssertionError("chunks and sorted targets are computed by student_train.cross_losses over the whole batch")
 
 
 # Every representation a loss may use: the store's, the full distribution of a teacher run online, and the
 # cross-tokenizer targets.
-TARGETS_FROM: dict[str, Representation] = {**REPRESENTATIONS, ONLINE: online, **dict.fromkeys(CROSS_TARGETS, _cross)}
+TARGETS_FROM: dict[str, Representation] = {**REPRESENTATIONS, ONLINE: online, "chunks": _cross, "mapped": mapped,
+                                           "sorted": _cross}
 # The batch records each representation reads (`sampled` also reads topk_ids when its draws have a tail bucket;
 # `online` reads the teacher's final hidden states, which the trainer adds, and its head makes the teacher logits).
 TARGET_KEYS: dict[str, tuple[str, ...]] = {

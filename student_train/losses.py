@@ -62,7 +62,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from student_train.cross_losses import CROSS_KEYS, cross_sums
+from student_train.cross_losses import CROSS_KEYS, cross_sums, fused_mapped
 from student_train.divergences import (
     BEHAVIOUR_LOGPROB,
     CROSS_TARGETS,
@@ -151,7 +151,10 @@ def distillation_loss(
         _require(batch, CROSS_KEYS[config.targets], f"{config.targets} targets need",
                  "The cross-tokenizer batch transform adds them, for a student whose tokenizer differs from the "
                  "teacher's; a student with the teacher's tokenizer trains with --targets-from topk_tail.")
-        kd_sum_D, ce_sum = cross_sums(hidden_PH, true_P, head, batch, mask_BL, config)
+        if config.targets == "mapped" and config.impl == "fused":
+            loss, kd_sum_D, ce_sum = fused_mapped(hidden_PH, true_P, head, batch, mask_BL, config, scale)
+        else:
+            kd_sum_D, ce_sum = cross_sums(hidden_PH, true_P, head, batch, mask_BL, config)
     elif config.fused_ce and num_positions:  # with no position, the torch path's empty chunk gives the 0
         kd_sum_D, ce_sum = hidden_PH.new_zeros(0, dtype=torch.float32), liger_ce_sum(hidden_PH, head, true_P)
     elif config.impl == "fused" and not (config.targets == ONLINE and config.divergence_weights):

@@ -11,6 +11,7 @@ A text chunks per row.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,7 +22,7 @@ from torch import nn
 
 from student_train.cross_losses import CHUNK_IDS, CHUNK_LOGPROB, KD_MASK
 from student_train.divergences import CROSS_TARGETS, TARGETS_FROM
-from student_train.loss_config import LossConfig
+from student_train.loss_config import LOSS_IMPLS, LossConfig
 from student_train.losses import DIVERGENCES, distillation_loss
 
 B, L, H, U, V, K = 2, 9, 8, 40, 30, 6
@@ -91,6 +92,9 @@ def mapped_reference(logits, teacher, teacher_ids, to_student, batch, weights, t
     for b in range(B):
         for j in range(L):
             if not kd[b, j]:
+                if batch["loss_mask"][b, j]:  # no teacher distribution: the true token's CE in each term, / T^2
+                    ce = -F.log_softmax(logits[b, j], -1)[batch["input_ids"][b, j + 1]]
+                    sums = {name: value + ce / temperature**2 for name, value in sums.items()}
                 continue
             pairs = [(int(t), int(to_student[t])) for t in teacher_ids[b, j] if to_student[t] >= 0]
             p = torch.stack([teacher[b, j, t].exp() for t, _ in pairs])
@@ -104,6 +108,12 @@ def mapped_reference(logits, teacher, teacher_ids, to_student, batch, weights, t
     return combine(logits, batch, sums, weights, temperature**2)
 
 
+def ce_outside_kd(logits, batch, temperature: float = 1.0):
+    """What each divergence term sums at the trained positions outside kd_mask: their true tokens' CE, / T^2."""
+    outside = batch["loss_mask"] & ~batch[KD_MASK]
+    return F.cross_entropy(logits[outside], batch["input_ids"][:, 1:][outside], reduction="sum") / temperature**2
+
+
 def combine(logits, batch, sums, weights, factor):
     """(loss, per-divergence means): each sum over P trained positions, times factor; plus weighted CE."""
     mask = batch["loss_mask"]
@@ -114,8 +124,9 @@ def combine(logits, batch, sums, weights, factor):
     return loss, means
 
 
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
 @pytest.mark.parametrize("name", list(DIVERGENCES))
-def test_mapped_with_every_entry_mapped_is_topk_tail(name):
+def test_mapped_with_every_entry_mapped_is_topk_tail(name, impl):
     """The loss equals the same-tokenizer loss when the tokenizers are the same."""
     gen = torch.Generator().manual_seed(1)
     hidden, head = student(1)
@@ -126,7 +137,7 @@ def test_mapped_with_every_entry_mapped_is_topk_tail(name):
              "topk_logprobs": logprobs.float(), "tail_logmass": tail.float()}
     weights = {name: 0.7, "ce": 0.4}
     loss, metrics = distillation_loss(hidden, head, batch | {KD_MASK: loss_mask},
-                                      config(weights, "mapped", temperature=1.7, chunk_positions=4))
+                                      config(weights, "mapped", temperature=1.7, chunk_positions=4, impl=impl))
     same, same_metrics = distillation_loss(hidden, head, batch, config(weights, "topk_tail", temperature=1.7))
 
     torch.testing.assert_close(loss, same, rtol=1e-12, atol=1e-14)
@@ -135,13 +146,15 @@ def test_mapped_with_every_entry_mapped_is_topk_tail(name):
     assert_grads_close(grads(loss, hidden, head), grads(same, hidden, head), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
 @pytest.mark.parametrize("name,temperature", [(d, t) for d in DIVERGENCES for t in (1.0, 1.7)])
-def test_mapped_matches_brute_force(name, temperature):
+def test_mapped_matches_brute_force(name, temperature, impl):
     teacher, teacher_ids, to_student, batch = mapped_case(2)
     hidden, head = student(2)
     weights = {name: 0.7, "ce": 0.4}
     loss, metrics = distillation_loss(hidden, head, batch,
-                                      config(weights, "mapped", temperature=temperature, chunk_positions=5))
+                                      config(weights, "mapped", temperature=temperature, chunk_positions=5,
+                                             impl=impl))
     expected, means = mapped_reference(head(hidden), teacher, teacher_ids, to_student, batch, weights, temperature)
 
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
@@ -178,7 +191,7 @@ def test_sorted_tv_is_half_the_full_sorted_l1_when_the_top_k_holds_all_mass(teac
         p = F.pad(teacher[b, j].exp().sort(descending=True).values, (0, width - teacher_vocab))
         q = F.pad(F.softmax(logits[b, j], -1).sort(descending=True).values, (0, width - V))
         total = total + (p - q).abs().sum() / 2
-    expected = total / int(batch["loss_mask"].sum())
+    expected = (total + ce_outside_kd(logits, batch)) / int(batch["loss_mask"].sum())
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(metrics["tv"], expected.detach(), rtol=1e-10, atol=1e-12)
     assert_grads_close(grads(loss, hidden, head), grads(expected, hidden, head), rtol=1e-8, atol=1e-11)
@@ -203,6 +216,7 @@ def test_sorted_matches_its_sparse_form(name):
         p = p / p.sum()
         q_top = F.softmax(logits[b, j] / temperature, -1).sort(descending=True).values[:K]
         total = total + divergence(name, p, torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)]))
+    total = total + ce_outside_kd(logits, batch, temperature)
     expected, means = combine(logits, batch, {name: total}, weights, temperature**2)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(metrics[name], means[name].detach(), rtol=1e-10, atol=1e-12)
@@ -313,21 +327,27 @@ def assert_zero_where(gradient_BLH: torch.Tensor, silent_BL: torch.Tensor) -> No
     assert gradient_BLH[~silent_BL].abs().sum() > 0
 
 
-@pytest.mark.parametrize("targets", ["mapped", "sorted"])
-def test_positions_outside_kd_mask_add_exactly_zero(targets):
-    """With every divergence in the mix: a position outside kd_mask (holding the filler) has a gradient of exactly 0,
-    and a batch with no kd position a loss of exactly 0, with no NaN."""
+@pytest.mark.parametrize(("targets", "impl"), [("mapped", "fused"), ("mapped", "checkpoint"), ("sorted", "fused")])
+def test_positions_outside_kd_mask_count_their_true_tokens_ce(targets, impl):
+    """With every divergence in the mix: a trained position outside kd_mask (holding the filler) adds its true
+    token's CE to each divergence term, value and gradient exactly, with no NaN; an untrained one adds nothing."""
     _, _, _, batch = mapped_case(8)
     hidden, head = student(8)
-    loss, _ = distillation_loss(hidden, head, batch, kd_only(targets))
+    loss, _ = distillation_loss(hidden, head, batch, dataclasses.replace(kd_only(targets), impl=impl))
     assert loss.isfinite() and loss.item() > 0
-    assert_zero_where(grads(loss, hidden, head)[0], ~batch[KD_MASK])
+    gradient = grads(loss, hidden, head)[0]
+    outside = batch["loss_mask"] & ~batch[KD_MASK]
+    reference = len(DIVERGENCES) * ce_outside_kd(head(hidden), batch) / int(batch["loss_mask"].sum())
+    torch.testing.assert_close(gradient[outside], grads(reference, hidden, head)[0][outside], rtol=1e-10, atol=1e-13)
+    assert torch.equal(gradient[~batch["loss_mask"]], torch.zeros_like(gradient[~batch["loss_mask"]]))
 
     none = batch | with_filler(torch.zeros_like(batch[KD_MASK]), batch["topk_ids"], batch["topk_logprobs"],
                                batch["tail_logmass"])
-    loss, metrics = distillation_loss(hidden, head, none, kd_only(targets))
-    assert loss.item() == 0.0 and all(float(metrics[name]) == 0.0 for name in DIVERGENCES)
-    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads(loss, hidden, head))
+    loss, metrics = distillation_loss(hidden, head, none, dataclasses.replace(kd_only(targets), impl=impl))
+    temperature = dataclasses.replace(kd_only(targets), impl=impl).temperature  # each term holds CE / T^2, which the loss's T^2 undoes
+    ce = (ce_outside_kd(head(hidden), none) / int(none["loss_mask"].sum())).detach()
+    torch.testing.assert_close(loss.detach(), len(DIVERGENCES) * ce, rtol=1e-12, atol=1e-14)
+    assert all(float(metrics[name]) == pytest.approx(float(ce) / temperature**2, rel=1e-12) for name in DIVERGENCES)
 
 
 def test_chunks_outside_usable_ones_add_exactly_zero():
