@@ -54,6 +54,7 @@ from storage.manifest import Manifest
 from student_train.collate import Batch
 from student_train.divergences import CROSS_TARGETS
 from student_train.student import compatibility_problems
+from student_train.targets.topk import TOPK
 
 if TYPE_CHECKING:
     from student_train.config import TrainConfig
@@ -71,9 +72,10 @@ SAME_IDS_ONLY = {
 
 
 def default_cross_targets(targets: dict) -> str:
-    """The representation of a cross-tokenizer run unless --targets-from says otherwise: chunks (approximate
-    likelihood matching), which every store supports."""
-    return "chunks"
+    """The representation of a cross-tokenizer run unless --targets-from says otherwise: mapped top-k when the store
+    has top-k targets (it beat CE and the other two in bits per character, benchmarks/RESULTS.md section 10), else
+    chunks (approximate likelihood matching), which every store supports."""
+    return "mapped" if TOPK.present(targets) else "chunks"
 
 
 def cross_tokenizer_for(config: TrainConfig, manifest: Manifest, tokenizer) -> CrossTokenizer | None:
