@@ -17,12 +17,14 @@ import click
 from transformers import AutoConfig
 
 from storage.fs import Location
+from storage.identity import tokenizer_fingerprint
 from storage.integrity import StoreDamaged
 from storage.manifest import Manifest
 from storage.option_cli import click_options, load_config, load_options, make_config
 from storage.options import option, with_sources
 from student_train.config import TrainConfig
 from student_train.config_file import READERS
+from student_train.cross_tokenizer import CrossTokenizer, default_cross_targets, teacher_tokenizer
 from student_train.eval_report import markdown
 from student_train.evaluate import EvalConfig, evaluate
 from student_train.student import chat_template_problem, compatibility_problems, load_tokenizer
@@ -122,12 +124,17 @@ class CheckOptions:
 
     store: str = option(help="Store written by `teacher-cache build`.")
     student: str = option(help="Student model or config directory (with tokenizer).")
+    teacher_tokenizer: str | None = option(
+        None, metavar="DIR",
+        help="Where the store's teacher tokenizer is, to check a student with another tokenizer (default: the teacher "
+             "directory the manifest names).")
 
 
 @main.command()
 @click_options(CheckOptions)
 def check(**params) -> None:
-    """Check that STUDENT shares the store's tokenizer and vocabulary."""
+    """Check that STUDENT shares the store's tokenizer and vocabulary, or that its own tokenizer aligns with the
+    store's by characters (a cross-tokenizer student)."""
     options = load_config(CheckOptions, params)
     store, student = options.store, options.student
     try:
@@ -138,13 +145,35 @@ def check(**params) -> None:
     if not path.exists():
         raise click.ClickException(f"--student {student}: no such file or directory.")
     tokenizer = load_tokenizer(path.parent if path.is_file() else path, manifest)
-    problems = compatibility_problems(tokenizer, AutoConfig.from_pretrained(student).vocab_size, manifest, student)
+    vocab_size = AutoConfig.from_pretrained(student).vocab_size
+    if tokenizer_fingerprint(tokenizer) != manifest.teacher["tokenizer_sha256"]:
+        _check_cross(options, manifest, tokenizer, vocab_size)
+        return
+    problems = compatibility_problems(tokenizer, vocab_size, manifest, student)
     problems += [problem for problem in [chat_template_problem(tokenizer, manifest, student)] if problem]
     if problems:
         raise click.ClickException("\n".join(problems))
     click.echo(f"{student} can train on {store}: same tokenizer"
                + (", same chat template" if "chat_template_sha256" in manifest.dataset else "")
                + f", vocabulary {manifest.teacher['vocab_size']}.")
+
+
+def _check_cross(options: CheckOptions, manifest: Manifest, tokenizer, vocab_size: int) -> None:
+    """A student with another tokenizer: whether it aligns with the store's by characters, with what it maps."""
+    try:
+        cross = CrossTokenizer(teacher_tokenizer(options.teacher_tokenizer, manifest), tokenizer,
+                               manifest.teacher["vocab_size"])
+    except ValueError as exc:
+        mismatch = compatibility_problems(tokenizer, vocab_size, manifest, options.student)
+        raise click.ClickException(f"{' '.join(mismatch)} Training through the character alignment is not possible "
+                                   f"either: {exc}") from None
+    if vocab_size < len(tokenizer):
+        raise click.ClickException(f"vocab size mismatch: the student {options.student} predicts {vocab_size} ids and "
+                                   f"its tokenizer has {len(tokenizer)} tokens; resize its embeddings.")
+    click.echo(f"{options.student} can train on {options.store} through the character alignment: its tokenizer "
+               f"({len(tokenizer)} tokens) is not the store's ({manifest.teacher['tokenizer_vocab_size']}); "
+               f"{cross.mapped_share:.0%} of the teacher's ids have a student token of the same bytes (--targets-from "
+               f"{default_cross_targets(manifest.targets)} by default; see README, A student with another tokenizer).")
 
 
 @main.command("eval")

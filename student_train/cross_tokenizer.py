@@ -101,7 +101,7 @@ def cross_tokenizer_for(config: TrainConfig, manifest: Manifest, tokenizer) -> C
                 raise ValueError(f"--{name.replace('_', '-')}: the student {student} reads another tokenizer than the "
                                  f"store's, and {reason}; leave --{name.replace('_', '-')} out, or use a student "
                                  "with the teacher's tokenizer.")
-    teacher = _teacher_tokenizer(config, manifest)
+    teacher = teacher_tokenizer(config.teacher_tokenizer, manifest)
     try:
         cross = CrossTokenizer(teacher, tokenizer, manifest.teacher["vocab_size"])
     except ValueError as error:
@@ -114,10 +114,14 @@ def cross_tokenizer_for(config: TrainConfig, manifest: Manifest, tokenizer) -> C
     return cross
 
 
-def _teacher_tokenizer(config: TrainConfig, manifest: Manifest):
-    """The store's teacher tokenizer: --teacher-tokenizer, else the manifest's teacher directory; its fingerprint
-    must be the manifest's."""
-    source = config.teacher_tokenizer or manifest.teacher.get("model")
+def teacher_tokenizer(given: str | None, manifest: Manifest):
+    """The store's teacher tokenizer: the directory `given` (--teacher-tokenizer), else the manifest's teacher
+    directory; its fingerprint must be the manifest's.
+
+    Raises:
+        ValueError: no such directory, or another tokenizer than the store's.
+    """
+    source = given or manifest.teacher.get("model")
     path = Path(source).expanduser() if source else None
     if path is None or not path.is_dir():
         raise ValueError(f"the student reads another tokenizer than the store's, and the store's teacher tokenizer "

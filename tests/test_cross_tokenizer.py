@@ -326,3 +326,19 @@ def test_a_cross_tokenizer_run_resumes_exactly(tmp_path, store, byte_level_stude
     cut = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").state_dict()
     for name, value in full.items():
         torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_check_says_whether_another_tokenizer_aligns(tmp_path, store, byte_level_student):
+    result = CliRunner().invoke(train_main, ["check", "--store", store, "--student", str(byte_level_student)])
+    assert result.exit_code == 0, result.output
+    assert "through the character alignment" in result.output and "--targets-from mapped" in result.output
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(["no decoder"] * 10, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>"]))
+    path = tmp_path / "whitespace"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(path)
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2).save_pretrained(path)
+    result = CliRunner().invoke(train_main, ["check", "--store", store, "--student", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "tokenizer mismatch" in result.output and "alignment is not possible" in result.output
