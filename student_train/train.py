@@ -320,7 +320,7 @@ class Trainer:
         The ranks share the held-out batches (rank r takes batches r, r + world_size, ...) and sum their results.
         """
         self.model.eval()
-        tokens, ce, kl, agree, compared, chars = 0, 0.0, 0.0, 0.0, 0, 0
+        tokens, ce, kl, kl_tokens, agree, compared, chars = 0, 0.0, 0.0, 0, 0.0, 0, 0
         loader = StoreLoader(self.eval_loader_config, rank=self.world.rank, world_size=self.world.world_size,
                              interleave=True, transform=self.cross)
         for batch in loader:
@@ -331,17 +331,23 @@ class Trainer:
             n = int(parts["tokens"])
             tokens += n
             ce += float(parts["ce"]) * n
-            kl += float(parts["kd"]) * n
+            if "kd_mask" in batch:  # across tokenizers: the KL where the teacher's distribution maps, alone
+                _, parts = distillation_loss(hidden_BLH, self.head, batch | {"loss_mask": batch["loss_mask"]
+                                                                            & batch["kd_mask"]}, self.eval_loss_config)
+            kl += float(parts["kd"]) * int(parts["tokens"])
+            kl_tokens += int(parts["tokens"])
             agreed, count = _top1_agreement(hidden_BLH, self.head, batch, self.config.chunk_positions)
             agree, compared = agree + agreed, compared + count
             chars += int(batch["chars"][batch["loss_mask"]].sum()) if "chars" in batch else 0
         if self.world.sharded:  # FSDP gathers shards in every forward: a rank with a batch fewer joins once more
             for _ in range(len(loader), -(-loader.order.num_batches // self.world.world_size)):
                 self.replica(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
-        tokens, ce, kl, agree, compared, chars = self.world.sum([tokens, ce, kl, agree, compared, chars]).tolist()
+        tokens, ce, kl, kl_tokens, agree, compared, chars = self.world.sum(
+            [tokens, ce, kl, kl_tokens, agree, compared, chars]).tolist()
         tokens = int(tokens)
         n = max(tokens, 1)
-        result = {"lm_loss": ce / n, "kl": kl / n, "top1_agreement": agree / max(compared, 1), "tokens": tokens}
+        result = {"lm_loss": ce / n, "kl": kl / max(kl_tokens, 1), "top1_agreement": agree / max(compared, 1),
+                  "tokens": tokens}
         if self.cross is not None:
             result["bits_per_char"] = ce / max(chars, 1) / math.log(2)
         return result

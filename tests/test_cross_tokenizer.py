@@ -24,6 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from storage.alignment import student_tokens, teacher_text
+from storage.causal_lm import forward_inputs
+from storage.manifest import isolates_documents
 from storage.reader import Store
 from student_train.cli import main as train_main
 from student_train.config import TrainConfig
@@ -342,3 +344,46 @@ def test_check_says_whether_another_tokenizer_aligns(tmp_path, store, byte_level
     result = CliRunner().invoke(train_main, ["check", "--store", store, "--student", str(path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "tokenizer mismatch" in result.output and "alignment is not possible" in result.output
+
+
+def test_cross_evaluation_is_bits_per_character_and_the_kl_at_aligned_positions(tmp_path, store, byte_level_student):
+    """The held-out numbers of a cross-tokenizer run, recomputed from the saved student by loops: the LM loss over
+    the trained positions, bits per character over the characters of the predicted tokens (read by decoding each
+    one), and the forward KL to the mapped top-k + tail at the aligned positions only."""
+    result = CliRunner().invoke(train_main, train_args(store, byte_level_student, tmp_path / "run", "--max-steps",
+                                                       "1", "--eval-every", "1"))
+    assert result.exit_code == 0, result.output
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval()
+    student = byte_level()
+    cross = CrossTokenizer(llama(), student, Store(store).manifest.teacher["vocab_size"])
+    loader = StoreLoader(LoaderConfig(store=store, batch_size=4, shuffle=False, drop_last=False,
+                                      only_fraction_from_end=0.2, verify=False), transform=cross)
+    isolated = isolates_documents(Store(store).manifest.build)
+    nats = chars = kl = 0.0
+    tokens = aligned = 0
+    for batch in loader:
+        segments = batch["segment_ids"][:, :-1] if isolated else None
+        with torch.no_grad():
+            logits = model(**forward_inputs(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1],
+                                            segments)).logits.double()
+        for b, j in batch["loss_mask"].nonzero().tolist():
+            logq = logits[b, j].log_softmax(-1)
+            token = int(batch["input_ids"][b, j + 1])
+            nats -= float(logq[token])
+            chars += len(student.decode([token], skip_special_tokens=True))  # special tokens hold no text
+            tokens += 1
+            if not batch["kd_mask"][b, j]:
+                continue
+            aligned += 1
+            ids, logp = batch["topk_ids"][b, j], batch["topk_logprobs"][b, j].double()
+            p = [math.exp(v) for i, v in zip(ids.tolist(), logp.tolist(), strict=True) if i >= 0]
+            total = math.exp(float(torch.logsumexp(logp, 0))) + math.exp(float(batch["tail_logmass"][b, j]))
+            p = [v / total for v in p] + [1 - sum(v / total for v in p)]
+            q = [math.exp(float(logq[i])) for i in ids.tolist() if i >= 0]
+            q += [1 - sum(q)]
+            kl += sum(a * math.log(a / c) for a, c in zip(p, q, strict=True) if a > 0)
+    assert final["tokens"] == tokens and aligned < tokens
+    assert final["lm_loss"] == pytest.approx(nats / tokens, rel=1e-4)
+    assert final["bits_per_char"] == pytest.approx(nats / chars / math.log(2), rel=1e-4)
+    assert final["kl"] == pytest.approx(kl / aligned, rel=1e-3)
