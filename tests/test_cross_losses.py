@@ -344,7 +344,8 @@ def test_positions_outside_kd_mask_count_their_true_tokens_ce(targets, impl):
     none = batch | with_filler(torch.zeros_like(batch[KD_MASK]), batch["topk_ids"], batch["topk_logprobs"],
                                batch["tail_logmass"])
     loss, metrics = distillation_loss(hidden, head, none, dataclasses.replace(kd_only(targets), impl=impl))
-    temperature = dataclasses.replace(kd_only(targets), impl=impl).temperature  # each term holds CE / T^2, which the loss's T^2 undoes
+    # Each term holds CE / T^2, which the loss's T^2 undoes.
+    temperature = dataclasses.replace(kd_only(targets), impl=impl).temperature
     ce = (ce_outside_kd(head(hidden), none) / int(none["loss_mask"].sum())).detach()
     torch.testing.assert_close(loss.detach(), len(DIVERGENCES) * ce, rtol=1e-12, atol=1e-14)
     assert all(float(metrics[name]) == pytest.approx(float(ce) / temperature**2, rel=1e-12) for name in DIVERGENCES)
