@@ -17,6 +17,8 @@ Rows (`ROWS`; KD rows train on forward_kl=ALPHA, ce=1-ALPHA):
   topk_residual_k64  the 64 stored ids, the tail mass given to the true next token (a baseline from the literature)
   hybrid_kK_nN     the exact top-K head + N draws from the tail outside it (`--targets hybrid`), one store per (K, N):
                    (8, 16), (16, 32), (64, 50), and (64, 200) to show what the tail estimate's variance costs
+  *_systematic     sampled_n50, hybrid_k8_n16 and hybrid_k64_n50 with systematic draws (`--draw-scheme
+                   systematic`, lower variance at the same N), each on its own store
   online           the teacher's full distribution, computed during training (`--online-teacher`, the upper one)
 A row is a `RowSpec` (the TrainConfig options that select its targets) on the store of a `StoreSpec`.
 
@@ -24,10 +26,10 @@ Each row reports its held-out LM loss, ECE, KL to the teacher, top-1 agreement, 
 gap it closes, (loss_ce - loss_row) / (loss_ce - loss_online) (undefined when online is not better than CE), the
 stored bytes per token of the records it trains on (`target_bytes`); its wall time (the whole `train` call:
 loading, steps and the periodic held-out evaluations, which every row shares) and median training tokens/s, each
-relative to CE's. Targets checked: sampled >= 95% of the gap, top-64 + tail >= 90%, hybrid (top-64 + 50) >= 97%,
-every cached kind's ECE <= CE's, cached KD's run time <= 1.1x CE's. quality_bytes.png plots each cached row's gap
-share against its bytes per token; quality.png shows each run's held-out LM loss (its metrics.jsonl `eval`
-records, every --eval-every steps) and training CE by step.
+relative to CE's. Targets checked: sampled >= 95% of the gap, top-64 + tail >= 90%, hybrid (top-64 + 50) >= 97%
+(either draw scheme), every cached kind's ECE <= CE's, cached KD's run time <= 1.1x CE's. quality_bytes.png plots
+each cached row's gap share against its bytes per token (triangles: systematic draws); quality.png shows each run's
+held-out LM loss (its metrics.jsonl `eval` records, every --eval-every steps) and training CE by step.
 
     python benchmarks/quality.py --teacher .demo/teacher --train-data .demo/teacher/corpus/train.jsonl \\
         --heldout-data .demo/teacher/corpus/heldout.jsonl --student-config .demo/student-config \\
@@ -61,7 +63,7 @@ from storage.causal_lm import resolve_device  # noqa: E402
 from storage.fs import Location  # noqa: E402
 from storage.manifest import Manifest  # noqa: E402
 from storage.reader import Store  # noqa: E402
-from storage.targets.sampled import draws_from_tail  # noqa: E402
+from storage.targets.sampled import MULTINOMIAL, SYSTEMATIC, draw_scheme, draws_from_tail  # noqa: E402
 from student_train.checkpoint import latest_checkpoint  # noqa: E402
 from student_train.config import TrainConfig  # noqa: E402
 from student_train.eval_report import write_atomic  # noqa: E402
@@ -76,7 +78,8 @@ RUN_RECORD = "quality_run.json"  # written when a row's training finished: its o
 EVAL_RECORD = "quality_eval.json"  # the row's held-out metrics
 CE_ROW, FULL_ROW = "ce", "online"  # the two ends of the gap
 # Share of the CE -> online gap a row must close (issue targets: sampled >= 95%, top-64 + tail >= 90%, hybrid >= 97%).
-GAP_TARGETS = {"sampled_n50": 0.95, "topk_tail_k64": 0.90, "hybrid_k64_n50": 0.97}
+GAP_TARGETS = {"sampled_n50": 0.95, "topk_tail_k64": 0.90, "hybrid_k64_n50": 0.97,
+               "sampled_n50_systematic": 0.95, "hybrid_k64_n50_systematic": 0.97}
 CACHED_TIME_TARGET = 1.1  # wall time of a cached-KD run relative to CE's
 
 
@@ -87,6 +90,7 @@ class StoreSpec:
     targets: tuple[str, ...] = ("topk", "sampled")
     top_k: int = 64
     num_draws: int = 50
+    draw_scheme: str = MULTINOMIAL
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ STORES = {
     "hybrid_k16_n32": StoreSpec(targets=("hybrid",), top_k=16, num_draws=32),
     "hybrid_k64_n50": StoreSpec(targets=("hybrid",), top_k=64, num_draws=50),
     "hybrid_k64_n200": StoreSpec(targets=("hybrid",), top_k=64, num_draws=200),
+    # Systematic draws (`--draw-scheme systematic`): the same N, each id drawn floor(N p) or ceil(N p) times.
+    "sampled_systematic": StoreSpec(targets=("sampled",), draw_scheme=SYSTEMATIC),
+    "hybrid_k8_n16_systematic": StoreSpec(targets=("hybrid",), top_k=8, num_draws=16, draw_scheme=SYSTEMATIC),
+    "hybrid_k64_n50_systematic": StoreSpec(targets=("hybrid",), top_k=64, num_draws=50, draw_scheme=SYSTEMATIC),
 }
 ROWS = (
     RowSpec(CE_ROW, "CE only", kd=False),
@@ -124,11 +132,17 @@ ROWS = (
     RowSpec("topk_renorm_k64", "top-64 renormalised", {"targets_from": "topk_renorm", "top_k": 64}),
     RowSpec("topk_tail_k64", "top-64 + tail", {"targets_from": "topk_tail", "top_k": 64}),
     RowSpec("sampled_n50", "sampled, N = 50", {"targets_from": "sampled"}),
+    RowSpec("sampled_n50_systematic", "sampled, N = 50, systematic", {"targets_from": "sampled"},
+            store="sampled_systematic"),
     RowSpec("topk_residual_k64", "top-64, tail mass to the true token",
             {"targets_from": "topk_residual", "top_k": 64}),
     RowSpec("hybrid_k8_n16", "hybrid, top-8 + 16 tail draws", {"targets_from": "hybrid"}, store="hybrid_k8_n16"),
+    RowSpec("hybrid_k8_n16_systematic", "hybrid, top-8 + 16 systematic tail draws", {"targets_from": "hybrid"},
+            store="hybrid_k8_n16_systematic"),
     RowSpec("hybrid_k16_n32", "hybrid, top-16 + 32 tail draws", {"targets_from": "hybrid"}, store="hybrid_k16_n32"),
     RowSpec("hybrid_k64_n50", "hybrid, top-64 + 50 tail draws", {"targets_from": "hybrid"}, store="hybrid_k64_n50"),
+    RowSpec("hybrid_k64_n50_systematic", "hybrid, top-64 + 50 systematic tail draws", {"targets_from": "hybrid"},
+            store="hybrid_k64_n50_systematic"),
     # 4x the draws of the row above: how much of what hybrid misses is the variance of the tail estimate.
     RowSpec("hybrid_k64_n200", "hybrid, top-64 + 200 tail draws", {"targets_from": "hybrid"},
             store="hybrid_k64_n200"),
@@ -200,7 +214,8 @@ def ensure_store(path: Path, spec: StoreSpec, setup: QualitySetup, dataset: str,
                  "max_samples": manifest.build["max_samples"],
                  "targets": StoreSpec(targets=_target_kinds(manifest.targets),
                                       top_k=manifest.targets.get("topk", {}).get("k", spec.top_k),
-                                      num_draws=manifest.targets.get("sampled", {}).get("num_draws", spec.num_draws))}
+                                      num_draws=manifest.targets.get("sampled", {}).get("num_draws", spec.num_draws),
+                                      draw_scheme=draw_scheme(manifest.targets.get("sampled", {})))}
         if manifest.complete and found == wanted:
             log(f"store {path}: reused ({manifest.num_samples} samples)")
             return Store(path)
@@ -210,7 +225,8 @@ def ensure_store(path: Path, spec: StoreSpec, setup: QualitySetup, dataset: str,
     log(f"store {path}: building from {dataset} ({samples or 'all'} samples of {setup.seq_len} positions)")
     build_cache(BuildConfig(model=setup.teacher, dataset=dataset, output=str(path), text_field=setup.text_field,
                             max_samples=samples, seq_len=setup.seq_len, targets=spec.targets, top_k=spec.top_k,
-                            num_draws=spec.num_draws, batch_size=setup.build_batch_size, device=setup.device,
+                            num_draws=spec.num_draws, draw_scheme=spec.draw_scheme,
+                            batch_size=setup.build_batch_size, device=setup.device,
                             resume=path.exists()))
     return Store(path)
 
@@ -557,12 +573,12 @@ def bytes_chart(report: dict) -> bytes:
     points = [row for row in report["rows"]
               if row.get("target_bytes_per_token") and row["gap_share"] is not None]
     for index, row in enumerate(sorted(points, key=lambda row: row["target_bytes_per_token"])):
-        marker = "s" if row["name"].startswith("hybrid") else "o"
+        marker = "^" if _systematic(row) else "s" if row["name"].startswith("hybrid") else "o"
         axis.scatter(row["target_bytes_per_token"], 100 * row["gap_share"], marker=marker)
         # Labels alternate above and below their points, so that neighbours on the curve stay readable.
         axis.annotate(row["label"], (row["target_bytes_per_token"], 100 * row["gap_share"]), fontsize=7,
                       xytext=(5, 6 if index % 2 else -11), textcoords="offset points")
-    hybrids = sorted((row for row in points if row["name"].startswith("hybrid")),
+    hybrids = sorted((row for row in points if row["name"].startswith("hybrid") and not _systematic(row)),
                      key=lambda row: row["target_bytes_per_token"])
     if len(hybrids) > 1:
         axis.plot([r["target_bytes_per_token"] for r in hybrids], [100 * r["gap_share"] for r in hybrids],
@@ -581,6 +597,11 @@ def bytes_chart(report: dict) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+def _systematic(row: dict) -> bool:
+    """Whether a report row trains on systematic draws (its store's spec says so)."""
+    return STORES[next(r.store for r in ROWS if r.name == row["name"])].draw_scheme == SYSTEMATIC
 
 
 if __name__ == "__main__":

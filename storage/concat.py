@@ -111,9 +111,8 @@ def check_concatenable(stores: Sequence[Store]) -> None:
             "Cannot concatenate stores of different teachers, targets or sample shapes:\n  " + "\n  ".join(problems)
             + "".join("\n" + note for note in notes)
             + "\nConcatenate only stores built by the same teacher with the same --targets, --top-k, --samples, "
-            "--hidden-layers, --seq-len, --pack and --document-attention. To combine different teachers over the same "
-            "inputs, use "
-            "--ensemble."
+            "--draw-scheme, --hidden-layers, --seq-len, --pack and --document-attention. To combine different teachers "
+            "over the same inputs, use --ensemble."
         )
 
 

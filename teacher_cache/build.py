@@ -92,6 +92,7 @@ def _build(config: BuildConfig, output: Location, source: Source, teacher: Teach
         num_draws=config.num_draws if config.stores_draws else None,
         chunk_positions=config.chunk_positions or max(1, _logit_budget(teacher) // (4 * teacher.vocab_size)),
         draws_from_tail=config.draws_from_tail,
+        draw_scheme=config.draw_scheme,
     )
     manifest = Manifest(
         teacher=identity,

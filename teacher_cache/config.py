@@ -16,7 +16,9 @@ from storage.causal_lm import DTYPES
 from storage.dataset_options import ConversationOptions, DatasetOptions
 from storage.options import option
 from storage.targets import KINDS
+from storage.targets.sampled import DRAW_SCHEMES
 from teacher_cache.targets import EXTRACTORS
+from teacher_cache.targets.draws import DEFAULT_DRAW_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,13 @@ class BuildConfig(ConversationOptions, DatasetOptions):
                             help="Draws per position for sampled targets (about 12 distinct ids at 50 on a large "
                                  "teacher); of the tail alone for hybrid targets.")
     seed: int = option(0, help="Seed of the sampled draws.")
+    draw_scheme: str = option(
+        DEFAULT_DRAW_SCHEME, choices=DRAW_SCHEMES,
+        help="How the --samples draws of sampled and hybrid targets are made. multinomial: N independent draws, so "
+             "an id of probability p is drawn Binomial(N, p) times (variance N p (1 - p)). systematic: one random "
+             "offset u per position and N evenly spaced points (i + u) / N on the cumulative distribution, so each "
+             "id is drawn floor(N p) or ceil(N p) times: as unbiased, with a variance of at most 1/4 per id, far "
+             "lower on the head, where N p is large. Stored alike; the manifest records the scheme.")
     hidden_layers: tuple[int, ...] = option(
         (), parse=parse_int_list,
         help="Hidden states to store, e.g. '-1' or '8,16,-1' (indices into the model's hidden states: 0 = "
@@ -138,6 +147,8 @@ class BuildConfig(ConversationOptions, DatasetOptions):
                 _positive(name, getattr(self, name))
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.draw_scheme not in DRAW_SCHEMES:
+            raise ValueError(f"--draw-scheme: {self.draw_scheme!r} is not one of {', '.join(DRAW_SCHEMES)}.")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"--hidden-dtype: {self.hidden_dtype!r} is not one of {', '.join(HIDDEN_DTYPES)}.")
         if self.backend not in BACKENDS:

@@ -14,8 +14,8 @@ manifest says so):
     resolution of the top-k sum is noise);
   - entropy: a lower bound, the head's exact entropy plus tail_mass * -log(smallest top-k probability), since no
     tail id can be more probable than the smallest top-k one;
-  - sampled draws: from the k top ids plus one tail bucket of mass tail_mass, stored with the id `vocab_size`;
-    losses treat that id as "the student's mass outside this position's top-k";
+  - sampled draws: from the k top ids plus one tail bucket of mass tail_mass (by the build's --draw-scheme),
+    stored with the id `vocab_size`; losses treat that id as "the student's mass outside this position's top-k";
   - hybrid targets (draws from the tail outside the top-k) are refused when the options are checked
     (`BuildConfig`): they need the whole distribution. `benchmarks/hybrid_vllm_bias.py` measures the bias of
     drawing from vLLM's top-n instead.
@@ -40,6 +40,7 @@ from storage.causal_lm import model_directory
 from storage.samples import Rows
 from teacher_cache.backend import dense_record, teacher_identity
 from teacher_cache.targets import NonFiniteLogits, TargetSpec, describe_nonfinite
+from teacher_cache.targets.draws import draw
 from teacher_cache.targets.sampled import encode_draws
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def records_from_topk(top_ids_PK: torch.Tensor, top_logp_PK: torch.Tensor, true_
         buckets_PJ = torch.cat([p64_PK, tail_P[:, None]], -1)
         bucket_ids_PJ = torch.cat([top_ids_PK.long(), top_ids_PK.new_full((P, 1), vocab_size).long()], -1)
         if P:
-            draws_PN = torch.multinomial(buckets_PJ, spec.num_draws, replacement=True, generator=generator)
+            draws_PN = draw(buckets_PJ, spec.num_draws, spec.draw_scheme, generator)
         else:
             draws_PN = torch.zeros((0, spec.num_draws), dtype=torch.long)
         out.update(encode_draws(bucket_ids_PJ.gather(1, draws_PN)))

@@ -81,6 +81,19 @@ def test_hybrid_rows_train_on_their_own_stores(setup, report):
         assert ran["options"]["targets_from"] == "hybrid" and ran["options"]["store"].endswith(row.store)
 
 
+def test_systematic_rows_train_on_stores_of_systematic_draws(setup, report):
+    """Each row of draws reads a store of its scheme: `*_systematic` rows systematic draws, the others multinomial
+    ones (no `draw_scheme` in the manifest, as every store built before the option)."""
+    out = setup["root"] / "out"
+    drawn = [row for row in quality.ROWS if row.options.get("targets_from") in ("sampled", "hybrid")]
+    assert sum(row.name.endswith("_systematic") for row in drawn) == 3
+    for row in drawn:
+        sampled = Store(out / "stores" / row.store).manifest.targets["sampled"]
+        assert sampled.get("draw_scheme") == ("systematic" if row.name.endswith("_systematic") else None), row.name
+        ran = next(r for r in report["rows"] if r["name"] == row.name)
+        assert ran["options"]["store"].endswith(row.store) and math.isfinite(ran["lm_loss"])
+
+
 def test_target_bytes_are_the_files_on_disk(setup, report):
     """A row that reads a whole record is charged the record's files; fewer kept ids cost fewer bytes."""
     out = setup["root"] / "out"

@@ -67,8 +67,12 @@ def test_arrays_of_each_format_version():
 
 def test_descriptions():
     assert describe_targets({}) == "entropy and true-token log-prob only"
-    assert describe_targets(TOPK | SAMPLED | HIDDEN) == "topk: top-4 + tail mass; sampled: 8 draws (full distribution)"
-    assert describe_targets(HYBRID) == "hybrid: top-4 + tail mass, 8 draws from the tail outside the top-4"
+    assert describe_targets(TOPK | SAMPLED | HIDDEN) == (
+        "topk: top-4 + tail mass; sampled: 8 draws (full distribution, multinomial)")
+    assert describe_targets(HYBRID) == (
+        "hybrid: top-4 + tail mass, 8 draws from the tail outside the top-4 (multinomial)")
+    systematic = TOPK | {"sampled": SAMPLED["sampled"] | {"draw_scheme": "systematic"}}
+    assert describe_targets(systematic) == "topk: top-4 + tail mass; sampled: 8 draws (full distribution, systematic)"
 
 
 def test_collate_pads_draws_and_maps_the_tail_bucket():

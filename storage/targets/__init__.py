@@ -76,7 +76,8 @@ def axis_lengths(targets: dict) -> dict[str, int]:
 
 def describe_targets(targets: dict) -> str:
     """The target kinds of a `targets` section in a few words, e.g. "hybrid: top-64 + tail mass, 50 draws from the
-    tail outside the top-64" or "topk: top-64 + tail mass; sampled: 50 draws (full distribution)"."""
+    tail outside the top-64 (systematic)" or "topk: top-64 + tail mass; sampled: 50 draws (full distribution,
+    multinomial)"."""
     kinds = present_kinds(targets)
     covered = {name for kind in kinds for name in kind.requires}
     parts = [kind.describe(targets) for kind in kinds if kind.name not in covered]

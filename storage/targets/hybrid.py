@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from storage.layout import ArraySpec
-from storage.targets.sampled import Sampled, draw_arrays, draws_from_tail
+from storage.targets.sampled import MULTINOMIAL, Sampled, draw_arrays, draw_scheme, draws_from_tail
 from storage.targets.sampled import section as sampled_section
 
 log = logging.getLogger(__name__)
@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 TAIL_SOURCE = "tail: the ids outside the top-k, each at p / tail mass"
 
 
-def section(num_draws: int, seed: int, **entries) -> dict:
+def section(num_draws: int, seed: int, draw_scheme: str = MULTINOMIAL, **entries) -> dict:
     """The manifest's `sampled` section of draws from the tail outside the top-k (the `topk` section beside it)."""
-    return sampled_section(num_draws, seed, **entries) | {"source": TAIL_SOURCE, "draws_from": "tail"}
+    return sampled_section(num_draws, seed, draw_scheme, **entries) | {"source": TAIL_SOURCE, "draws_from": "tail"}
 
 
 class Hybrid(Sampled):
@@ -38,7 +38,8 @@ class Hybrid(Sampled):
 
     def describe(self, targets: dict) -> str:
         k = targets["topk"]["k"]
-        return f"hybrid: top-{k} + tail mass, {targets['sampled']['num_draws']} draws from the tail outside the top-{k}"
+        return (f"hybrid: top-{k} + tail mass, {targets['sampled']['num_draws']} draws from the tail outside the "
+                f"top-{k} ({draw_scheme(targets['sampled'])})")
 
     def mixed_note(self) -> str:
         return ("Some of these stores hold hybrid targets (draws from the tail outside the top-k, "

@@ -5,6 +5,8 @@ manifest section `sampled`).
 The draws of a position are flat entries (axis E) located by `sampled_offsets` and `sampled_nunique`. Stores of
 the vllm backend draw from the top-k plus one tail bucket, stored as the id `targets.sampled.tail_bucket_id` and
 collated as TAIL_BUCKET. Hybrid targets (`storage.targets.hybrid`) keep their tail draws in the same arrays.
+The draws are independent (`multinomial`) or systematic (`targets.sampled.draw_scheme`, `DRAW_SCHEMES`); both are
+stored and read alike.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ log = logging.getLogger(__name__)
 FLAT_ARRAYS = ("sampled_ids", "sampled_counts")
 # Id of the tail bucket in collated sampled targets (draws the vllm backend makes from top-k + one tail bucket).
 TAIL_BUCKET = -1
+# How the N ids of a position are drawn (`teacher-cache build --draw-scheme`): independently, or at N evenly spaced
+# points of the cumulative distribution with one random offset. A section without `draw_scheme` holds multinomial
+# draws (every store built before systematic draws existed), so only other schemes are written.
+MULTINOMIAL, SYSTEMATIC = "multinomial", "systematic"
+DRAW_SCHEMES = (SYSTEMATIC, MULTINOMIAL)
 
 
-def section(num_draws: int, seed: int, **entries) -> dict:
+def section(num_draws: int, seed: int, draw_scheme: str = MULTINOMIAL, **entries) -> dict:
     """The manifest's `sampled` section of draws from the full distribution, with `entries` added."""
+    scheme = {} if draw_scheme == MULTINOMIAL else {"draw_scheme": draw_scheme}
     return {"num_draws": num_draws, "temperature": 1.0, "seed": seed, "source": "full distribution",
-            "replacement": True, **entries}
+            "replacement": True, **scheme, **entries}
+
+
+def draw_scheme(sampled_section: dict) -> str:
+    """How the draws of a manifest's `sampled` section were made: one of DRAW_SCHEMES."""
+    return sampled_section.get("draw_scheme", MULTINOMIAL)
 
 
 def draws_from_tail(targets: dict) -> bool:
@@ -92,14 +105,16 @@ class Sampled(TargetKind):
 
     def describe(self, targets: dict) -> str:
         sampled = targets["sampled"]
-        return f"sampled: {sampled['num_draws']} draws ({sampled.get('source', 'full distribution')})"
+        return (f"sampled: {sampled['num_draws']} draws ({sampled.get('source', 'full distribution')}, "
+                f"{draw_scheme(sampled)})")
 
     def collate(self, record, targets):
         return collate_draws(record, targets)
 
     def concat_key(self, section: dict) -> dict:
-        # Without the seed: independent draws of the same teacher may follow each other.
-        return {key: value for key, value in section.items() if key != "seed"}
+        # Without the seed: independent draws of the same teacher may follow each other. With the scheme, also where
+        # the section leaves it out, so that a store of another scheme is named as such.
+        return {key: value for key, value in section.items() if key != "seed"} | {"draw_scheme": draw_scheme(section)}
 
     def concat_section(self, sections: list[dict]) -> dict:
         return sections[0] | {"seed": common([s.get("seed") for s in sections])}

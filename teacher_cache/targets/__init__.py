@@ -6,7 +6,8 @@ Runs on the teacher's device, batched over positions, in chunks of positions so 
   - exact entropy and the true next token's log-prob;
   - top-k ids (ascending) and their log-probs, and the tail mass as logsumexp over the ids outside the top-k (exact, no
     1 - sum cancellation);
-  - N draws with replacement from the full distribution, encoded as distinct ids (ascending) + counts;
+  - N draws with replacement from the full distribution, independent or systematic (`draws`), encoded as distinct
+    ids (ascending) + counts;
   - or, for hybrid targets, N draws from the distribution conditioned on the tail (the ids outside the top-k),
     encoded the same way; positions without a tail get no entries.
 A logit of -inf is a probability of 0. A NaN or +inf logit, or every logit -inf, leaves a position without a
@@ -15,7 +16,7 @@ computed anyway, thus flags those positions, and the backends refuse a batch wit
 
 Each kind's extraction is one module of this package (`topk`, `sampled`, `hybrid`; `hidden` holds the capture of
 hidden states, which come from the model's forward rather than its logits), registered in EXTRACTORS under the
-name of its `storage.targets` kind.
+name of its `storage.targets` kind; `draws` holds the draw schemes `sampled` and `hybrid` share.
 
 Legend: P positions (flattened batch x time), V vocabulary, H hidden size, K top-k, N draws, E entries.
 """

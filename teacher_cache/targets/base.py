@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from teacher_cache.targets.draws import DEFAULT_DRAW_SCHEME
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -25,12 +27,15 @@ class TargetSpec:
         chunk_positions: positions whose logits are materialised at once.
         draws_from_tail: draw from the distribution conditioned on the ids outside the top-k (hybrid targets)
             instead of from the full distribution; needs `top_k` and `num_draws`.
+        draw_scheme: how the draws are made, one of `storage.targets.sampled.DRAW_SCHEMES`
+            (`teacher_cache.targets.draws`).
     """
 
     top_k: int | None
     num_draws: int | None
     chunk_positions: int = 1024
     draws_from_tail: bool = False
+    draw_scheme: str = DEFAULT_DRAW_SCHEME
 
     def __post_init__(self) -> None:
         assert not self.draws_from_tail or (self.top_k is not None and self.num_draws is not None), self

@@ -1,5 +1,6 @@
 """The teacher side of sampled targets (`storage.targets.sampled`): N draws with replacement from each position's
-full distribution, encoded as distinct ids (ascending) + counts."""
+full distribution, by the spec's scheme (`teacher_cache.targets.draws`), encoded as distinct ids (ascending) +
+counts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from storage.targets import sampled
 from teacher_cache.targets.base import Chunk, Extractor, TargetSpec, zeros
+from teacher_cache.targets.draws import draw
 
 
 def encode_draws(draws_PN: torch.Tensor, drawn_P: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -47,12 +49,12 @@ class Sampled(Extractor):
         return spec.num_draws is not None and not spec.draws_from_tail
 
     def manifest_sections(self, spec: TargetSpec, seed: int) -> dict[str, dict]:
-        return {"sampled": sampled.section(spec.num_draws, seed)}
+        return {"sampled": sampled.section(spec.num_draws, seed, spec.draw_scheme)}
 
     def extract(self, chunk: Chunk, spec: TargetSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         # Invalid positions get a valid stand-in, without a host sync: multinomial fails on NaN.
         probs_pV = chunk.probs_pV.masked_fill_(chunk.invalid_p1, 1.0)
-        return encode_draws(torch.multinomial(probs_pV, spec.num_draws, replacement=True, generator=generator))
+        return encode_draws(draw(probs_pV, spec.num_draws, spec.draw_scheme, generator))
 
     def empty(self, spec: TargetSpec, device: torch.device) -> dict[str, torch.Tensor]:
         return empty_draws(device)
