@@ -6,19 +6,28 @@ students and runs an online teacher with the same head (`student_train/evaluate.
 logits a store's targets describe (FORMAT.md, "Which distribution the targets describe") and those a student is
 measured against come from one piece of code, logit post-processing included.
 
+The body runs in the model's dtype (`--dtype`; `auto_dtype` says what "auto" picks); the head always runs in
+float32, so the logits are the body's final hidden states' distribution to float32 precision, not rounded to the
+body's dtype.
+
 Legend: P positions, H hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+log = logging.getLogger(__name__)
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPES = ("auto", *TORCH_DTYPES)  # the choices of a model's --dtype
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,6 +35,33 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bfloat16 matrix units the OS lets programs use: the `amx_bf16` flag of
+    /proc/cpuinfo (Linux lists it only when the kernel supports AMX). False where there is no /proc/cpuinfo."""
+    if not CPUINFO.is_file():
+        return False
+    flags = next((line for line in CPUINFO.read_text().splitlines() if line.startswith("flags")), "")
+    return "amx_bf16" in flags.split()
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The dtype `--dtype auto` runs a model's body in on `device`, logged with what decided it.
+
+    bfloat16 on CUDA, and on CPUs with AMX bfloat16 units (`cpu_has_amx_bf16`); float32 elsewhere: a CPU without
+    them has no fast bfloat16 matrix product (on a 2-core AMD EPYC, a build ran 4x slower in bfloat16 than in
+    float32).
+    """
+    if device.type == "cuda":
+        dtype, where = torch.bfloat16, "CUDA"
+    elif device.type == "cpu":
+        amx = cpu_has_amx_bf16()
+        dtype, where = (torch.bfloat16, "this CPU (AMX)") if amx else (torch.float32, "this CPU (no AMX)")
+    else:
+        dtype, where = torch.float32, device.type
+    log.info("dtype auto: %s on %s", str(dtype).removeprefix("torch."), where)
+    return dtype
 
 
 def model_directory(path: str) -> str:
@@ -45,10 +81,16 @@ class CausalLM:
     `model.base_model` gives hidden states; `logits` applies the output head to them, so callers choose how many
     positions' [P, V] logits exist at once.
 
+    The head runs in float32 whatever the body's dtype: `head_weight_VH` is a float32 copy of the output head's
+    weight (of the input embedding when the two are tied), made once at load. In a bfloat16 or float16 model it
+    costs V x H x 4 bytes on the device (about 2 GiB for a 128k x 4096 head); in a float32 model it is the weight
+    itself.
+
     Args:
         path: model directory (weights, config and tokenizer).
         device: torch device name or "auto".
-        dtype: "auto" (bfloat16 on CUDA, the checkpoint's dtype on CPU) or a dtype name of `TORCH_DTYPES`.
+        dtype: "auto" (`auto_dtype`: bfloat16 on CUDA and on CPUs with AMX, else float32) or a dtype name of
+            `TORCH_DTYPES`; the dtype of the body.
 
     Raises:
         ValueError: `path` is not a directory.
@@ -58,20 +100,25 @@ class CausalLM:
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto"):
         self.path = model_directory(path)
         self.device = resolve_device(device)
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else "auto"
-        else:
-            torch_dtype = TORCH_DTYPES[dtype]
+        torch_dtype = auto_dtype(self.device) if dtype == "auto" else TORCH_DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, **dtype_kwarg(torch_dtype)).to(self.device).eval()
-        self.head = self.model.get_output_embeddings()
-        self.vocab_size = self.head.weight.shape[0]
+        head = self.model.get_output_embeddings()
+        self.head_weight_VH = head.weight.detach().float()
+        self.head_bias_V = None if head.bias is None else head.bias.detach().float()
+        self.vocab_size = self.head_weight_VH.shape[0]
         self.num_hidden_states = self.model.config.num_hidden_layers + 1
         self._check_head()
 
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """The dtype the output head and the logit post-processing run in: float32."""
+        return self.head_weight_VH.dtype
+
     def logits(self, hidden_PH: torch.Tensor) -> torch.Tensor:
-        """The output head, with the logit post-processing some architectures apply after it."""
-        logits = self.head(hidden_PH)
+        """[P, V] float32 logits of hidden states in any dtype: the output head in float32 (the hidden states
+        upcast, which is exact), with the logit post-processing some architectures apply after it."""
+        logits = F.linear(hidden_PH.float(), self.head_weight_VH, self.head_bias_V)
         config = self.model.config
         if getattr(config, "logit_scale", None) is not None:  # Cohere
             logits = logits * config.logit_scale
@@ -83,12 +130,18 @@ class CausalLM:
         return logits
 
     def _check_head(self) -> None:
-        """Our base-model + head path must give the model's own logits; refuse architectures where it does not."""
+        """Our base-model + head path must give the model's own logits; refuse architectures where it does not.
+
+        The model's own head runs in its dtype, ours in float32: in a bfloat16 or float16 model the two differ by
+        the rounding of each logit to that dtype (half a unit in the last place, eps / 2 of its magnitude) and of
+        the post-processing after it. The tolerance is 4 eps (bfloat16: 0.031, float16: 0.0039) of the largest
+        logit, and 1e-3 for float32 (other kernels); a missing scale or soft cap changes logits by far more.
+        """
         ids = torch.arange(1, 9, device=self.device)[None] % self.vocab_size
         with torch.inference_mode():
             expected = self.model(input_ids=ids).logits.float()
-            got = self.logits(self.model.base_model(input_ids=ids).last_hidden_state).float()
-        tolerance = 1e-3 if self.model.dtype == torch.float32 else 5e-2
+            got = self.logits(self.model.base_model(input_ids=ids).last_hidden_state)
+        tolerance = max(1e-3, 4 * torch.finfo(self.model.dtype).eps)
         error = (expected - got).abs().max().item() / max(expected.abs().max().item(), 1.0)
         if error > tolerance:
             raise RuntimeError(

@@ -48,8 +48,11 @@ class TeacherBackend(Protocol):
         """
 
 
-def teacher_identity(path: str, backend: str, config, tokenizer, vocab_size: int, dtype, architecture: str) -> dict:
-    """The manifest's `teacher` section, the same for every backend; `architecture` names models without one."""
+def teacher_identity(path: str, backend: str, config, tokenizer, vocab_size: int, dtype, architecture: str, *,
+                     head_dtype) -> dict:
+    """The manifest's `teacher` section, the same for every backend; `architecture` names models without one.
+    `dtype` is the body's, `head_dtype` that of the output head and the logits (FORMAT.md, "Which distribution the
+    targets describe")."""
     return {
         "model": path,
         "backend": backend,
@@ -62,6 +65,7 @@ def teacher_identity(path: str, backend: str, config, tokenizer, vocab_size: int
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "dtype": str(dtype).removeprefix("torch."),
+        "head_dtype": str(head_dtype).removeprefix("torch."),
         "num_hidden_layers": int(config.num_hidden_layers),
         "hidden_size": int(config.hidden_size),
     }

@@ -95,7 +95,9 @@ class BuildConfig(ConversationOptions, DatasetOptions):
                                                     "worth on CPU, 256 MiB on CUDA.")
     device: str = option("auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     dtype: str = option("auto", choices=DTYPES,
-                        help="Teacher weights dtype; auto = bfloat16 on CUDA, the checkpoint's on CPU.")
+                        help="Dtype of the teacher's body (its output head runs in float32); auto = bfloat16 on CUDA "
+                             "and on CPUs with AMX, float32 on other CPUs (bfloat16 is slow there); with vllm, "
+                             "vLLM's choice.")
     resume: bool = option(False, help="Continue an interrupted build into --output (same options).")
     backend: str = option(
         "transformers", choices=BACKENDS,

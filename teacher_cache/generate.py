@@ -73,8 +73,8 @@ class GenerateConfig(TemplateOptions, DatasetOptions):
                           help="transformers: batched decoding with the KV cache. vllm: vLLM's offline engine "
                                "(continuous batching, tensor parallelism; fast on GPUs).")
     device: str = option("auto", help="transformers: auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    dtype: str = option("auto", choices=DTYPES, help="Model weights dtype; auto = bfloat16 on CUDA, the checkpoint's "
-                                                     "on CPU.")
+    dtype: str = option("auto", choices=DTYPES, help="Model weights dtype; auto = bfloat16 on CUDA and on CPUs with "
+                                                     "AMX, float32 on other CPUs; with vllm, vLLM's choice.")
     batch_size: int = option(8, help="Prompts per engine call; the transformers engine decodes this many responses "
                                      "at once (with vllm, use 256 or more to keep the engine busy).")
     tensor_parallel_size: int = option(1, help="vllm: GPUs one engine shards the model over.")

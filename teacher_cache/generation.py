@@ -120,7 +120,7 @@ class TransformersGenerator(CausalLM):
     Args:
         path: model directory (weights, config and tokenizer).
         device: torch device name or "auto".
-        dtype: "auto" (bfloat16 on CUDA, the checkpoint's dtype on CPU) or a dtype name.
+        dtype: "auto" (bfloat16 on CUDA and on CPUs with AMX, else float32) or a dtype name.
         batch_size: sequences (prompt x response) decoded at once.
     """
 
@@ -132,7 +132,7 @@ class TransformersGenerator(CausalLM):
 
     def identity(self) -> dict:
         return teacher_identity(self.path, "transformers", self.model.config, self.tokenizer, self.vocab_size,
-                                self.model.dtype, type(self.model).__name__)
+                                self.model.dtype, type(self.model).__name__, head_dtype=self.head_dtype)
 
     def close(self) -> None:
         pass

@@ -47,12 +47,13 @@ class TransformersTeacher(CausalLM):
     Args:
         path: model directory (weights, config and tokenizer).
         device: torch device name or "auto".
-        dtype: "auto" (bfloat16 on CUDA, the checkpoint's dtype on CPU) or a dtype name.
+        dtype: "auto" (bfloat16 on CUDA and on CPUs with AMX, else float32) or a dtype name: the body's; the
+            output head runs in float32.
     """
 
     def identity(self) -> dict:
         return teacher_identity(self.path, "transformers", self.model.config, self.tokenizer, self.vocab_size,
-                                self.model.dtype, type(self.model).__name__)
+                                self.model.dtype, type(self.model).__name__, head_dtype=self.head_dtype)
 
     def target_properties(self) -> dict:
         return {}  # every record exact

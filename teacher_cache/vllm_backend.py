@@ -126,6 +126,9 @@ class VLLMTeacher:
             "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization, "max_num_batched_tokens": max_num_batched_tokens,
             "max_model_len": seq_len + 2,  # the L + 1 tokens sent, and the one token vLLM must generate
+            # The output head in float32, as the transformers backend's: vLLM releases whose generation models
+            # honour `head_dtype` run it so; older ones keep the model's dtype (`model_config.head_dtype` says which).
+            "hf_overrides": {"head_dtype": "float32"},
         }
         log.info("starting vLLM engine for %s: %s", self.path, self.engine_options)
         self.llm = LLM(
@@ -135,6 +138,7 @@ class VLLMTeacher:
         model_config = self.llm.llm_engine.model_config
         self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = str(model_config.dtype).removeprefix("torch.")
+        self.head_dtype = model_config.head_dtype
         self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False,
                                      **_flat_logprobs_option(SamplingParams))
         self.num_hidden_states = int(self.config.num_hidden_layers) + 1
@@ -143,7 +147,7 @@ class VLLMTeacher:
         import vllm
 
         identity = teacher_identity(self.path, "vllm", self.config, self.tokenizer, self.vocab_size, self.dtype,
-                                    type(self.config).__name__)
+                                    type(self.config).__name__, head_dtype=self.head_dtype)
         return identity | {"backend_version": vllm.__version__}
 
     def target_properties(self) -> dict:

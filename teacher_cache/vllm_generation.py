@@ -82,12 +82,13 @@ class VLLMGenerator:
         self.max_context = int(model_config.max_model_len)
         self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = str(model_config.dtype).removeprefix("torch.")
+        self.head_dtype = model_config.head_dtype
 
     def identity(self) -> dict:
         import vllm
 
         identity = teacher_identity(self.path, "vllm", self.config, self.tokenizer, self.vocab_size, self.dtype,
-                                    type(self.config).__name__)
+                                    type(self.config).__name__, head_dtype=self.head_dtype)
         return identity | {"backend_version": vllm.__version__}
 
     def close(self) -> None:

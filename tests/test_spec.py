@@ -234,26 +234,33 @@ def test_weights_fingerprint_reads_names_sizes_and_both_ends_of_each_file(tmp_pa
 # --- which distribution --------------------------------------------------------------------------------------------
 
 
-def test_a_bfloat16_teacher_stores_the_float32_softmax_of_its_bfloat16_logits(tmp_path, llama_dir, corpus_texts):
-    """FORMAT.md, "Which distribution the targets describe". The targets match the bfloat16 model's logits, cast to
-    float32, far better than the float32 model's: medians, so that a bfloat16 rounding step that a recomputation
-    with other kernels lands on differently at a few positions cannot decide the test."""
+def test_a_bfloat16_teacher_stores_the_float32_head_of_its_bfloat16_body(tmp_path, llama_dir, corpus_texts):
+    """FORMAT.md, "Which distribution the targets describe". The targets match the bfloat16 body's final hidden
+    states through the head in float64 far better than either the bfloat16 model's own logits (its head in bfloat16)
+    or the float32 model's: medians, so that a bfloat16 rounding step that a recomputation with other kernels lands
+    on differently at a few positions cannot decide the test."""
     manifest, arrays, _ = build(llama_dir, corpus_texts[:20], tmp_path, dtype="bfloat16", max_samples=8)
-    assert manifest["teacher"]["dtype"] == "bfloat16"
+    assert (manifest["teacher"]["dtype"], manifest["teacher"]["head_dtype"]) == ("bfloat16", "float32")
     ids = torch.from_numpy(arrays["input_ids"].astype(np.int64))
     mask = arrays["loss_mask"]
+    bf16 = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).eval()
+    fp32 = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = bf16.model(input_ids=ids[:, :-1]).last_hidden_state
+        logits = {"float32 head": hidden.double() @ bf16.lm_head.weight.double().T,
+                  "bfloat16 head": bf16(input_ids=ids[:, :-1]).logits.double(),
+                  "float32 model": fp32(input_ids=ids[:, :-1]).logits.double()}
     errors = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=dtype).eval()
-        with torch.no_grad():
-            logp = model(input_ids=ids[:, :-1]).logits.float().log_softmax(-1)
+    for name, logit in logits.items():
+        logp = logit.log_softmax(-1)
         true = logp.gather(-1, ids[:, 1:, None])[..., 0].numpy()
         entropy = -(logp.exp() * logp).sum(-1).numpy()
-        errors[dtype] = [float(np.median(np.abs(arrays[name][mask] - ref[mask])))
-                         for name, ref in (("true_logprob", true), ("entropy", entropy))]
-    assert min(errors[torch.float32]) > 1e-3  # the two precisions differ: the comparison has teeth
-    for got, other in zip(errors[torch.bfloat16], errors[torch.float32], strict=True):
-        assert got < 0.1 * other, errors
+        errors[name] = [float(np.median(np.abs(arrays[array][mask] - ref[mask])))
+                        for array, ref in (("true_logprob", true), ("entropy", entropy))]
+    for other in ("bfloat16 head", "float32 model"):
+        assert min(errors[other]) > 1e-3  # the precisions differ: the comparison has teeth
+        for got, off in zip(errors["float32 head"], errors[other], strict=True):
+            assert got < 0.1 * off, errors
 
 
 # --- Parquet export ------------------------------------------------------------------------------------------------
