@@ -3,9 +3,11 @@ with `--loss-impl fused,checkpoint`, the fused loss against the checkpointed one
 
 What it checks: training from the cache costs about what cross-entropy costs (the student's logits exist one chunk
 of positions at a time, the targets are a few ids per position), while online KD pays for a teacher forward every
-step and holds the teacher's weights. Variants, all on the same batches of one store, the same student and optimizer:
+step and holds the teacher's weights. Variants, all on the same batches of text, the same student and optimizer:
   - ce: `student-train --loss ce=1` (chunked CE; on CUDA with liger-kernel installed, its fused CE, as users get);
   - topk_tail, topk_renorm, sampled: `--loss forward_kl=0.9,ce=0.1 --targets-from KIND`;
+  - hybrid: the same loss on hybrid targets (the exact top-64 + 50 draws from the tail), read from a second store
+    built over the same text (`--targets hybrid`), so its batches hold the same tokens as the others';
   - online: forward KL (0.9) + CE (0.1) against the teacher run in the same process: the teacher, loaded from its
     directory, runs under no_grad to its final hidden states; then a chunk of positions at a time, its head gives
     that chunk's log-probs over the whole vocabulary and the student's head its log-probs, and the chunk's loss is
@@ -36,16 +38,17 @@ held before the step.
 Without --teacher, a random Llama teacher is built from a config (width 1024, 8 layers, 168M parameters, 3.7x the
 default student; its head scaled so its distributions are as peaked as a trained model's, about 17 distinct ids in 50
 draws) with the Llama-2 tokenizer, and its store is built by `teacher-cache build` over Shakespeare (top-64 + tail,
-50 draws). The student is a random Llama from a config with the teacher's vocabulary. Defaults take about 5 minutes
-on 2 CPU cores; `--device cuda --batch 8 --seq 2048 --hidden 1024 --layers 12 --teacher-hidden 2048
---teacher-layers 24` is a GPU size.
+50 draws; with the hybrid variant, a second store of top-64 + 50 tail draws). The student is a random Llama from a
+config with the teacher's vocabulary. Defaults take about 5 minutes on 2 CPU cores; `--device cuda --batch 8
+--seq 2048 --hidden 1024 --layers 12 --teacher-hidden 2048 --teacher-layers 24` is a GPU size.
 
     python benchmarks/train_step.py [--vocab 32000] [--batch 4] [--seq 512] [--hidden 512] [--layers 4] \\
         [--teacher-hidden 1024] [--teacher-layers 8 | --teacher DIR] [--chunk 256] [--steps 3] [--device auto] \\
-        [--only ce,topk_tail,topk_renorm,sampled,online] [--loss-impl fused,checkpoint] [--workdir DIR] [--json OUT]
+        [--only ce,topk_tail,topk_renorm,sampled,hybrid,online] [--loss-impl fused,checkpoint] [--workdir DIR] \\
+        [--json OUT]
 
 train_memory.py measures the memory of one step for every divergence of the loss menu; this script compares the
-whole step (optimizer included) of the three target kinds with CE and with online KD, in time and memory.
+whole step (optimizer included) of the target kinds with CE and with online KD, in time and memory.
 The JSON goes to benchmarks/results/train_step.json unless --json says otherwise.
 
 Legend: B batch, L positions, H hidden size, V vocabulary, P trained positions, C positions in a chunk.
@@ -75,8 +78,9 @@ from benchmarks.machine_info import machine  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("ce", "topk_tail", "topk_renorm", "sampled", "online")
-CACHED = ("topk_tail", "topk_renorm", "sampled")
+VARIANTS = ("ce", "topk_tail", "topk_renorm", "sampled", "hybrid", "online")
+CACHED = ("topk_tail", "topk_renorm", "sampled", "hybrid")
+HYBRID_TOP_K, HYBRID_DRAWS = 64, 50  # the hybrid store: the exact top-64 + 50 draws from the tail outside it
 KD, CE = 0.9, 0.1  # the mix of every KD variant: forward_kl=0.9, ce=0.1
 LOSS_IMPLS = ("fused", "checkpoint")  # `student-train --loss-impl`; a run's names are KIND@IMPL, and online
 SHARPEN = 8.0  # factor on a random teacher's head: entropy about 2.7 nats, ~17 distinct ids in 50 draws
@@ -105,8 +109,9 @@ def llama_config(vocab: int, hidden: int, layers: int, seq: int):
                        max_position_embeddings=seq, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
-def prepare(workdir: Path, options: dict) -> dict[str, str]:
-    """Teacher, student config and store in `workdir` (each reused when present); their paths."""
+def prepare(workdir: Path, options: dict, hybrid: bool) -> dict[str, str]:
+    """Teacher, student config and store in `workdir`, and with `hybrid` the hybrid store over the same text (each
+    reused when present); their paths (`variant_paths`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from teacher_cache import BuildConfig, build_cache
@@ -121,13 +126,30 @@ def prepare(workdir: Path, options: dict) -> dict[str, str]:
         vocab = AutoConfig.from_pretrained(teacher).vocab_size
         llama_config(vocab, options["hidden"], options["layers"], options["seq"]).save_pretrained(student)
         AutoTokenizer.from_pretrained(teacher).save_pretrained(student)
-    store = workdir / "store"
-    if not (store / "manifest.json").exists():
+    paths = variant_paths(workdir, options)
+    stores = {"store": {}, "hybrid_store": {"targets": ("hybrid",), "top_k": HYBRID_TOP_K,
+                                            "num_draws": HYBRID_DRAWS}}
+    for key, targets in stores.items():
+        store = Path(paths[key])
+        if (key == "hybrid_store" and not hybrid) or (store / "manifest.json").exists():
+            continue
         samples = options["batch"] * (options["steps"] + 1)
         click.echo(f"building the store {store} ({samples} samples of {options['seq']} tokens) ...")
         build_cache(BuildConfig(model=teacher, dataset=options["dataset"], output=str(store), seq_len=options["seq"],
-                                max_samples=samples, batch_size=options["batch"], device=options["device"]))
-    return {"teacher": teacher, "student": str(student), "store": str(store)}
+                                max_samples=samples, batch_size=options["batch"], device=options["device"],
+                                **targets))
+    return paths
+
+
+def variant_paths(workdir: Path, options: dict) -> dict[str, str]:
+    """The teacher, student and stores of a run in `workdir`."""
+    return {"teacher": options["teacher"] or str(workdir / "teacher"), "student": str(workdir / "student"),
+            "store": str(workdir / "store"), "hybrid_store": str(workdir / "store-hybrid")}
+
+
+def store_of(name: str) -> str:
+    """The key of `variant_paths` whose store variant `name` (KIND@IMPL, or online) reads."""
+    return "hybrid_store" if name.partition("@")[0] == "hybrid" else "store"
 
 
 # --- one variant, in a fresh subprocess -----------------------------------------------------------------------------
@@ -178,11 +200,12 @@ def build_variant(name: str, paths: dict[str, str], options: dict):
     device = torch.device(options["device"])
     kind, _, impl = name.partition("@")
     loss = ["ce=1"] if kind == "ce" else [f"forward_kl={KD}", f"ce={CE}"]
+    store = paths[store_of(name)]
     with tempfile.TemporaryDirectory(prefix="train-step-") as scratch:  # nothing is written before `run`
         trainer = Trainer(TrainConfig(
-            store=paths["store"], student=paths["student"], output=scratch, batch_size=options["batch"], loss=loss,
+            store=store, student=paths["student"], output=scratch, batch_size=options["batch"], loss=loss,
             targets_from=kind if kind in CACHED else None, chunk_positions=options["chunk"], device=str(device),
-            eval_store=paths["store"], loss_impl=impl or "fused"))
+            eval_store=store, loss_impl=impl or "fused"))
     if name != "online":
         return trainer, lambda batch: trainer._train_step(iter([batch]))["loss"]  # `Trainer.run`'s step, unlogged
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -192,11 +215,11 @@ def build_variant(name: str, paths: dict[str, str], options: dict):
     return trainer, lambda batch: online_step(trainer, teacher, batch, options["chunk"])
 
 
-def store_batches(paths: dict[str, str], options: dict) -> list[dict]:
-    """The first `steps` + 1 batches of `student-train`'s loader over the store, in store order."""
+def store_batches(store: str, options: dict) -> list[dict]:
+    """The first `steps` + 1 batches of `student-train`'s loader over a store, in store order."""
     from student_train.loader import LoaderConfig, StoreLoader
 
-    loader = StoreLoader(LoaderConfig(store=paths["store"], batch_size=options["batch"], shuffle=False))
+    loader = StoreLoader(LoaderConfig(store=store, batch_size=options["batch"], shuffle=False))
     return list(itertools.islice(loader, options["steps"] + 1))
 
 
@@ -204,19 +227,21 @@ def measure_times(names: list[str], paths: dict[str, str], options: dict) -> dic
     """Every variant in one process: a warm-up step each (the loss at step 0), then `steps` rounds of one step of
     each, the order reversed every other round, so that a shared machine's load weighs on all alike."""
     sync = torch.cuda.synchronize if options["device"].startswith("cuda") else lambda: None
-    batches = store_batches(paths, options)
+    batches = {key: store_batches(paths[key], options) for key in dict.fromkeys(map(store_of, names))}
     variants = {name: build_variant(name, paths, options) for name in names}
-    out = {name: {"first_loss": step(batches[0]), "step_s": [], "cpu_s": []} for name, (_, step) in variants.items()}
-    for round_, batch in enumerate(itertools.islice(itertools.cycle(batches[1:]), options["steps"])):
+    out = {name: {"first_loss": step(batches[store_of(name)][0]), "step_s": [], "cpu_s": []}
+           for name, (_, step) in variants.items()}
+    for round_ in range(options["steps"]):
+        index = 1 + round_ % (len(batches["store"]) - 1)  # the same batch of text for every variant in a round
         for name in names if round_ % 2 == 0 else names[::-1]:
             sync()
             began, began_cpu = time.perf_counter(), time.process_time()
-            variants[name][1](batch)
+            variants[name][1](batches[store_of(name)][index])
             sync()
             out[name]["step_s"].append(time.perf_counter() - began)
             out[name]["cpu_s"].append(time.process_time() - began_cpu)
     for name, (trainer, _) in variants.items():
-        out[name] |= {"tokens_per_step": int(batches[1]["loss_mask"].sum()),
+        out[name] |= {"tokens_per_step": int(batches["store"][1]["loss_mask"].sum()),
                       "student_parameters": trainer.model.num_parameters(),
                       "teacher_parameters": getattr(trainer, "teacher_parameters", None)}
     return out
@@ -226,7 +251,7 @@ def measure_memory(name: str, paths: dict[str, str], options: dict) -> dict:
     """Memory of variant `name` alone in this process: held before a step and at the peak of one (after a warm-up)."""
     device = torch.device(options["device"])
     base = 0 if device.type == "cuda" else _status_bytes("VmRSS")
-    batches = store_batches(paths, options)[:2]
+    batches = store_batches(paths[store_of(name)], options)[:2]
     _, step = build_variant(name, paths, options)
     step(batches[0])
     if device.type == "cuda":
@@ -353,9 +378,7 @@ def main(only: str | None, loss_impls: str, workdir: str | None, json_path: str,
 
     options["device"] = str(resolve_device(options["device"]))
     if child:
-        work = Path(workdir)
-        paths = {"teacher": options["teacher"] or str(work / "teacher"), "student": str(work / "student"),
-                 "store": str(work / "store")}
+        paths = variant_paths(Path(workdir), options)
         names = child.split(":", 1)[1].split(",")
         out = measure_times(names, paths, options) if child.startswith("times:") else measure_memory(names[0], paths,
                                                                                                      options)
@@ -376,7 +399,7 @@ def main(only: str | None, loss_impls: str, workdir: str | None, json_path: str,
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="train-step-") as scratch:
         work = Path(workdir or scratch)
-        paths = prepare(work, options)
+        paths = prepare(work, options, hybrid="hybrid" in kinds)
         argv = [f"--{key.replace('_', '-')}={value}" for key, value in options.items() if value is not None]
         def child_run(what: str) -> dict:
             # Memory only: freed blocks of 64 KiB or more go back to the OS, so that the resident set follows live

@@ -75,10 +75,13 @@ def test_train_step_losses_match_dense_computations(tmp_path, llama_dir, corpus_
     out, work = tmp_path / "step.json", tmp_path / "work"
     _invoke("train_step", ["--teacher", str(llama_dir), "--hidden", "64", "--layers", "1", "--seq", "32", "--batch",
                            "2", "--steps", "1", "--chunk", "16", "--device", "cpu", "--dataset", str(data),
-                           "--only", "online", "--workdir", str(work), "--json", str(out)])
+                           "--only", "hybrid,online", "--workdir", str(work), "--json", str(out)])
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
-    assert list(rows) == ["ce", "online"]
+    assert list(rows) == ["ce", "hybrid", "online"]
+    hybrid = open_store(work / "store-hybrid")
+    assert hybrid.manifest.targets["sampled"]["draws_from"] == "tail" and hybrid.manifest.targets["topk"]["k"] == 64
+    assert np.array_equal(hybrid.read_rows(0, 2)["input_ids"], open_store(work / "store").read_rows(0, 2)["input_ids"])
     for row in rows.values():
         assert _positive(row["ms_per_step"], row["peak_mib"], row["held_mib"], row["ms_per_step_vs_ce"],
                          row["online_time_vs_this"]) and row["step_mib"] >= 0

@@ -1,0 +1,95 @@
+"""`student_train.logit_reads` where a read covers many ids: the membership test behind the gradient at excluded ids,
+and the fused hybrid loss with as many tail draws as the tail has ids, both against brute force.
+
+Hybrid targets read the K head ids and M drawn tail ids of each position at once (K + M entries, padding included);
+the gradient at those ids is written exactly, each read's term 0 at the ids it excludes. Here a read's membership is
+checked against a comparison of every pair of ids, and the loss and its gradient against the dense float64
+references of `test_hybrid_losses`, on a vocabulary whose tail is drawn almost whole, with padding entries (id 0)
+that coincide with head ids and with drawn ids.
+
+Legend: R rows, U ids looked up, J entries of a read, B batch, L positions per row, V vocabulary, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_hybrid_losses import B, K, L, V, head_records, hybrid_reference, loss_and_grad, tail_counts
+from test_losses import config, sampled_records
+
+from student_train.logit_reads import _among
+
+
+def among_pairwise(ids_RU: torch.Tensor, ids_RJ: torch.Tensor, valid_RJ: torch.Tensor | None) -> torch.Tensor:
+    """Whether each looked-up id equals a valid entry of its row, one pair at a time."""
+    out = torch.zeros(ids_RU.shape, dtype=torch.bool)
+    for r in range(ids_RU.shape[0]):
+        for u in range(ids_RU.shape[1]):
+            out[r, u] = any(int(ids_RJ[r, j]) == int(ids_RU[r, u]) and (valid_RJ is None or bool(valid_RJ[r, j]))
+                            for j in range(ids_RJ.shape[1]))
+    return out
+
+
+def test_membership_by_hand():
+    ids_RJ = torch.tensor([[4, 0, 7, 0], [3, 3, 9, 1]])
+    valid_RJ = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    ids_RU = torch.tensor([[0, 7, 4, 5, 0], [3, 1, 9, 0, 2]])
+    expected = torch.tensor([[True, False, True, False, True], [True, False, True, False, False]])
+    assert torch.equal(_among(ids_RU, ids_RJ, valid_RJ), expected)
+    assert torch.equal(_among(ids_RU, ids_RJ, None), torch.tensor([[True, True, True, False, True],
+                                                                   [True, True, True, False, False]]))
+    # A read of no ids excludes nothing.
+    assert not _among(ids_RU, ids_RJ[:, :0], valid_RJ[:, :0]).any()
+
+
+@pytest.mark.parametrize("entries", [1, 7, 120])
+def test_membership_matches_every_pair(entries):
+    gen = torch.Generator().manual_seed(entries)
+    ids_RJ = torch.randint(0, 40, (6, entries), generator=gen)  # repeated ids, as head + padding entries give
+    valid_RJ = torch.rand(6, entries, generator=gen) < 0.7
+    ids_RU = torch.cat([ids_RJ, torch.randint(0, 40, (6, 30), generator=gen)], -1)
+    for valid in (valid_RJ, None):
+        assert torch.equal(_among(ids_RU, ids_RJ, valid), among_pairwise(ids_RU, ids_RJ, valid))
+
+
+def many_draws_case(seed: int, draws: int):
+    """Logits [B, L, V] (leaf), dense tail counts and the batch, with a flat tail drawn `draws` times: nearly every
+    tail id drawn at some positions, few at others (so padding, id 0, fills their rows); id 0 is a head id at
+    position (0, 0) and a drawn tail id at position (1, 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = 0.3 * torch.randn(B, L, V, generator=gen, dtype=torch.float64)
+    teacher[0, 0, 0] = 10.0  # in the head
+    teacher[1, 0, 0] = -1.0  # in the tail
+    teacher = F.log_softmax(teacher, -1)
+    records = head_records(teacher)
+    counts = tail_counts(teacher, records["topk_ids"], draws, gen)
+    counts[:, 1:3] = tail_counts(teacher[:, 1:3], records["topk_ids"][:, 1:3], 3, gen)
+    counts[1, 0, 0] = counts[1, 0, 0].clamp_min(1)  # drawn, whatever the draw gave
+    ids, sampled_counts = sampled_records(counts)
+    batch = {"loss_mask": torch.ones(B, L, dtype=torch.bool), "input_ids": torch.randint(V, (B, L + 1), generator=gen),
+             **records, "sampled_ids": ids, "sampled_counts": sampled_counts}
+    logits = (3.0 * torch.randn(B, L, V, generator=gen)).requires_grad_(True)
+    return logits, counts, batch
+
+
+def test_hybrid_with_most_of_the_tail_drawn_matches_dense():
+    """forward_kl 0.9 + ce 0.1 on hybrid targets of up to V - K tail ids per position (J = K + M near V), by the
+    fused loss at several chunk sizes, against the dense references: the value and the gradient."""
+    logits, counts, batch = many_draws_case(0, draws=400)
+    drawn = (counts > 0).sum(-1)
+    assert drawn.max() >= V - K - 3 and drawn.min() <= 3  # rows nearly full and rows mostly padding
+    assert batch["topk_ids"][0, 0].eq(0).any() and batch["sampled_ids"][1, 0].eq(0).any()
+    assert (batch["sampled_counts"] == 0).any()
+    assert math.isfinite(float(batch["tail_logmass"].min()))  # every position has a tail, drawn
+    ce = F.cross_entropy(logits.double().flatten(0, 1), batch["input_ids"][:, 1:].flatten())
+    expected = 0.9 * hybrid_reference("forward_kl", logits, counts, batch) + 0.1 * ce
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    for size in (1, 5, 10_000):
+        loss, metrics, grad = loss_and_grad(logits, batch, config({"forward_kl": 0.9, "ce": 0.1}, "hybrid",
+                                                                  chunk_positions=size))
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(metrics["ce"].double(), ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-7)
