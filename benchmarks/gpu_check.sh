@@ -138,7 +138,7 @@ part_quality() {
     [ "$DEVICE" = cpu ] && sizes=(--steps 2 --batch-size 2 --seq-len 32 --heldout-samples 4 --chunk-positions 64)
     "$PYTHON" benchmarks/quality.py --teacher "$WORK/models/teacher" --student-config "$WORK/models/student" \
         --train-data "$WORK/models/train.txt" --heldout-data "$WORK/models/heldout.txt" --output "$WORK/quality" \
-        --rows ce,topk_tail_k64,sampled_n50,hybrid_k64_n50 --device "$DEVICE" "${sizes[@]}"
+        --rows ce,topk_tail_k64,sampled_n50,hybrid_k64_n50 --seeds 0 --device "$DEVICE" "${sizes[@]}"
 }
 
 part_distributed() {
