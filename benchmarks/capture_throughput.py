@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine_info import machine  # noqa: E402
 from storage.causal_lm import TORCH_DTYPES, auto_dtype, cpu_has_amx_bf16, resolve_device  # noqa: E402
 from storage.samples import Rows, iter_rows, load_text_dataset  # noqa: E402
-from teacher_cache.build import LOGIT_CHUNK_BYTES, build_cache, iter_batches  # noqa: E402
+from teacher_cache.build import build_cache, iter_batches, logit_positions  # noqa: E402
 from teacher_cache.config import BuildConfig  # noqa: E402
 from teacher_cache.targets import TargetSpec  # noqa: E402
 from teacher_cache.teacher import TransformersTeacher  # noqa: E402
@@ -146,8 +146,8 @@ def run_transformers(config: BuildConfig, paths: set[str], batches: list[Rows], 
     if "forward" in paths:
         seconds["bare forward"] = warm_and_time(forward, batches, device)
     if "transformers" in paths:
-        spec = TargetSpec(top_k=config.top_k, num_draws=config.num_draws,
-                          chunk_positions=LOGIT_CHUNK_BYTES[device.type] // (4 * teacher.vocab_size))
+        spec = TargetSpec(top_k=config.top_k, num_draws=config.num_draws, **logit_positions(teacher),
+                          compiled=config.compile_extraction)
         generator = torch.Generator(device).manual_seed(0)
         seconds["transformers compute"] = warm_and_time(lambda b: teacher.compute(b, spec, (), generator),
                                                         batches, device)

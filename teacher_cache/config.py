@@ -93,6 +93,11 @@ class BuildConfig(ConversationOptions, DatasetOptions):
     samples_per_shard: int | None = option(None, help="Samples per shard. Default: about 1M positions per shard.")
     chunk_positions: int | None = option(None, help="Positions whose fp32 logits exist at once. Default: 32 MiB "
                                                     "worth on CPU, 256 MiB on CUDA.")
+    compile_extraction: bool = option(
+        True, help="On CPU, fuse the target extraction's pass over the vocabulary with torch.compile: the same "
+                   "targets, the extraction 1.3-1.7x faster (benchmarks/RESULTS.md, section 3), for a compile of a few "
+                   "seconds per process (up to ~20 s the first time on a machine); without a working C++ compiler it "
+                   "warns and runs eagerly.")
     device: str = option("auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     dtype: str = option("auto", choices=DTYPES,
                         help="Dtype of the teacher's body (its output head runs in float32); auto = bfloat16 on CUDA "

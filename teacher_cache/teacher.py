@@ -4,7 +4,7 @@
 base model gives final hidden states (and chosen layers), and the output head is applied by
 `teacher_cache.targets` a chunk of positions at a time, so [batch, time, vocab] logits never exist.
 
-Legend: B batch, L seq_len, H hidden size, P trained positions of the batch.
+Legend: B batch, L seq_len, H hidden size, P trained positions of the batch, c of a chunk, V vocabulary.
 """
 
 from __future__ import annotations
@@ -76,7 +76,11 @@ class TransformersTeacher(CausalLM):
                                     output_hidden_states=bool(layers))
         B, L, H = out.last_hidden_state.shape
         hidden_PH = out.last_hidden_state.reshape(B * L, H)[trained_P]
-        targets = extract_targets(hidden_PH, ids_BL1[:, 1:].reshape(-1)[trained_P], self.logits, spec, generator)
+        # One logits buffer for every chunk of the batch (see `CausalLM.logits`).
+        logits_cV = hidden_PH.new_empty(min(spec.chunk_positions, len(trained_P)), self.vocab_size,
+                                        dtype=self.head_dtype)
+        targets = extract_targets(hidden_PH, ids_BL1[:, 1:].reshape(-1)[trained_P],
+                                  lambda hidden_cH: self.logits(hidden_cH, logits_cV[:len(hidden_cH)]), spec, generator)
         if (bad := first_nonfinite(targets["entropy"])) is not None:  # the batch's one host sync
             row, position = divmod(int(trained_P[bad]), L)
             raise NonFiniteLogits(row, position, describe_nonfinite(self.logits(hidden_PH[bad]), "logits"))

@@ -1,24 +1,30 @@
 """Target extraction: from the teacher's final hidden states to the records the store keeps.
 
 Runs on the teacher's device, batched over positions, in chunks of positions so that at most
-[chunk, vocab] logits exist at once (never [batch, time, vocab]). Per chunk, in fp32:
-  - log_softmax of the logits;
-  - exact entropy and the true next token's log-prob;
-  - top-k ids (ascending) and their log-probs, and the tail mass as logsumexp over the ids outside the top-k (exact, no
-    1 - sum cancellation);
+[chunk, vocab] logits exist at once (never [batch, time, vocab]); the output head runs over a chunk at once, and the
+extraction over blocks of it (the whole chunk by default; on CPU, a block small enough to stay in cache across the
+passes below). Per block, in fp32:
+  - the k + 1 largest logits (with top-k targets), whose first is the max and whose last bounds the tail;
+  - one pass over the vocabulary (`vocab_pass`, fused by `torch.compile` where asked): the log-normaliser, the exact
+    entropy, the tail's sum, and the weights the draws come from; no log-softmax or probabilities are materialised
+    beyond those weights;
+  - the true next token's log-prob, its logit less the log-normaliser;
+  - top-k ids (ascending) and their log-probs, and the tail mass as a log-sum-exp over the ids outside the top-k
+    (exact, no 1 - sum cancellation);
   - N draws with replacement from the full distribution, independent or systematic (`draws`), encoded as distinct
     ids (ascending) + counts;
   - or, for hybrid targets, N draws from the distribution conditioned on the tail (the ids outside the top-k),
     encoded the same way; positions without a tail get no entries.
 A logit of -inf is a probability of 0. A NaN or +inf logit, or every logit -inf, leaves a position without a
-distribution: its log-probs are all NaN, and so is its entropy. The entropy, a reduction over the vocabulary
-computed anyway, thus flags those positions, and the backends refuse a batch with one (`NonFiniteLogits`).
+distribution: its entropy is NaN. The entropy, a reduction over the vocabulary computed anyway, thus flags those
+positions, and the backends refuse a batch with one (`NonFiniteLogits`).
 
 Each kind's extraction is one module of this package (`topk`, `sampled`, `hybrid`; `hidden` holds the capture of
 hidden states, which come from the model's forward rather than its logits), registered in EXTRACTORS under the
 name of its `storage.targets` kind; `draws` holds the draw schemes `sampled` and `hybrid` share.
 
-Legend: P positions (flattened batch x time), V vocabulary, H hidden size, K top-k, N draws, E entries.
+Legend: P positions (flattened batch x time), c positions in a chunk, p in a block, V vocabulary, H hidden size,
+K top-k, N draws, E entries.
 """
 
 from __future__ import annotations
@@ -27,15 +33,16 @@ from collections.abc import Callable
 
 import torch
 
-from teacher_cache.targets.base import Chunk, Extractor, TargetSpec
+from teacher_cache.targets import vocab_pass
+from teacher_cache.targets.base import Block, Extractor, TargetSpec
 from teacher_cache.targets.hybrid import HYBRID
 from teacher_cache.targets.sampled import SAMPLED
-from teacher_cache.targets.topk import TOPK
+from teacher_cache.targets.topk import TOPK, largest
 
 __all__ = ["EXTRACTORS", "NonFiniteLogits", "TargetSpec", "describe_nonfinite", "extract_targets", "first_nonfinite",
            "wanted_extractors"]
 
-# The kinds extracted from the logits, in the order they run over a chunk (see `teacher_cache.targets.base`).
+# The kinds extracted from the logits, in the order they run over a block (see `teacher_cache.targets.base`).
 EXTRACTORS: dict[str, Extractor] = {kind.name: kind for kind in (SAMPLED, TOPK, HYBRID)}
 
 
@@ -107,12 +114,19 @@ def extract_targets(
         `tail_logmass` [P]; with draws, `sampled_nunique` [P], `sampled_ids` [E], `sampled_counts` [E].
     """
     parts: dict[str, list[torch.Tensor]] = {}
+    block = min(spec.block_positions or spec.chunk_positions, spec.chunk_positions)
+    weights_bV = None  # the draws' weights of every block, in one buffer (see `vocab_pass.run`)
     for start in range(0, hidden_PH.shape[0], spec.chunk_positions):
-        stop = start + spec.chunk_positions
-        logits_pV = logits_fn(hidden_PH[start:stop]).float()
-        chunk = _chunk_targets(logits_pV, true_ids_P[start:stop], spec, generator)
-        for name, value in chunk.items():
-            parts.setdefault(name, []).append(value)
+        chunk = slice(start, start + spec.chunk_positions)
+        logits_cV, true_ids_c = logits_fn(hidden_PH[chunk]).float(), true_ids_P[chunk]
+        if weights_bV is None and _weights(spec):
+            weights_bV = logits_cV.new_empty(min(block, hidden_PH.shape[0]), logits_cV.shape[1])
+        for first in range(0, logits_cV.shape[0], block):
+            logits_pV = logits_cV[first:first + block]
+            weights_pV = None if weights_bV is None else weights_bV[:logits_pV.shape[0]]
+            records = _block_targets(logits_pV, true_ids_c[first:first + block], weights_pV, spec, generator)
+            for name, value in records.items():
+                parts.setdefault(name, []).append(value)
     if not parts:
         return _empty_targets(hidden_PH.device, spec)
     return {name: torch.cat(values) for name, values in parts.items()}
@@ -123,23 +137,33 @@ def wanted_extractors(spec: TargetSpec) -> list[Extractor]:
     return [kind for kind in EXTRACTORS.values() if kind.wanted(spec)]
 
 
-def _chunk_targets(
-    logits_pV: torch.Tensor, true_ids_p: torch.Tensor, spec: TargetSpec, generator: torch.Generator | None
-) -> dict[str, torch.Tensor]:
-    logp_pV = torch.log_softmax(logits_pV, dim=-1)
-    del logits_pV
-    probs_pV = logp_pV.exp()
-    out = {
-        # p log p is 0 at p = 0 (logit -inf); the clamp keeps that 0 * -inf from becoming NaN, and passes NaN on.
-        "entropy": -(probs_pV * logp_pV.clamp_min(torch.finfo(logp_pV.dtype).min)).sum(-1),
-        "true_logprob": logp_pV.gather(1, true_ids_p[:, None].long()).squeeze(1),
-    }
+def _weights(spec: TargetSpec) -> str | None:
+    """The weights the wanted kinds draw from (`vocab_pass.FULL` or `TAIL`), None without draws."""
+    return next((kind.weights for kind in wanted_extractors(spec) if kind.weights), None)
+
+
+def _block_targets(logits_pV: torch.Tensor, true_ids_p: torch.Tensor, weights_pV: torch.Tensor | None,
+                   spec: TargetSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    top_logits_pK1 = top_ids_pK1 = tail_max_p1 = ties_p1 = None
+    if spec.top_k is not None:
+        # One more than k: the largest logit outside the top-k comes with them (none where k = V).
+        top_logits_pK1, top_ids_pK1 = largest(logits_pV, min(spec.top_k + 1, logits_pV.shape[1]))
+        max_p1 = top_logits_pK1[:, :1]  # NaN first, where there is one
+        tail_max_p1 = top_logits_pK1[:, spec.top_k:] if top_logits_pK1.shape[1] > spec.top_k else (
+            torch.full_like(max_p1, float("-inf")))
+        ties_p1 = (top_logits_pK1[:, :spec.top_k] == tail_max_p1).sum(-1, keepdim=True, dtype=torch.float32)
+    else:
+        max_p1 = logits_pV.amax(-1, keepdim=True)
+    passed = vocab_pass.run(logits_pV, max_p1, tail_max_p1, ties_p1, weights_pV, _weights(spec),
+                            compiled=spec.compiled)
+    lse_p1 = passed["lse"]
+    out = {"entropy": passed["entropy"][:, 0],
+           "true_logprob": (logits_pV.gather(1, true_ids_p[:, None].long()) - lse_p1)[:, 0]}
     # Positions without a valid distribution (NaN entropy, see the module docstring) are refused by the backend after
     # extraction; until then the kinds give them valid stand-ins.
-    chunk = Chunk(logp_pV, probs_pV, ~out["entropy"].isfinite()[:, None], out)
-    del probs_pV
+    block = Block(lse_p1, top_logits_pK1, top_ids_pK1, tail_max_p1, passed.get("tail_sum"), weights_pV, out)
     for kind in wanted_extractors(spec):
-        out |= kind.extract(chunk, spec, generator)
+        out |= kind.extract(block, spec, generator)
     return out
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from storage.targets import sampled
-from teacher_cache.targets.base import Chunk, Extractor, TargetSpec, zeros
+from teacher_cache.targets.base import Block, Extractor, TargetSpec, zeros
 from teacher_cache.targets.draws import draw
+from teacher_cache.targets.vocab_pass import FULL
 
 
 def encode_draws(draws_PN: torch.Tensor, drawn_P: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -44,6 +45,7 @@ def empty_draws(device: torch.device) -> dict[str, torch.Tensor]:
 
 class Sampled(Extractor):
     name = "sampled"
+    weights = FULL
 
     def wanted(self, spec: TargetSpec) -> bool:
         return spec.num_draws is not None and not spec.draws_from_tail
@@ -51,10 +53,8 @@ class Sampled(Extractor):
     def manifest_sections(self, spec: TargetSpec, seed: int) -> dict[str, dict]:
         return {"sampled": sampled.section(spec.num_draws, seed, spec.draw_scheme)}
 
-    def extract(self, chunk: Chunk, spec: TargetSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        # Invalid positions get a valid stand-in, without a host sync: multinomial fails on NaN.
-        probs_pV = chunk.probs_pV.masked_fill_(chunk.invalid_p1, 1.0)
-        return encode_draws(draw(probs_pV, spec.num_draws, spec.draw_scheme, generator))
+    def extract(self, block: Block, spec: TargetSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        return encode_draws(draw(block.weights_pV, spec.num_draws, spec.draw_scheme, generator, in_place=True))
 
     def empty(self, spec: TargetSpec, device: torch.device) -> dict[str, torch.Tensor]:
         return empty_draws(device)
