@@ -192,7 +192,7 @@ def ensure_store(path: Path, spec: StoreSpec, setup: QualitySetup, dataset: str,
                             max_samples=samples, seq_len=setup.seq_len, targets=spec.targets, top_k=spec.top_k,
                             num_draws=spec.num_draws, draw_scheme=spec.draw_scheme,
                             batch_size=setup.build_batch_size, device=setup.device,
-                            resume=path.exists()))
+                            dtype=model_dtype(resolve_device(setup.device)), resume=path.exists()))
     return Store(path)
 
 
@@ -270,10 +270,16 @@ def run_row(row: RowSpec, options: dict) -> dict:
     return record
 
 
+def model_dtype(device: torch.device) -> str:
+    """The teacher's dtype for its stores and the scoring alike: float32 on CPU (`--dtype auto` would pick bfloat16
+    on CPUs with AMX, and the cached rows would learn another teacher than the one scored and the online row's)."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def evaluate_runs(setup: QualitySetup, heldout: Store, run_dirs: list[Path]) -> tuple[dict, dict[Path, dict]]:
     """(the teacher's held-out metrics, each run's), both models scored by `student_train.evaluate.score`."""
     device = resolve_device(setup.device)
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = model_dtype(device)
     rows = read_rows(heldout, 0, len(heldout))
     teacher_cache_path = Path(setup.output) / "teacher_eval.json"
     results, teacher_metrics, teacher = {}, None, None
