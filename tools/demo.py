@@ -51,9 +51,10 @@ def build_store(teacher: Path, dataset: Path, output: Path, samples: int) -> Pat
         elif manifest["complete"]:
             return output
     resume = ["--resume"] if output.exists() else []
+    # float32 rather than `--dtype auto`, which picks bfloat16 on CPUs with AMX: the same numbers on every CPU.
     _run(_cli("teacher-cache"), "build", "--model", str(teacher), "--dataset", str(dataset), "--output", str(output),
          "--seq-len", str(SEQ_LEN), "--max-samples", str(samples), "--batch-size", "8", "--samples-per-shard", "128",
-         *resume)
+         "--dtype", "float32", *resume)
     return output
 
 
