@@ -6,13 +6,14 @@ extraction over blocks of it (the whole chunk by default; on CPU, a block small 
 passes below). Per block, in fp32:
   - the k + 1 largest logits (with top-k targets), whose first is the max and whose last bounds the tail;
   - one pass over the vocabulary (`vocab_pass`, fused by `torch.compile` where asked): the log-normaliser, the exact
-    entropy, the tail's sum, and the weights the draws come from; no log-softmax or probabilities are materialised
-    beyond those weights;
+    entropy, the tail's sum, and the draws' weights summed over blocks of 32 ids; no log-softmax, probabilities or
+    weights over the vocabulary are materialised;
   - the true next token's log-prob, its logit less the log-normaliser;
   - top-k ids (ascending) and their log-probs, and the tail mass as a log-sum-exp over the ids outside the top-k
     (exact, no 1 - sum cancellation);
-  - N draws with replacement from the full distribution, independent or systematic (`draws`), encoded as distinct
-    ids (ascending) + counts;
+  - N draws with replacement from the full distribution, independent or systematic (`draws`): a block of ids from
+    the block sums, then an id from the weights of that block's ids alone; encoded as distinct ids (ascending) +
+    counts;
   - or, for hybrid targets, N draws from the distribution conditioned on the tail (the ids outside the top-k),
     encoded the same way; positions without a tail get no entries.
 A logit of -inf is a probability of 0. A NaN or +inf logit, or every logit -inf, leaves a position without a
@@ -115,16 +116,17 @@ def extract_targets(
     """
     parts: dict[str, list[torch.Tensor]] = {}
     block = min(spec.block_positions or spec.chunk_positions, spec.chunk_positions)
-    weights_bV = None  # the draws' weights of every block, in one buffer (see `vocab_pass.run`)
+    scratch_bV = None  # the eager pass's scratch, reused from block to block (see `vocab_pass.run`)
     for start in range(0, hidden_PH.shape[0], spec.chunk_positions):
         chunk = slice(start, start + spec.chunk_positions)
         logits_cV, true_ids_c = logits_fn(hidden_PH[chunk]).float(), true_ids_P[chunk]
-        if weights_bV is None and _weights(spec):
-            weights_bV = logits_cV.new_empty(min(block, hidden_PH.shape[0]), logits_cV.shape[1])
+        if scratch_bV is None:
+            # Never written where the pass is compiled, so on CPU it costs no memory there.
+            scratch_bV = logits_cV.new_empty(min(block, hidden_PH.shape[0]), logits_cV.shape[1])
         for first in range(0, logits_cV.shape[0], block):
             logits_pV = logits_cV[first:first + block]
-            weights_pV = None if weights_bV is None else weights_bV[:logits_pV.shape[0]]
-            records = _block_targets(logits_pV, true_ids_c[first:first + block], weights_pV, spec, generator)
+            records = _block_targets(logits_pV, true_ids_c[first:first + block], scratch_bV[:logits_pV.shape[0]],
+                                     spec, generator)
             for name, value in records.items():
                 parts.setdefault(name, []).append(value)
     if not parts:
@@ -142,8 +144,8 @@ def _weights(spec: TargetSpec) -> str | None:
     return next((kind.weights for kind in wanted_extractors(spec) if kind.weights), None)
 
 
-def _block_targets(logits_pV: torch.Tensor, true_ids_p: torch.Tensor, weights_pV: torch.Tensor | None,
-                   spec: TargetSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def _block_targets(logits_pV: torch.Tensor, true_ids_p: torch.Tensor, scratch_pV: torch.Tensor, spec: TargetSpec,
+                   generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     top_logits_pK1 = top_ids_pK1 = tail_max_p1 = ties_p1 = None
     if spec.top_k is not None:
         # One more than k: the largest logit outside the top-k comes with them (none where k = V).
@@ -154,14 +156,15 @@ def _block_targets(logits_pV: torch.Tensor, true_ids_p: torch.Tensor, weights_pV
         ties_p1 = (top_logits_pK1[:, :spec.top_k] == tail_max_p1).sum(-1, keepdim=True, dtype=torch.float32)
     else:
         max_p1 = logits_pV.amax(-1, keepdim=True)
-    passed = vocab_pass.run(logits_pV, max_p1, tail_max_p1, ties_p1, weights_pV, _weights(spec),
-                            compiled=spec.compiled)
+    passed = vocab_pass.run(logits_pV, max_p1, tail_max_p1, ties_p1, _weights(spec), compiled=spec.compiled,
+                            scratch_pV=scratch_pV)
     lse_p1 = passed["lse"]
     out = {"entropy": passed["entropy"][:, 0],
            "true_logprob": (logits_pV.gather(1, true_ids_p[:, None].long()) - lse_p1)[:, 0]}
     # Positions without a valid distribution (NaN entropy, see the module docstring) are refused by the backend after
     # extraction; until then the kinds give them valid stand-ins.
-    block = Block(lse_p1, top_logits_pK1, top_ids_pK1, tail_max_p1, passed.get("tail_sum"), weights_pV, out)
+    block = Block(logits_pV, max_p1, lse_p1, top_logits_pK1, top_ids_pK1, tail_max_p1, passed.get("tail_sum"),
+                  passed.get("block_sums"), passed.get("block_at_tail_max"), out)
     for kind in wanted_extractors(spec):
         out |= kind.extract(block, spec, generator)
     return out

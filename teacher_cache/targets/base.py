@@ -2,10 +2,12 @@
 
 `teacher_cache.targets.extract_targets` makes one pass over a block's logits (`teacher_cache.targets.vocab_pass`)
 and runs the wanted kinds of `EXTRACTORS` in order over what it gives (`Block`): `topk` records the top-k and the
-tail's mass, which `hybrid` reads after it; `sampled` and `hybrid` draw from the block's weights, which they overwrite
-in place to spare a [block, vocab] buffer (a spec asks for one of the two at most).
+tail's mass, which `hybrid` reads after it; `sampled` and `hybrid` draw from the block's weights, of which the pass
+keeps only their sums over blocks of ids (`teacher_cache.targets.draws.draw_from_blocks`; a spec asks for one of the
+two at most).
 
-Legend: p positions in a block, V vocabulary, K top-k, K1 = K + 1 (K where K = V), N draws, E entries.
+Legend: p positions in a block, V vocabulary, Q blocks of ids, K top-k, K1 = K + 1 (K where K = V), N draws,
+E entries.
 """
 
 from __future__ import annotations
@@ -53,22 +55,28 @@ class Block:
     """One block of positions' distribution, as the kinds' extractions share it.
 
     Attributes:
+        logits_pV: the fp32 logits, which the draws read again at the ids of the blocks they draw.
+        max_p1: the largest logit (NaN where a logit is NaN).
         lse_p1: the log-normaliser: log p(v) = logit(v) - lse.
         top_logits_pK1: with top-k, the K + 1 largest logits in descending order (the last the largest outside
             the top-k), or all V where K = V; else None.
         top_ids_pK1: their ids, or None.
         tail_max_p1: with top-k, the largest logit outside the top-k (-inf without a tail), else None.
         tail_sum_p1: with top-k, sum over the ids outside the top-k of exp(logit - tail_max) (0 without a tail).
-        weights_pV: with draws, what they are drawn from (`teacher_cache.targets.vocab_pass`); the kinds overwrite it.
+        block_sums_pQ: with draws, their weights summed over blocks of ids (`teacher_cache.targets.vocab_pass`).
+        block_at_tail_max_pQ: with draws from the tail, the count of ids at the tail's largest logit per block.
         out: the records extracted so far, by array name.
     """
 
+    logits_pV: torch.Tensor
+    max_p1: torch.Tensor
     lse_p1: torch.Tensor
     top_logits_pK1: torch.Tensor | None
     top_ids_pK1: torch.Tensor | None
     tail_max_p1: torch.Tensor | None
     tail_sum_p1: torch.Tensor | None
-    weights_pV: torch.Tensor | None
+    block_sums_pQ: torch.Tensor | None
+    block_at_tail_max_pQ: torch.Tensor | None
     out: dict[str, torch.Tensor]
 
 

@@ -9,10 +9,19 @@ plus one tail bucket). The draws are then stored alike, as distinct ids and coun
     p holds floor(N p) or ceil(N p) of the points, and E[count] = N p exactly (each point alone is uniform on its
     own 1/N of [0, 1)), so the draws stay unbiased with a variance of at most 1/4 per id, whatever N p.
 
-Legend: P positions, J outcomes a position draws from (the vocabulary, or K top-k ids + a tail bucket), N draws.
+Over a vocabulary, the cumulative distribution is never summed over all V ids (`draw_from_blocks`): the pass over
+the vocabulary (`teacher_cache.targets.vocab_pass`) sums the weights over blocks of DRAW_BLOCK consecutive ids, a
+point finds its block in the cumulative sum of those Q = ceil(V / DRAW_BLOCK) block sums, then its id in the
+cumulative sum of the block's own weights, recomputed from its logits. Over a few outcomes (`draw`), the weights are
+given and summed whole.
+
+Legend: P positions, J outcomes a position draws from (the vocabulary, or K top-k ids + a tail bucket), N draws,
+V vocabulary, Q blocks of the vocabulary, B = DRAW_BLOCK ids of a block, X = N * B ids of the drawn blocks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -21,57 +30,100 @@ from storage.targets.sampled import MULTINOMIAL, SYSTEMATIC
 # The scheme of builds that do not choose one (`--draw-scheme`).
 DEFAULT_DRAW_SCHEME = MULTINOMIAL
 
+# Consecutive ids whose weights the pass over the vocabulary sums into one block (the last block holds V mod B ids
+# where B does not divide V): a draw then sums Q ~ V / B block sums and the B weights of its block, not V weights.
+DRAW_BLOCK = 32
 
-def draw(weights_PJ: torch.Tensor, num_draws: int, scheme: str, generator: torch.Generator | None, *,
-         in_place: bool = False) -> torch.Tensor:
+# The weights of the ids of the drawn blocks, from their logits and ids ([P, X] each): the same expression, value for
+# value, that the pass over the vocabulary summed into `block_sums`.
+WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def block_sums(values_PV: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[P, Q] sums of `values_PV` over each block of DRAW_BLOCK consecutive ids (the last one partial where the block
+    does not divide V), in `dtype` (bool values count)."""
+    V = values_PV.shape[1]
+    whole = V // DRAW_BLOCK * DRAW_BLOCK
+    sums_PQ = values_PV[:, :whole].unflatten(1, (V // DRAW_BLOCK, DRAW_BLOCK)).sum(-1, dtype=dtype)
+    if V % DRAW_BLOCK:
+        sums_PQ = torch.cat([sums_PQ, values_PV[:, whole:].sum(-1, keepdim=True, dtype=dtype)], dim=1)
+    return sums_PQ
+
+
+def draw(weights_PJ: torch.Tensor, num_draws: int, scheme: str, generator: torch.Generator | None) -> torch.Tensor:
     """[P, N] indices into J drawn from each row of `weights_PJ` (non-negative, normalised per row here).
+
+    Multinomial draws are what torch.multinomial does, with its precision (a cumulative sum in the weights' dtype),
+    but parallel over the rows: on CPU torch.multinomial walks them one after another on one core. Systematic ones
+    sum in float64, whose rounding moves an interval's ends by at most about J * 1e-16 of the total, so an id of
+    probability p is drawn floor(N p) or ceil(N p) times unless N p is within N times that of an integer. Either way
+    an id of probability 0 (an empty interval) is never drawn, and systematic draws are ascending within a row.
 
     Args:
         weights_PJ: each position's probabilities (any positive total; a row needs some mass).
         num_draws: N.
         scheme: one of `storage.targets.sampled.DRAW_SCHEMES`.
         generator: random source of the draws, on the device of `weights_PJ`.
-        in_place: multinomial draws may overwrite `weights_PJ` with its cumulative sum, sparing a [P, J] buffer.
     """
+    cdf_PJ = weights_PJ.cumsum(-1, dtype=torch.float64 if scheme == SYSTEMATIC else None)
+    total_P1 = cdf_PJ[:, -1:].contiguous()  # searchsorted copies a strided one, with a warning
+    return _interval_of(cdf_PJ, _points(total_P1, num_draws, scheme, generator), total_P1)
+
+
+def draw_from_blocks(logits_PV: torch.Tensor, block_sums_PQ: torch.Tensor, weight_fn: WeightFn, num_draws: int,
+                     scheme: str, generator: torch.Generator | None) -> torch.Tensor:
+    """[P, N] ids drawn from weights over the vocabulary known only by their block sums and their expression.
+
+    The points of the scheme fall on the float64 cumulative sum of the block sums: each draws the block whose
+    interval holds it, then, within that block, the id whose interval of the block's float64 cumulative sum holds
+    the point's place in the block's interval (the residual, rescaled from the block sum in the cumulative sum to the
+    total of the recomputed weights: the two differ only by rounding). The ids' intervals thus partition the blocks'
+    intervals, which partition [0, total): systematic counts are floor(N p) or ceil(N p), E[count] = N p, and an id
+    or block of weight 0 is never drawn, all up to float64 rounding of the fp32 weights and sums.
+
+    Args:
+        logits_PV: fp32 logits the weights are computed from.
+        block_sums_PQ: fp32 weights summed over each block of DRAW_BLOCK ids (`block_sums`); a row needs some mass.
+        weight_fn: the weights of given ids from their logits, those of the pass that summed `block_sums_PQ`;
+            ids past V, in the last block, get weight 0 whatever it gives.
+        num_draws: N.
+        scheme: one of `storage.targets.sampled.DRAW_SCHEMES`.
+        generator: random source of the draws, on the device of `logits_PV`.
+    """
+    P, V = logits_PV.shape
+    cdf_PQ = block_sums_PQ.cumsum(-1, dtype=torch.float64)
+    total_P1 = cdf_PQ[:, -1:].contiguous()
+    points_PN = _points(total_P1, num_draws, scheme, generator)
+    blocks_PN = _interval_of(cdf_PQ, points_PN, total_P1)
+    # The block's interval [start, end) of the cumulative sum, and the point's place in it (in [0, 1], or past 1 for
+    # a point rounded up to the total, which the clamp below gives the block's last id with mass).
+    bounds_PQ1 = torch.nn.functional.pad(cdf_PQ, (1, 0))
+    start_PN, end_PN = bounds_PQ1.gather(1, blocks_PN), bounds_PQ1.gather(1, blocks_PN + 1)
+    place_PN = (points_PN - start_PN) / (end_PN - start_PN)
+    ids_PNB = blocks_PN[..., None] * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=logits_PV.device)
+    ids_PX = ids_PNB.flatten(1)
+    weights_PX = weight_fn(logits_PV.gather(1, ids_PX.clamp_max(V - 1)), ids_PX).masked_fill_(ids_PX >= V, 0.0)
+    in_block_PNB = weights_PX.view(P, num_draws, DRAW_BLOCK).cumsum(-1, dtype=torch.float64)
+    block_total_PN1 = in_block_PNB[..., -1:].contiguous()
+    at_PN1 = _interval_of(in_block_PNB, place_PN[..., None] * block_total_PN1, block_total_PN1)
+    return ids_PNB.gather(2, at_PN1)[..., 0]
+
+
+def _points(total_P1: torch.Tensor, num_draws: int, scheme: str, generator: torch.Generator | None) -> torch.Tensor:
+    """[P, N] points in [0, total] (the total only once rounded), by the scheme, in the dtype of `total_P1`."""
     if scheme == SYSTEMATIC:
-        return systematic_draws(weights_PJ, num_draws, generator)
-    return independent_draws(weights_PJ, num_draws, generator, in_place=in_place)
-
-
-def independent_draws(weights_PJ: torch.Tensor, num_draws: int, generator: torch.Generator | None, *,
-                      in_place: bool = False) -> torch.Tensor:
-    """Multinomial draws: each the id whose interval of the cumulative distribution holds an independent uniform point.
-
-    What torch.multinomial does, with its precision (a cumulative sum in the weights' dtype), but parallel over the
-    rows: on CPU torch.multinomial walks them one after another on one core, at about the cost of the whole pass over
-    the vocabulary. An id of probability 0 (an empty interval) is never drawn.
-    """
-    cdf_PJ = weights_PJ.cumsum_(-1) if in_place else weights_PJ.cumsum(-1)
-    total_P1 = cdf_PJ[:, -1:].contiguous()  # searchsorted copies a strided one, with a warning
-    u_PN = torch.rand((weights_PJ.shape[0], num_draws), dtype=cdf_PJ.dtype, device=weights_PJ.device,
+        u_P1 = torch.rand(total_P1.shape, dtype=total_P1.dtype, device=total_P1.device, generator=generator)
+        steps_N = torch.arange(num_draws, dtype=total_P1.dtype, device=total_P1.device)
+        return (steps_N + u_P1) * (total_P1 / num_draws)
+    u_PN = torch.rand((total_P1.shape[0], num_draws), dtype=total_P1.dtype, device=total_P1.device,
                       generator=generator)
-    return _interval_of(cdf_PJ, u_PN * total_P1, total_P1)
-
-
-def systematic_draws(weights_PJ: torch.Tensor, num_draws: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Systematic draws (see the module docstring), ascending within a row.
-
-    The cumulative sum is in float64: its rounding moves an interval's ends by at most about J * 1e-16 of the total
-    (3e-12 at J = 32k), so an id of probability p is drawn floor(N p) or ceil(N p) times unless N p is within N times
-    that of an integer, and an id of probability 0 (an empty interval) never. It takes a [P, J] float64 buffer, twice
-    a block's fp32 probabilities.
-    """
-    cdf_PJ = weights_PJ.cumsum(-1, dtype=torch.float64)
-    total_P1 = cdf_PJ[:, -1:].contiguous()  # searchsorted copies a strided one, with a warning
-    u_P1 = torch.rand(total_P1.shape, dtype=torch.float64, device=weights_PJ.device, generator=generator)
-    steps_N = torch.arange(num_draws, dtype=torch.float64, device=weights_PJ.device)
-    return _interval_of(cdf_PJ, (steps_N + u_P1) * (total_P1 / num_draws), total_P1)
+    return u_PN * total_P1
 
 
 def _interval_of(cdf_PJ: torch.Tensor, points_PN: torch.Tensor, total_P1: torch.Tensor) -> torch.Tensor:
-    """The id v with c(v-1) <= point < c(v) of each point in [0, total] (right=True, so ids of probability 0, where
-    c(v-1) = c(v), hold no point)."""
+    """The index j with c(j-1) <= point < c(j) of each point in [0, total] (right=True, so outcomes of weight 0,
+    where c(j-1) = c(j), hold no point); leading dimensions beyond P work alike."""
     ids_PN = torch.searchsorted(cdf_PJ, points_PN, right=True)
-    # A point rounded up to the total lies past every interval: it belongs to the last id with mass, the first
+    # A point rounded up to the total lies past every interval: it belongs to the last outcome with mass, the first
     # whose cumulative sum reaches the total.
     return ids_PN.minimum(torch.searchsorted(cdf_PJ, total_P1))

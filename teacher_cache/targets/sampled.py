@@ -1,6 +1,7 @@
 """The teacher side of sampled targets (`storage.targets.sampled`): N draws with replacement from each position's
 full distribution, by the spec's scheme (`teacher_cache.targets.draws`), encoded as distinct ids (ascending) +
-counts."""
+counts. The draws come from the FULL weights' block sums of the pass over the vocabulary
+(`teacher_cache.targets.vocab_pass`), and those weights recomputed at the drawn blocks' ids."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 
 from storage.targets import sampled
 from teacher_cache.targets.base import Block, Extractor, TargetSpec, zeros
-from teacher_cache.targets.draws import draw
-from teacher_cache.targets.vocab_pass import FULL
+from teacher_cache.targets.draws import draw_from_blocks
+from teacher_cache.targets.vocab_pass import FULL, full_weights
 
 
 def encode_draws(draws_PN: torch.Tensor, drawn_P: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -54,7 +55,9 @@ class Sampled(Extractor):
         return {"sampled": sampled.section(spec.num_draws, seed, spec.draw_scheme)}
 
     def extract(self, block: Block, spec: TargetSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        return encode_draws(draw(block.weights_pV, spec.num_draws, spec.draw_scheme, generator, in_place=True))
+        draws_pN = draw_from_blocks(block.logits_pV, block.block_sums_pQ, lambda logits_pX, _: full_weights(
+            logits_pX, block.max_p1), spec.num_draws, spec.draw_scheme, generator)
+        return encode_draws(draws_pN)
 
     def empty(self, spec: TargetSpec, device: torch.device) -> dict[str, torch.Tensor]:
         return empty_draws(device)
