@@ -105,7 +105,7 @@ def test_info_text(built, expected):
                         f"({expected['tokens'] / expected['positions']:.1%})")
     assert "vocab 32000" in lines[2] and "LlamaForCausalLM" in lines[2]
     assert f"seq_len {SEQ_LEN}, packed" in lines[3]
-    assert lines[4] == "kinds      topk: top-8 + tail mass; sampled: 16 draws (full distribution, multinomial)"
+    assert lines[4] == "kinds      topk: top-8 + tail mass; sampled: 16 draws (full distribution, systematic)"
     assert lines[5].startswith("targets    ") and "topk" in lines[5] and "sampled" in lines[5]
     assert "bytes/token" in result.stdout and "topk_logprobs" in result.stdout
 

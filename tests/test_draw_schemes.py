@@ -174,10 +174,10 @@ def test_mean_counts_over_many_offsets_are_n_p(num_draws):
     assert_unbiased(torch.cat(counts), p_J, num_draws)
 
 
-def test_multinomial_is_still_the_default_and_still_multinomial():
+def test_systematic_is_the_default_and_multinomial_still_independent():
     """Independent draws: an id at p = 0.5 of N = 4 is drawn 0 or 4 times too, which systematic draws never do."""
-    assert DEFAULT_DRAW_SCHEME == "multinomial" == TargetSpec(top_k=None, num_draws=4).draw_scheme
-    assert BuildConfig(model="m", dataset="d", output="o").draw_scheme == "multinomial"
+    assert DEFAULT_DRAW_SCHEME == "systematic" == TargetSpec(top_k=None, num_draws=4).draw_scheme
+    assert BuildConfig(model="m", dataset="d", output="o").draw_scheme == "systematic"
     weights_PJ = torch.tensor([[0.5, 0.5]]).repeat(2000, 1)
     counts = counts_of(draw(weights_PJ, 4, "multinomial", torch.Generator().manual_seed(0)), 2)[:, 0]
     assert {0.0, 4.0} <= set(counts.tolist())
@@ -286,12 +286,13 @@ def data(tmp_path_factory, corpus_texts) -> Path:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, llama_dir, data) -> dict[str, Path]:
-    """topk,sampled stores of each scheme and a systematic hybrid store, of the same 6 samples."""
+    """topk,sampled stores of each scheme (systematic by default) and a systematic hybrid store, of the same 6
+    samples."""
     root = tmp_path_factory.mktemp("draw-stores")
     return {
-        "systematic": _build(llama_dir, data, root / "systematic", "--draw-scheme", "systematic"),
-        "multinomial": _build(llama_dir, data, root / "multinomial"),
-        "hybrid": _build(llama_dir, data, root / "hybrid", "--targets", "hybrid", "--draw-scheme", "systematic"),
+        "systematic": _build(llama_dir, data, root / "systematic"),
+        "multinomial": _build(llama_dir, data, root / "multinomial", "--draw-scheme", "multinomial"),
+        "hybrid": _build(llama_dir, data, root / "hybrid", "--targets", "hybrid"),
     }
 
 

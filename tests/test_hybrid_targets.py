@@ -297,7 +297,7 @@ def test_draws_follow_the_teachers_tail(hybrid_store, llama_dir):
 
 def test_info_and_inspect_show_a_hybrid_store(hybrid_store):
     store, _ = hybrid_store
-    described = f"hybrid: top-{K} + tail mass, {N} draws from the tail outside the top-{K} (multinomial)"
+    described = f"hybrid: top-{K} + tail mass, {N} draws from the tail outside the top-{K} (systematic)"
     info = CliRunner().invoke(main, ["info", str(store)])
     assert info.exit_code == 0 and described in info.output, info.output
     report = json.loads(CliRunner().invoke(main, ["info", str(store), "--json"]).output)
