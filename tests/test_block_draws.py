@@ -22,6 +22,7 @@ import math
 
 import pytest
 import torch
+from test_draw_schemes import counts_of, dense_counts
 
 from teacher_cache.targets import TargetSpec, extract_targets, vocab_pass
 from teacher_cache.targets.base import Block
@@ -36,20 +37,6 @@ def compiled(request) -> bool:
     if request.param and vocab_pass.compiled_pass() is None:
         pytest.skip("torch.compile (dynamo with inductor) is not supported here: only the eager pass runs")
     return request.param
-
-
-def counts_of(draws_PN: torch.Tensor, V: int) -> torch.Tensor:
-    """[P, V] float64 count of each id among the draws."""
-    return torch.zeros(draws_PN.shape[0], V, dtype=torch.float64).scatter_add_(
-        1, draws_PN, torch.ones_like(draws_PN, dtype=torch.float64))
-
-
-def dense_counts(out: dict[str, torch.Tensor], V: int) -> torch.Tensor:
-    """[P, V] float64 counts of the encoded draws of an extraction (ids + counts)."""
-    P = out["sampled_nunique"].shape[0]
-    row_E = torch.repeat_interleave(torch.arange(P), out["sampled_nunique"])
-    return torch.zeros(P, V, dtype=torch.float64).index_put_(
-        (row_E, out["sampled_ids"]), out["sampled_counts"].double(), accumulate=True)
 
 
 def assert_drawn_by(counts_PV: torch.Tensor, p_PV: torch.Tensor, scheme: str, num_draws: int = N,
