@@ -72,6 +72,7 @@ from storage.layout import (  # noqa: E402
 )
 from storage.reader import Store  # noqa: E402
 from storage.targets import array_specs  # noqa: E402
+from storage.targets.sampled import MULTINOMIAL  # noqa: E402
 from storage.targets.topk import logical_sizes  # noqa: E402
 from storage.writer import quantized_record, write_arrays  # noqa: E402
 from teacher_cache.build import build_cache  # noqa: E402
@@ -366,7 +367,9 @@ def measure_fidelity(*, teacher: str, dataset: str, store_dir: str, samples: int
     began = time.perf_counter()
     build_cache(BuildConfig(model=teacher, dataset=dataset, output=store_dir, text_field=text_field,
                             max_samples=samples, seq_len=seq_len, top_k=ks[-1], num_draws=num_draws,
-                            batch_size=batch_size, device=device, dtype=dtype), teacher=model)
+                            batch_size=batch_size, device=device, dtype=dtype,
+                            # Independent draws: `expected_l2` is their noise, (1 - sum p^2) / N.
+                            draw_scheme=MULTINOMIAL), teacher=model)
     built = time.perf_counter()
     store = Store(store_dir)
     data, trained = trained_records(store)

@@ -215,11 +215,11 @@ def test_the_head_writes_its_logits_into_a_reused_buffer(tmp_path, architecture)
 
 
 def test_a_build_without_compilation_stores_the_same_targets(tmp_path, llama_dir, corpus_texts):
-    """`--no-compile-extraction` runs the eager pass: the same records as the compiled default, up to float
-    rounding (the draws, made from weights that may differ in their last bit, are checked by the tests above)."""
+    """`--compile-extraction` fuses the pass: the same records as the eager default, up to float rounding (the
+    draws, made from weights that may differ in their last bit, are checked by the tests above)."""
     data = write_jsonl(tmp_path / "docs.jsonl", corpus_texts[:20])
     stores = []
-    for options in ([], ["--no-compile-extraction"]):
+    for options in (["--compile-extraction"], []):
         output = tmp_path / f"store{len(stores)}"
         result = CliRunner().invoke(main, [
             "build", "--model", str(llama_dir), "--dataset", str(data), "--output", str(output), "--seq-len", "32",
