@@ -285,8 +285,6 @@ def main(model: str | None, dataset: str, seq_len: int, batch_size: int, samples
                              output=str(scratch / "store"), seq_len=seq_len, batch_size=batch_size,
                              max_samples=samples, samples_per_shard=batch_size * max(1, samples // (4 * batch_size)),
                              top_k=top_k, num_draws=num_draws, device=str(torch_device), dtype=default_dtype,
-                             # The fused extraction, as benchmarks/RESULTS.md section 3 measured it.
-                             compile_extraction=True,
                              gpu_memory_utilization=GPU_MEMORY_UTILIZATION[torch_device.type])
         result = measure(config, paths, dtype_list, torch_device, scratch)
     options = {"model": model or {"random_llama": shape, **SHAPES[shape]}, "dataset": dataset,

@@ -94,12 +94,12 @@ class BuildConfig(ConversationOptions, DatasetOptions):
     chunk_positions: int | None = option(None, help="Positions whose fp32 logits exist at once. Default: 32 MiB "
                                                     "worth on CPU, 256 MiB on CUDA.")
     compile_extraction: bool = option(
-        False, help="On CPU, fuse the target extraction's pass over the vocabulary with torch.compile: the same "
-                    "targets up to float32 rounding, the extraction 1.3-1.7x faster (benchmarks/RESULTS.md, section "
-                    "3), for a compile of a few seconds per process (up to ~20 s the first time on a machine); "
-                    "without a working C++ compiler it warns and runs eagerly. Off by default: its kernels may round "
-                    "a value differently from one process to the next, so a resumed or multi-worker build would not "
-                    "be bitwise the build made in one go.")
+        True, help="On CPU, fuse the target extraction's pass over the vocabulary with torch.compile: the same "
+                   "targets up to float32 rounding, the extraction 1.3-1.7x faster (benchmarks/RESULTS.md, section "
+                   "3), for a compile of a few seconds per process (up to ~20 s the first time on a machine). "
+                   "Without a working C++ compiler it warns and runs eagerly. A position's values never depend on "
+                   "the rest of its batch, so a resumed or multi-worker build equals one made in one go on the same "
+                   "machine. --no-compile-extraction runs eagerly.")
     device: str = option("auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     dtype: str = option("auto", choices=DTYPES,
                         help="Dtype of the teacher's body (its output head runs in float32); auto = bfloat16 on CUDA "

@@ -18,11 +18,13 @@ Legend: P positions, V vocabulary, H hidden size, K top-k, N draws, R repeats of
 
 from __future__ import annotations
 
-import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch._inductor.config as inductor_config
 from click.testing import CliRunner
 from conftest import TOKENIZER_DIR, write_jsonl
 from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -170,23 +172,93 @@ def test_compiled_and_eager_agree(targets):
             assert torch.equal(fused[name], value)
 
 
-def test_a_failed_compile_falls_back_to_the_eager_pass(monkeypatch, caplog):
+# The pass of every variant, over blocks cut from `block_logits` in the given sizes, run in a fresh process.
+FRESH_PROCESS = """
+import sys, torch
+sys.path[:0] = {paths!r}
+from test_extraction_fused import pass_in_blocks, block_logits
+torch.set_num_threads({threads})
+for value in pass_in_blocks(block_logits(), {sizes!r}):
+    sys.stdout.write(value.numpy().tobytes().hex() + "\\n")
+"""
+
+
+def block_logits() -> torch.Tensor:
+    """[12, 3001] logits: V not a multiple of the draws' block, and a tie across a top-k boundary."""
+    logits_PV = torch.randn(12, 3001, generator=torch.Generator().manual_seed(5)) * 4
+    logits_PV[3, 100:120] = logits_PV[3].max()
+    return logits_PV
+
+
+def pass_in_blocks(logits_PV: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Every value of the compiled pass of each variant, over the blocks of `logits_PV` of the given sizes."""
+    values = []
+    for weights, top_k in ((None, None), (vocab_pass.FULL, None), (vocab_pass.FULL, K), (vocab_pass.TAIL, K)):
+        parts = []
+        for block_pV in logits_PV.split(list(sizes)):
+            max_p1 = block_pV.amax(-1, keepdim=True)
+            tail_max_p1 = ties_p1 = None
+            if top_k is not None:
+                top_pK1 = block_pV.topk(top_k + 1).values
+                tail_max_p1 = top_pK1[:, top_k:]
+                ties_p1 = (top_pK1[:, :top_k] == tail_max_p1).sum(-1, keepdim=True, dtype=torch.float32)
+            parts.append(vocab_pass.run(block_pV, max_p1, tail_max_p1, ties_p1, weights, compiled=True))
+        values += [torch.cat([part[name] for part in parts]) for name in sorted(parts[0])]
+    return values
+
+
+def test_a_position_compiles_to_the_same_bits_whatever_its_block(tmp_path):
+    """A resumed build, or one split across workers, cuts its positions into other blocks than a build made in one
+    go, in another process: the compiled pass gives each position the same bits alone, in blocks of any length and
+    in a fresh process that compiles from other shapes first and runs on another number of threads."""
+    if vocab_pass.compiled_pass() is None:
+        pytest.skip("torch.compile (dynamo with inductor) is not supported here: only the eager pass runs")
+    logits_PV = block_logits()
+    whole = pass_in_blocks(logits_PV, (12,))
+    for sizes in ((1,) * 12, (2, 7, 1, 2), (5, 5, 2)):
+        for value, expected in zip(pass_in_blocks(logits_PV, sizes), whole, strict=True):
+            assert torch.equal(value.nan_to_num(), expected.nan_to_num()), sizes
+    script = FRESH_PROCESS.format(paths=[str(Path(__file__).parent), str(Path(__file__).parents[1])],
+                                  threads=torch.get_num_threads(),
+                                  sizes=(1, 3, 8))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = result.stdout.split()
+    assert fresh == [value.numpy().tobytes().hex() for value in whole]
+
+
+# A process without a working C++ compiler: the compile fails, and inductor remembers the failed compiler for the
+# rest of the process, hence a process of its own.
+NO_COMPILER = """
+import logging, sys, torch
+import torch._inductor.config as inductor_config
+sys.path[:0] = {paths!r}
+from test_extraction_fused import N, extract, hard_logits
+from teacher_cache.targets import vocab_pass
+inductor_config.cpp.cxx = ("/nonexistent/c++",)
+inductor_config.fx_graph_cache = False
+logging.basicConfig(level=logging.WARNING)
+logits_PV = hard_logits()
+fallen = extract(logits_PV, compiled=True, num_draws=N)
+assert vocab_pass.compiled_pass() is None, "the pass is still compiled"
+eager = extract(logits_PV, compiled=False, num_draws=N)
+for name, value in eager.items():
+    assert torch.equal(fallen[name].nan_to_num(), value.nan_to_num()), name
+print("fell back")
+"""
+
+
+def test_a_failed_compile_falls_back_to_the_eager_pass(tmp_path):
     """No working C++ compiler: the first compiled call fails, warns once, and the pass runs eagerly from there on,
     with the same records as an eager extraction."""
     if vocab_pass.compiled_pass() is None:
         pytest.skip("torch.compile is not supported here: there is nothing to fall back from")
-    monkeypatch.setattr(vocab_pass, "_COMPILED", {})
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    torch._dynamo.reset()  # forget the kernels compiled by other tests
-    logits_PV = hard_logits()
-    with caplog.at_level(logging.WARNING, logger=vocab_pass.__name__):
-        fallen = extract(logits_PV, compiled=True, num_draws=N)
-    assert "torch.compile failed" in caplog.text and vocab_pass.compiled_pass() is None
-    eager = extract(logits_PV, compiled=False, num_draws=N)
-    for name, value in eager.items():
-        assert torch.equal(fallen[name].nan_to_num(), value.nan_to_num()), name
-    torch._dynamo.reset()
+    script = NO_COMPILER.format(paths=[str(Path(__file__).parent), str(Path(__file__).parents[1])])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert result.returncode == 0 and result.stdout.split() == ["fell", "back"], result.stderr[-3000:]
+    assert result.stderr.count("torch.compile failed, so the pass over the vocabulary runs eagerly") == 1
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma2"])
@@ -215,11 +287,12 @@ def test_the_head_writes_its_logits_into_a_reused_buffer(tmp_path, architecture)
 
 
 def test_a_build_without_compilation_stores_the_same_targets(tmp_path, llama_dir, corpus_texts):
-    """`--compile-extraction` fuses the pass: the same records as the eager default, up to float rounding (the
-    draws, made from weights that may differ in their last bit, are checked by the tests above)."""
+    """`--compile-extraction` (the default) fuses the pass: the same records as `--no-compile-extraction`'s eager
+    pass, up to float rounding (the draws, made from weights that may differ in their last bit, are checked by the
+    tests above)."""
     data = write_jsonl(tmp_path / "docs.jsonl", corpus_texts[:20])
     stores = []
-    for options in (["--compile-extraction"], []):
+    for options in (["--compile-extraction"], ["--no-compile-extraction"]):
         output = tmp_path / f"store{len(stores)}"
         result = CliRunner().invoke(main, [
             "build", "--model", str(llama_dir), "--dataset", str(data), "--output", str(output), "--seq-len", "32",

@@ -41,6 +41,9 @@ from teacher_cache.targets.draws import DRAW_BLOCK, block_sums
 
 log = logging.getLogger(__name__)
 
+# Kernels of the pass one process may compile (dynamo's default is 8).
+RECOMPILE_LIMIT = 64
+
 # Which weights the pass returns for the draws (see the module docstring).
 FULL, TAIL = "full", "tail"
 
@@ -68,10 +71,24 @@ def run(logits_pV: torch.Tensor, max_p1: torch.Tensor, tail_max_p1: torch.Tensor
         docstring).
     """
     args = (logits_pV, max_p1, tail_max_p1, ties_p1, weights)
-    # A single position would compile a variant of its own (sizes 0 and 1 are specialised) and costs nothing eagerly.
-    if compiled and logits_pV.device.type == "cpu" and logits_pV.shape[0] > 1 and (fused := compiled_pass()):
+    if compiled and logits_pV.device.type == "cpu" and (fused := compiled_pass()):
+        # A position's values depend on the kernel alone, never on the rest of its block, so a build resumed or split
+        # across workers equals one made in one go, bit for bit, provided every block runs the same kernel. Dynamo
+        # would compile others, which may round otherwise: for sizes 0 and 1 (a single position runs as two copies
+        # of itself), for how a view relates to its base, for strides (the top-k's columns are views), for sizes that
+        # happen to be equal (duck sizing) and for the grad mode. So the kernel sees plain contiguous tensors (inference
+        # tensors where the caller runs in inference mode, as the backends do), the vocabulary as a constant, and no
+        # grad. A process that reaches dynamo's limit of kernels per function would run the pass uncompiled, rounding
+        # otherwise: the limit here is far above what any process builds (a kernel per variant, vocabulary and kind
+        # of tensor).
+        plain = [arg.detach().contiguous() if isinstance(arg, torch.Tensor) else arg for arg in args]
+        torch._dynamo.mark_static(plain[0], 1)
         try:
-            return fused(*args)
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                if logits_pV.shape[0] > 1:
+                    return fused(*plain)
+                doubled = fused(*(arg.repeat(2, 1) if isinstance(arg, torch.Tensor) else arg for arg in plain))
+            return {name: value[:1] for name, value in doubled.items()}
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             log.warning("torch.compile failed, so the pass over the vocabulary runs eagerly from here on (the same "
                         "targets, slower on CPU): %s", str(exc).splitlines()[0])
