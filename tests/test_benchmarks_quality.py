@@ -214,7 +214,11 @@ def test_mean_and_spread_are_those_of_the_seeds(report):
             assert entry["tokens_per_s_vs_ce"] == pytest.approx(speed)
             share = (ce[i]["lm_loss"] - entry["lm_loss"]) / gaps[i] if gaps[i] > 0 else None
             assert entry["gap_share"] == (None if share is None else pytest.approx(share)), row["name"]
-        for key in ("lm_loss", "ece", "kl_to_teacher", "top1_agreement", "wall_s", "wall_vs_ce", "gap_share"):
+            kl_gap = ce[i]["kl_to_teacher"] - online[i]["kl_to_teacher"]
+            kl_share = (ce[i]["kl_to_teacher"] - entry["kl_to_teacher"]) / kl_gap if kl_gap > 0 else None
+            assert entry["kl_gap_share"] == (None if kl_share is None else pytest.approx(kl_share)), row["name"]
+        for key in ("lm_loss", "ece", "kl_to_teacher", "top1_agreement", "wall_s", "wall_vs_ce", "gap_share",
+                    "kl_gap_share"):
             if a[key] is None or b[key] is None:
                 assert row[key] is None and row["spread"][key] is None
                 continue
@@ -278,6 +282,8 @@ def test_gap_share_is_averaged_over_the_seeds_shares(tmp_path):
     CE 5.2, online 4.4, sampled 4.6 -> 75%; the row: 82.5% ± 7.5 (pooled losses would give 84.4%)."""
     losses = {0: {"ce": 5.0, "sampled_n50": 4.1, "online": 4.0}, 1: {"ce": 5.2, "sampled_n50": 4.6, "online": 4.4}}
     walls = {0: {"ce": 10.0, "sampled_n50": 11.0, "online": 25.0}, 1: {"ce": 20.0, "sampled_n50": 20.0, "online": 40.0}}
+    # KL to the teacher: seed 0 CE 2.0, online 1.5, sampled 1.6 -> 80%; seed 1 CE 2.5, online 1.5, sampled 1.5 -> 100%.
+    kls = {0: {"ce": 2.0, "sampled_n50": 1.6, "online": 1.5}, 1: {"ce": 2.5, "sampled_n50": 1.5, "online": 1.5}}
     rows = [row for row in quality.ROWS if row.name in ("ce", "sampled_n50", "online")]
     per_seed, gaps = {}, {}
     for seed in (0, 1):
@@ -291,7 +297,7 @@ def test_gap_share_is_averaged_over_the_seeds_shares(tmp_path):
         runs = {row.name: {"options": {"seed": seed, "output": str(dirs[row.name])}, "wall_s": walls[seed][row.name],
                            "resumed": False, "load_average_1min": [1.0, 1.0]} for row in rows}
         metrics = {name: {"lm_loss": loss, "perplexity": math.exp(loss), "ece": 0.01 * (seed + 1),
-                          "kl_to_teacher": loss - 3.0, "top1_agreement": 0.5, "tokens": 64}
+                          "kl_to_teacher": kls[seed][name], "top1_agreement": 0.5, "tokens": 64}
                    for name, loss in losses[seed].items()}
         per_seed[seed], gaps[seed] = quality.seed_rows(rows, runs, metrics, dirs)
     assert gaps == pytest.approx({0: 1.0, 1: 0.8})
@@ -300,11 +306,14 @@ def test_gap_share_is_averaged_over_the_seeds_shares(tmp_path):
     sampled = table["sampled_n50"]
     assert [entry["gap_share"] for entry in sampled["per_seed"]] == pytest.approx([0.9, 0.75])
     assert (sampled["gap_share"], sampled["spread"]["gap_share"]) == pytest.approx((0.825, 0.075))
+    assert (sampled["kl_gap_share"], sampled["spread"]["kl_gap_share"]) == pytest.approx((0.9, 0.1))
     assert (sampled["lm_loss"], sampled["spread"]["lm_loss"]) == pytest.approx((4.35, 0.25))
     assert (sampled["wall_vs_ce"], sampled["spread"]["wall_vs_ce"]) == pytest.approx((1.05, 0.05))
     assert (table["online"]["gap_share"], table["ce"]["gap_share"]) == pytest.approx((1.0, 0.0))
     assert sampled["curves"]["heldout"] == [[1, pytest.approx(5.35)]]
     verdicts = {v["target"]: v for v in quality.verdicts(list(table.values()), gaps)}
     assert not verdicts["sampled, N = 50 closes >= 95% of the CE -> online gap"]["met"]
+    kl_verdict = verdicts["sampled, N = 50 closes >= 95% of the CE -> online gap in KL(teacher ‖ student)"]
+    assert kl_verdict["per_seed"] == pytest.approx([0.8, 1.0]) and not kl_verdict["met"]
     bytes_target = next(v for name, v in verdicts.items() if name.startswith("some row at <= 50 B/token"))
     assert bytes_target["value"] == pytest.approx(0.825) and not bytes_target["met"]
