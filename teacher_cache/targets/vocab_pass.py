@@ -22,10 +22,11 @@ Given a position's logits l, their max m and, with top-k targets, the largest lo
 A NaN or +inf logit, or every logit -inf, gives a NaN m or l - m, hence a NaN entropy: the mark of a position
 without a distribution (`teacher_cache.targets`).
 
-`torch.compile` runs once per process and variant (which weights, tail or not, whether DRAW_BLOCK divides V), with
-dynamic shapes, so blocks of other lengths and teachers of other vocabularies reuse it. Where it is unavailable or
-fails (no C++ compiler, say), and off CPU, the pass runs eagerly: the same values op by op, in place, in one scratch
-buffer of the caller's (`eager_pass`).
+`torch.compile` runs once per process, variant (which weights, tail or not, whether DRAW_BLOCK divides V) and
+vocabulary, dynamic in the number of positions, so that every block of a build runs the same kernel and a position
+gets the same bits in any block, process or worker of one machine (see `run`). Where it is unavailable or fails (no
+C++ compiler, say), and off CPU, the pass runs eagerly: the same values op by op, in place, in one scratch buffer of
+the caller's (`eager_pass`).
 
 Legend: p positions in a block, V vocabulary, Q = ceil(V / DRAW_BLOCK) blocks of it, X ids given.
 """
@@ -194,7 +195,7 @@ _COMPILED: dict[str, VocabPass | None] = {}
 
 
 def compiled_pass() -> VocabPass | None:
-    """`fused_pass` through `torch.compile` (dynamic shapes), or None where it cannot be compiled here."""
+    """`fused_pass` through `torch.compile` (dynamic in the positions), or None where it cannot be compiled here."""
     if "pass" not in _COMPILED:
         supported = torch._dynamo.is_dynamo_supported() and torch._dynamo.is_inductor_supported()
         _COMPILED["pass"] = torch.compile(fused_pass, dynamic=True) if supported else None
