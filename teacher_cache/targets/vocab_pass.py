@@ -83,13 +83,14 @@ def run(logits_pV: torch.Tensor, max_p1: torch.Tensor, tail_max_p1: torch.Tensor
         # otherwise: the limit here is far above what any process builds (a kernel per variant, vocabulary and kind
         # of tensor).
         plain = [arg.detach().contiguous() if isinstance(arg, torch.Tensor) else arg for arg in args]
+        single = logits_pV.shape[0] == 1
+        if single:
+            plain = [arg.repeat(2, 1) if isinstance(arg, torch.Tensor) else arg for arg in plain]
         torch._dynamo.mark_static(plain[0], 1)
         try:
             with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                if logits_pV.shape[0] > 1:
-                    return fused(*plain)
-                doubled = fused(*(arg.repeat(2, 1) if isinstance(arg, torch.Tensor) else arg for arg in plain))
-            return {name: value[:1] for name, value in doubled.items()}
+                passed = fused(*plain)
+            return {name: value[:1] for name, value in passed.items()} if single else passed
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             log.warning("torch.compile failed, so the pass over the vocabulary runs eagerly from here on (the same "
                         "targets, slower on CPU): %s", str(exc).splitlines()[0])
