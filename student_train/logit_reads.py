@@ -33,6 +33,9 @@ import torch.nn.functional as F
 # With two temperatures in a chunk's gradient, the second's terms are computed 1 / ROW_BLOCKS of the rows at a time.
 ROW_BLOCKS = 4
 
+# The largest temporary `_logsumexp` makes, in bytes.
+TEMP_BYTES = 8 << 20
+
 
 @dataclass(frozen=True)
 class Read:
@@ -160,9 +163,17 @@ class LogitReads:
 
 
 def _logsumexp(x_CV: torch.Tensor) -> torch.Tensor:
-    """log sum exp over the last axis, [C, 1]: torch.logsumexp's operations (for finite x), one temporary fewer."""
+    """log sum exp over the last axis, [C, 1]: torch.logsumexp's operations (for finite x), the exponentials a block
+    of rows at a time (at most TEMP_BYTES): on CPU a temporary of a whole chunk's logits is a fresh mapping, page
+    faults and all, at every call (glibc maps blocks above 32 MiB anew; a 256 x 32k fp32 chunk is 32.8 MB), about
+    as costly as the exponentials; smaller blocks are reused from the heap."""
     max_C1 = x_CV.amax(-1, keepdim=True)
-    return (x_CV - max_C1).exp_().sum(-1, keepdim=True).log_().add_(max_C1)
+    rows = max(1, TEMP_BYTES // max(x_CV.shape[-1] * x_CV.element_size(), 1))
+    if x_CV.shape[0] <= rows:
+        return (x_CV - max_C1).exp_().sum(-1, keepdim=True).log_().add_(max_C1)
+    sum_C1 = torch.cat([(x_RV - max_R1).exp_().sum(-1, keepdim=True)
+                        for x_RV, max_R1 in zip(x_CV.split(rows), max_C1.split(rows), strict=True)])
+    return sum_C1.log_().add_(max_C1)
 
 
 def _exclusion(ids_CJ: torch.Tensor, valid_CJ: torch.Tensor | None, value: float, dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from test_hybrid_losses import B, K, L, V, head_records, hybrid_reference, loss_and_grad, tail_counts
 from test_losses import config, sampled_records
 
+from student_train import logit_reads
 from student_train.logit_reads import _among
 
 
@@ -93,3 +94,21 @@ def test_hybrid_with_most_of_the_tail_drawn_matches_dense():
         torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(metrics["ce"].double(), ce, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-7)
+
+
+def test_log_sum_exps_in_row_blocks_match_float64(monkeypatch):
+    """The log-sum-exps over the vocabulary take their exponentials a block of rows at a time when a chunk's would be
+    a large temporary: with blocks of 3 rows of a 10-row chunk (the last one short), the full and the outside log-sum-
+    exp equal a float64 brute force, and the logits are left as they were."""
+    monkeypatch.setattr(logit_reads, "TEMP_BYTES", 3 * 50 * 4)
+    logits_CV = torch.randn(10, 50, generator=torch.Generator().manual_seed(0)) * 5
+    logits_CV[4, 7] = 60.0  # a row whose maximum dominates
+    kept_CV = logits_CV.clone()
+    ids_CJ = torch.randint(0, 50, (10, 6), generator=torch.Generator().manual_seed(1))
+    reads = logit_reads.LogitReads(logits_CV, track=False)
+    exact_C = logits_CV.double().logsumexp(-1)
+    torch.testing.assert_close(reads.lse()[:, 0].double(), exact_C, rtol=1e-6, atol=1e-6)
+    outside_CV = logits_CV.double().scatter(-1, ids_CJ, -math.inf)
+    torch.testing.assert_close(reads.outside_lse(ids_CJ)[:, 0].double(), outside_CV.logsumexp(-1), rtol=1e-6,
+                               atol=1e-6)
+    assert torch.equal(logits_CV, kept_CV)
