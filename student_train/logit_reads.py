@@ -169,8 +169,6 @@ def _logsumexp(x_CV: torch.Tensor) -> torch.Tensor:
     as costly as the exponentials; smaller blocks are reused from the heap."""
     max_C1 = x_CV.amax(-1, keepdim=True)
     rows = max(1, TEMP_BYTES // max(x_CV.shape[-1] * x_CV.element_size(), 1))
-    if x_CV.shape[0] <= rows:
-        return (x_CV - max_C1).exp_().sum(-1, keepdim=True).log_().add_(max_C1)
     sum_C1 = torch.cat([(x_RV - max_R1).exp_().sum(-1, keepdim=True)
                         for x_RV, max_R1 in zip(x_CV.split(rows), max_C1.split(rows), strict=True)])
     return sum_C1.log_().add_(max_C1)
