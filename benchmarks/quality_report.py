@@ -45,16 +45,20 @@ def seed_rows(rows: list[RowSpec], runs: dict[str, dict], metrics: dict[str, dic
     Two gap shares: of the held-out LM loss (`gap_share`, the targets'), and of KL(teacher || student) on the same
     held-out tokens (`kl_gap_share`), which measures how much of what online KD transfers a row transfers even where
     the budget is too short for online KD to beat CE on LM loss (a pruned student far from its teacher)."""
-    gap = metrics[CE_ROW]["lm_loss"] - metrics[FULL_ROW]["lm_loss"]
-    kl_gap = metrics[CE_ROW]["kl_to_teacher"] - metrics[FULL_ROW]["kl_to_teacher"]
+    ce_metrics, online_metrics = metrics[CE_ROW], metrics[FULL_ROW]
+
+    def share(m: dict, key: str) -> float | None:
+        """(CE's - the row's) / (CE's - online's) of a figure; None where online KD does not beat CE on it."""
+        gap = ce_metrics[key] - online_metrics[key]
+        return (ce_metrics[key] - m[key]) / gap if gap > 0 else None
+
     out = []
     for row in rows:
         m, curve, run = metrics[row.name], curves(run_dirs[row.name]), runs[row.name]
         out.append({
             "name": row.name, "seed": run["options"]["seed"], "options": run["options"],
             **{key: m[key] for key in ("lm_loss", "perplexity", "ece", "kl_to_teacher", "top1_agreement", "tokens")},
-            "gap_share": (metrics[CE_ROW]["lm_loss"] - m["lm_loss"]) / gap if gap > 0 else None,
-            "kl_gap_share": (metrics[CE_ROW]["kl_to_teacher"] - m["kl_to_teacher"]) / kl_gap if kl_gap > 0 else None,
+            "gap_share": share(m, "lm_loss"), "kl_gap_share": share(m, "kl_to_teacher"),
             "wall_s": run["wall_s"], "resumed": run["resumed"], "load_average_1min": run["load_average_1min"],
             "train_tokens_per_s": statistics.median(curve.pop("tokens_per_s")), "curves": curve,
         })
@@ -62,7 +66,7 @@ def seed_rows(rows: list[RowSpec], runs: dict[str, dict], metrics: dict[str, dic
     for row in out:
         row["wall_vs_ce"] = row["wall_s"] / ce["wall_s"]
         row["tokens_per_s_vs_ce"] = row["train_tokens_per_s"] / ce["train_tokens_per_s"]
-    return out, gap
+    return out, ce_metrics["lm_loss"] - online_metrics["lm_loss"]
 
 
 def mean_and_spread(values: list[float | None]) -> tuple[float | None, float | None]:
