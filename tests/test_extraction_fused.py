@@ -183,6 +183,14 @@ for value in pass_in_blocks(block_logits(), {sizes!r}):
 """
 
 
+def in_fresh_process(script: str, tmp_path: Path, **fields) -> subprocess.CompletedProcess:
+    """Run `script` (with `paths`, the tests' and the project's directories, and `fields` filled in) in a new Python
+    process with an inductor cache of its own, so that it compiles its kernels afresh."""
+    code = script.format(paths=[str(Path(__file__).parent), str(Path(__file__).parents[1])], **fields)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+
+
 def block_logits() -> torch.Tensor:
     """[12, 3001] logits: V not a multiple of the draws' block, and a tie across a top-k boundary."""
     logits_PV = torch.randn(12, 3001, generator=torch.Generator().manual_seed(5)) * 4
@@ -218,11 +226,7 @@ def test_a_position_compiles_to_the_same_bits_whatever_its_block(tmp_path):
     for sizes in ((1,) * 12, (2, 7, 1, 2), (5, 5, 2)):
         for value, expected in zip(pass_in_blocks(logits_PV, sizes), whole, strict=True):
             assert torch.equal(value.nan_to_num(), expected.nan_to_num()), sizes
-    script = FRESH_PROCESS.format(paths=[str(Path(__file__).parent), str(Path(__file__).parents[1])],
-                                  threads=torch.get_num_threads(),
-                                  sizes=(1, 3, 8))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    result = in_fresh_process(FRESH_PROCESS, tmp_path, threads=torch.get_num_threads(), sizes=(1, 3, 8))
     assert result.returncode == 0, result.stderr[-3000:]
     fresh = result.stdout.split()
     assert fresh == [value.numpy().tobytes().hex() for value in whole]
@@ -254,9 +258,7 @@ def test_a_failed_compile_falls_back_to_the_eager_pass(tmp_path):
     with the same records as an eager extraction."""
     if vocab_pass.compiled_pass() is None:
         pytest.skip("torch.compile is not supported here: there is nothing to fall back from")
-    script = NO_COMPILER.format(paths=[str(Path(__file__).parent), str(Path(__file__).parents[1])])
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    result = in_fresh_process(NO_COMPILER, tmp_path)
     assert result.returncode == 0 and result.stdout.split() == ["fell", "back"], result.stderr[-3000:]
     assert result.stderr.count("torch.compile failed, so the pass over the vocabulary runs eagerly") == 1
 
