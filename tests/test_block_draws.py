@@ -8,7 +8,8 @@ total. The pass's block sums (eager and compiled) are checked against a float64 
 logits with a whole block at -inf, or all their mass in the partial block, against a float64 softmax. Hybrid draws
 are checked on a hand-made top-k whose ties at the tail's largest logit fill one block alone and share another with
 tail ids: the tied ids are never drawn, the tail ids are, by their share of the tail. Compiled and eager extractions
-give the same draws from the same generator.
+give the same draws from the same generator. The blocks' values (a row view where 32 divides V, else a gather) and
+the staged top-k (`topk.largest`) are checked against indexing and torch.topk.
 
 Every count is checked as in `test_draw_schemes`: systematic counts are floor or ceil of N p, ids at p = 0 are never
 drawn, and means over many positions are within five standard errors of N p.
@@ -26,8 +27,9 @@ from test_draw_schemes import counts_of, dense_counts
 
 from teacher_cache.targets import TargetSpec, extract_targets, vocab_pass
 from teacher_cache.targets.base import Block
-from teacher_cache.targets.draws import DRAW_BLOCK, draw_from_blocks
+from teacher_cache.targets.draws import DRAW_BLOCK, block_values, draw_from_blocks
 from teacher_cache.targets.hybrid import tail_draws
+from teacher_cache.targets.topk import largest
 
 N, SLACK = 16, 1e-4
 
@@ -121,16 +123,17 @@ def test_a_point_rounded_up_to_the_total_draws_the_last_id_with_mass(monkeypatch
 
 
 def test_the_pass_sums_the_weights_of_every_block(compiled):
-    """FULL: exp(l - m) per block of 32 ids, the last of 101 - 96 = 5; TAIL: below the anchor and (exact) at it."""
+    """FULL (with top-k and without): exp(l - m) per block of 32 ids, the last of 101 - 96 = 5; TAIL: below the
+    anchor and (exact) at it."""
     logits_PV = torch.randn(6, 101, generator=torch.Generator().manual_seed(0)).mul(3).round()  # many ties
     logits_PV[1, 32:64] = float("-inf")
-    top_logits_PK1, _ = logits_PV.topk(5)
+    top_logits_PK1, top_ids_PK1 = logits_PV.topk(5)
     max_P1, tail_max_P1 = top_logits_PK1[:, :1], top_logits_PK1[:, 4:]
-    ties_P1 = (top_logits_PK1[:, :4] == tail_max_P1).sum(-1, keepdim=True, dtype=torch.float32)
     pad = (0, -101 % DRAW_BLOCK)
-    for weights in (vocab_pass.FULL, vocab_pass.TAIL):
+    for weights, top_k in ((vocab_pass.FULL, None), (vocab_pass.FULL, 4), (vocab_pass.TAIL, 4)):
+        top = (None, None) if top_k is None else (top_logits_PK1, top_ids_PK1)
         with torch.inference_mode():
-            passed = vocab_pass.run(logits_PV, max_P1, tail_max_P1, ties_P1, weights, compiled=compiled)
+            passed = vocab_pass.run(logits_PV, max_P1, *top, top_k, weights, compiled=compiled)
         assert passed["block_sums"].shape == (6, 4)
         if weights == vocab_pass.FULL:
             exp_PV = (logits_PV.double() - max_P1.double()).exp()
@@ -180,9 +183,8 @@ def test_tied_top_k_ids_are_never_drawn_even_alone_in_their_block(compiled, sche
     top_ids_PK1 = torch.tensor([0, 32, 33, 64, 70]).repeat(P, 1)
     top_logits_PK1 = logits_PV.gather(1, top_ids_PK1)
     max_P1, tail_max_P1 = top_logits_PK1[:, :1], top_logits_PK1[:, K:]
-    ties_P1 = torch.full((P, 1), 3.0)
     with torch.inference_mode():
-        passed = vocab_pass.run(logits_PV, max_P1, tail_max_P1, ties_P1, vocab_pass.TAIL, compiled=compiled)
+        passed = vocab_pass.run(logits_PV, max_P1, top_logits_PK1, top_ids_PK1, K, vocab_pass.TAIL, compiled=compiled)
         block = Block(logits_PV, max_P1, passed["lse"], top_logits_PK1, top_ids_PK1, tail_max_P1, passed["tail_sum"],
                       passed["block_sums"], passed["block_at_tail_max"], {})
         out = tail_draws(block, K, torch.ones(P, dtype=torch.bool), N, scheme, torch.Generator().manual_seed(0))
@@ -208,3 +210,35 @@ def test_compiled_and_eager_draw_the_same_ids(targets, scheme):
                                     torch.Generator().manual_seed(4)) for compiled in (True, False))
     for name in ("sampled_nunique", "sampled_ids", "sampled_counts"):
         assert torch.equal(fused[name], eager[name]), name
+
+
+# --------------------------------------------------------------------------------- blocks of ids and the top-k
+
+
+@pytest.mark.parametrize("V", [96, 101])
+def test_block_values_are_the_logits_of_the_blocks_ids(V):
+    """Block b holds ids 32 b .. 32 b + 31; ids past V (the partial last block of V = 101) read id V - 1."""
+    values_PV = torch.randn(3, V, generator=torch.Generator().manual_seed(6))
+    blocks_PN = torch.tensor([[0, 2, 2], [1, 0, 2], [-(-V // DRAW_BLOCK) - 1] * 3])
+    ids_PNB = (blocks_PN[..., None] * DRAW_BLOCK + torch.arange(DRAW_BLOCK)).clamp_max(V - 1)
+    expected_PNB = torch.stack([values_PV[row, ids_PNB[row]] for row in range(3)])
+    assert torch.equal(block_values(values_PV, blocks_PN), expected_PNB)
+
+
+@pytest.mark.parametrize("V", [3008, 3001])
+@pytest.mark.parametrize("n", [9, 65])
+def test_the_staged_top_k_is_a_top_k(V, n):
+    """Against torch.topk: the same values in the same order, at ids that hold them, each once; rows with ties
+    across every stage (a run of equal logits, all equal logits, integer logits), -inf and a NaN."""
+    logits_PV = torch.randn(8, V, generator=torch.Generator().manual_seed(7)) * 3
+    logits_PV[1, 100:200] = logits_PV[1].max()
+    logits_PV[2] = 1.0
+    logits_PV[3] = logits_PV[3].round()
+    logits_PV[4, ::2] = float("-inf")
+    logits_PV[5, V - 1] = logits_PV[5].max() + 1  # the partial block, where there is one
+    logits_PV[6, 5] = float("nan")
+    values_Pn, ids_Pn = largest(logits_PV, n)
+    expected_Pn = logits_PV.topk(n).values
+    assert torch.equal(values_Pn.nan_to_num(), expected_Pn.nan_to_num())
+    assert torch.equal(logits_PV.gather(1, ids_Pn).nan_to_num(), values_Pn.nan_to_num())
+    assert all(len(set(row.tolist())) == n for row in ids_Pn)

@@ -205,12 +205,10 @@ def pass_in_blocks(logits_PV: torch.Tensor, sizes: tuple[int, ...]) -> list[torc
         parts = []
         for block_pV in logits_PV.split(list(sizes)):
             max_p1 = block_pV.amax(-1, keepdim=True)
-            tail_max_p1 = ties_p1 = None
+            top_pK1 = top_ids_pK1 = None
             if top_k is not None:
-                top_pK1 = block_pV.topk(top_k + 1).values
-                tail_max_p1 = top_pK1[:, top_k:]
-                ties_p1 = (top_pK1[:, :top_k] == tail_max_p1).sum(-1, keepdim=True, dtype=torch.float32)
-            parts.append(vocab_pass.run(block_pV, max_p1, tail_max_p1, ties_p1, weights, compiled=True))
+                top_pK1, top_ids_pK1 = block_pV.topk(top_k + 1)
+            parts.append(vocab_pass.run(block_pV, max_p1, top_pK1, top_ids_pK1, top_k, weights, compiled=True))
         values += [torch.cat([part[name] for part in parts]) for name in sorted(parts[0])]
     return values
 

@@ -146,25 +146,22 @@ def _weights(spec: TargetSpec) -> str | None:
 
 def _block_targets(logits_pV: torch.Tensor, true_ids_p: torch.Tensor, scratch_pV: torch.Tensor, spec: TargetSpec,
                    generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    top_logits_pK1 = top_ids_pK1 = tail_max_p1 = ties_p1 = None
+    top_logits_pK1 = top_ids_pK1 = None
     if spec.top_k is not None:
         # One more than k: the largest logit outside the top-k comes with them (none where k = V).
         top_logits_pK1, top_ids_pK1 = largest(logits_pV, min(spec.top_k + 1, logits_pV.shape[1]))
         max_p1 = top_logits_pK1[:, :1]  # NaN first, where there is one
-        tail_max_p1 = top_logits_pK1[:, spec.top_k:] if top_logits_pK1.shape[1] > spec.top_k else (
-            torch.full_like(max_p1, float("-inf")))
-        ties_p1 = (top_logits_pK1[:, :spec.top_k] == tail_max_p1).sum(-1, keepdim=True, dtype=torch.float32)
     else:
         max_p1 = logits_pV.amax(-1, keepdim=True)
-    passed = vocab_pass.run(logits_pV, max_p1, tail_max_p1, ties_p1, _weights(spec), compiled=spec.compiled,
-                            scratch_pV=scratch_pV)
+    passed = vocab_pass.run(logits_pV, max_p1, top_logits_pK1, top_ids_pK1, spec.top_k, _weights(spec),
+                            compiled=spec.compiled, scratch_pV=scratch_pV)
     lse_p1 = passed["lse"]
     out = {"entropy": passed["entropy"][:, 0],
            "true_logprob": (logits_pV.gather(1, true_ids_p[:, None].long()) - lse_p1)[:, 0]}
     # Positions without a valid distribution (NaN entropy, see the module docstring) are refused by the backend after
     # extraction; until then the kinds give them valid stand-ins.
-    block = Block(logits_pV, max_p1, lse_p1, top_logits_pK1, top_ids_pK1, tail_max_p1, passed.get("tail_sum"),
-                  passed.get("block_sums"), passed.get("block_at_tail_max"), out)
+    block = Block(logits_pV, max_p1, lse_p1, top_logits_pK1, top_ids_pK1, passed.get("tail_max"),
+                  passed.get("tail_sum"), passed.get("block_sums"), passed.get("block_at_tail_max"), out)
     for kind in wanted_extractors(spec):
         out |= kind.extract(block, spec, generator)
     return out
