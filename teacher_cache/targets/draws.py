@@ -35,8 +35,8 @@ DEFAULT_DRAW_SCHEME = SYSTEMATIC
 # where B does not divide V): a draw then sums Q ~ V / B block sums and the B weights of its block, not V weights.
 DRAW_BLOCK = 32
 
-# The weights of the ids of the drawn blocks, from their logits and ids ([P, X] each): the same expression, value for
-# value, that the pass over the vocabulary summed into `block_sums`.
+# The weights of the ids of the drawn blocks, from their logits ([P, X]) and the blocks ([P, N], see `block_ids`):
+# the same expression, value for value, that the pass over the vocabulary summed into `block_sums`.
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -51,6 +51,12 @@ def block_sums(values_PV: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return sums_PQ
 
 
+def block_ids(blocks_PN: torch.Tensor, size: int = DRAW_BLOCK) -> torch.Tensor:
+    """[P, N * size] ids of the given blocks of `size` consecutive ids, block by block (past V in a partial last
+    block)."""
+    return (blocks_PN[..., None] * size + torch.arange(size, device=blocks_PN.device)).flatten(1)
+
+
 def block_values(values_PV: torch.Tensor, blocks_PN: torch.Tensor, size: int = DRAW_BLOCK) -> torch.Tensor:
     """[P, N, size] values of the ids of the given blocks of `size` consecutive ids: block b holds the ids
     b * size + j, j < size. Where the last block is partial, its ids past V get the value of id V - 1."""
@@ -60,8 +66,7 @@ def block_values(values_PV: torch.Tensor, blocks_PN: torch.Tensor, size: int = D
         # than gathering its ids one by one.
         rows_PN = blocks_PN + torch.arange(0, P * (V // size), V // size, device=values_PV.device)[:, None]
         return values_PV.view(-1, size).index_select(0, rows_PN.flatten()).view(P, -1, size)
-    ids_PNB = blocks_PN[..., None] * size + torch.arange(size, device=values_PV.device)
-    return values_PV.gather(1, ids_PNB.flatten(1).clamp_max_(V - 1)).view(P, -1, size)
+    return values_PV.gather(1, block_ids(blocks_PN, size).clamp_max_(V - 1)).view(P, -1, size)
 
 
 def draw(weights_PJ: torch.Tensor, num_draws: int, scheme: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -98,8 +103,8 @@ def draw_from_blocks(logits_PV: torch.Tensor, block_sums_PQ: torch.Tensor, weigh
     Args:
         logits_PV: fp32 logits the weights are computed from.
         block_sums_PQ: fp32 weights summed over each block of DRAW_BLOCK ids (`block_sums`); a row needs some mass.
-        weight_fn: the weights of given ids from their logits, those of the pass that summed `block_sums_PQ`;
-            ids past V, in the last block, get weight 0 whatever it gives.
+        weight_fn: the weights of the drawn blocks' ids from their logits and the blocks (`WeightFn`), those of the
+            pass that summed `block_sums_PQ`; ids past V, in the last block, get weight 0 whatever it gives.
         num_draws: N.
         scheme: one of `storage.targets.sampled.DRAW_SCHEMES`.
         generator: random source of the draws, on the device of `logits_PV`.
@@ -111,18 +116,16 @@ def draw_from_blocks(logits_PV: torch.Tensor, block_sums_PQ: torch.Tensor, weigh
     blocks_PN = _interval_of(cdf_PQ, points_PN, total_P1)
     # The block's interval [start, end) of the cumulative sum, and the point's place in it (in [0, 1], or past 1 for
     # a point rounded up to the total, which the clamp below gives the block's last id with mass).
-    bounds_PQ1 = torch.nn.functional.pad(cdf_PQ, (1, 0))
-    start_PN, end_PN = bounds_PQ1.gather(1, blocks_PN), bounds_PQ1.gather(1, blocks_PN + 1)
+    end_PN = cdf_PQ.gather(1, blocks_PN)
+    start_PN = torch.where(blocks_PN > 0, cdf_PQ.gather(1, (blocks_PN - 1).clamp_min_(0)), 0.0)
     place_PN = (points_PN - start_PN) / (end_PN - start_PN)
-    ids_PNB = blocks_PN[..., None] * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=logits_PV.device)
-    ids_PX = ids_PNB.flatten(1)
-    weights_PX = weight_fn(block_values(logits_PV, blocks_PN).flatten(1), ids_PX)
+    weights_PX = weight_fn(block_values(logits_PV, blocks_PN).flatten(1), blocks_PN)
     if V % DRAW_BLOCK:
-        weights_PX.masked_fill_(ids_PX >= V, 0.0)
+        weights_PX.masked_fill_(block_ids(blocks_PN) >= V, 0.0)
     in_block_PNB = weights_PX.view(P, num_draws, DRAW_BLOCK).cumsum(-1, dtype=torch.float64)
     block_total_PN1 = in_block_PNB[..., -1:].contiguous()
     at_PN1 = _interval_of(in_block_PNB, place_PN[..., None] * block_total_PN1, block_total_PN1)
-    return ids_PNB.gather(2, at_PN1)[..., 0]
+    return blocks_PN * DRAW_BLOCK + at_PN1[..., 0]
 
 
 def _points(total_P1: torch.Tensor, num_draws: int, scheme: str, generator: torch.Generator | None) -> torch.Tensor:

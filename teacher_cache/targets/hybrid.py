@@ -12,7 +12,7 @@ import torch
 
 from storage.targets import hybrid
 from teacher_cache.targets.base import Block, Extractor, TargetSpec
-from teacher_cache.targets.draws import DRAW_BLOCK, draw_from_blocks
+from teacher_cache.targets.draws import DRAW_BLOCK, block_ids, draw_from_blocks
 from teacher_cache.targets.sampled import empty_draws, encode_draws
 from teacher_cache.targets.vocab_pass import TAIL, below_anchor
 
@@ -45,7 +45,8 @@ def tail_draws(block: Block, top_k: int, has_tail_p: torch.Tensor, num_draws: in
     # The tied ids ascending, V in place of the others: an id is one of them if a binary search finds it.
     tied_ids_pK = torch.where(tied_pK, top_ids_pK, V).sort(-1).values
 
-    def tail_weights(logits_pX: torch.Tensor, ids_pX: torch.Tensor) -> torch.Tensor:
+    def tail_weights(logits_pX: torch.Tensor, blocks_pN: torch.Tensor) -> torch.Tensor:
+        ids_pX = block_ids(blocks_pN)
         found_pX = tied_ids_pK.gather(1, torch.searchsorted(tied_ids_pK, ids_pX).clamp_max_(top_k - 1))
         return below_anchor(logits_pX, tail_max_p1) + ((logits_pX == tail_max_p1) & (found_pX != ids_pX))
 
