@@ -9,7 +9,7 @@ import torch
 
 from storage.targets import topk
 from teacher_cache.targets.base import Block, Extractor, TargetSpec, zeros
-from teacher_cache.targets.draws import block_values
+from teacher_cache.targets.draws import block_ids, block_values
 
 # Consecutive ids per block of `largest`'s first stage (the fastest of 16-128 on CPU at 32k-50k ids), and per
 # sub-block of its second.
@@ -32,9 +32,8 @@ def largest(logits_pV: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
     values_pC = block_values(logits_pV, blocks_pn, BLOCK).flatten(1)  # [p, n * BLOCK], contiguous
     subs_pn = values_pC.view(P, -1, SUB_BLOCK).amax(-1).topk(n, dim=-1, sorted=False).indices
     values_pS = block_values(values_pC, subs_pn, SUB_BLOCK).flatten(1)
-    per_block = BLOCK // SUB_BLOCK
-    first_ids_pn = blocks_pn.gather(1, subs_pn // per_block) * BLOCK + subs_pn % per_block * SUB_BLOCK
-    ids_pS = (first_ids_pn[..., None] + torch.arange(SUB_BLOCK, device=logits_pV.device)).flatten(1)
+    per_block = BLOCK // SUB_BLOCK  # the sub-blocks' indices among all V / SUB_BLOCK, then their ids
+    ids_pS = block_ids(blocks_pn.gather(1, subs_pn // per_block) * per_block + subs_pn % per_block, SUB_BLOCK)
     if V % BLOCK:
         ids_pS = torch.cat([ids_pS, torch.arange(V - V % BLOCK, V, device=logits_pV.device).expand(P, -1)], dim=1)
         values_pS = torch.cat([values_pS, logits_pV[:, V - V % BLOCK:]], dim=1)

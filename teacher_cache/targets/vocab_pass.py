@@ -16,9 +16,10 @@ summed from the k logits that come with them. Given a position's logits l:
   - z = sum exp(l - m) = sum over the head of exp(h - m) + exp(a - m) S, and lse = m + log z, the log-normaliser:
     log p(v) = l(v) - lse;
   - the entropy log z - s / z, with s = sum exp(l - m) (l - m) = sum over the head of exp(h - m) (h - m)
-    + exp(a - m) (spread + (a - m) S) <= 0, a sum of terms of one sign, so the entropy is a sum of two non-negative
-    terms (no cancellation); it equals -sum p log p, with 0 log 0 = 0 for logits of -inf. A tail more than ~87 nats below the
-    top weighs exp(a - m) = 0 in z and the entropy, where fp32 could not resolve it anyway (z >= 1);
+    + exp(a - m) (spread + (a - m) S) <= 0, a sum of terms of one sign, so the entropy is a sum of two
+    non-negative terms (no cancellation); it equals -sum p log p, with 0 log 0 = 0 for logits of -inf. A tail
+    more than ~87 nats below the top weighs exp(a - m) = 0 in z and the entropy, where fp32 could not resolve it
+    anyway (z >= 1);
   - and the weights the draws are made from, summed per block (`block_sums` [p, Q]): the draws
     (`teacher_cache.targets.draws.draw_from_blocks`) find a block in their cumulative sum, then recompute the
     weights of that block's ids alone (`full_weights`, `below_anchor`), so no [p, V] weights are kept. `FULL`:
