@@ -186,7 +186,7 @@ def _block_terms(logits_pQB: torch.Tensor, anchor_p11: torch.Tensor) -> tuple[to
     # Each sum takes an exponential of its own: inductor writes one that several sums read to a [p, Q, B] buffer,
     # and the generated loop computes it once anyway. The clamp makes exp * shifted 0 at a logit of -inf (rather
     # than 0 * -inf = NaN).
-    below_pQB = torch.where(below_pQB1, shifted_pQB.exp(), 0.0)
+    below_pQB = below_anchor(logits_pQB, anchor_p11)  # the draws recompute a drawn block's weights with it
     spread_pQB = torch.where(below_pQB1, shifted_pQB.exp() * shifted_pQB.clamp_min(torch.finfo(torch.float32).min), 0.0)
     return below_pQB.sum(-1), (logits_pQB == anchor_p11).sum(-1, dtype=torch.float32), spread_pQB.sum(-1)
 
