@@ -25,6 +25,7 @@ excludes.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 # With two temperatures in a chunk's gradient, the second's terms are computed 1 / ROW_BLOCKS of the rows at a time.
 ROW_BLOCKS = 4
 
-# The largest temporary `_logsumexp` makes, in bytes.
-TEMP_BYTES = 8 << 20
+# The rows `_logsumexp` takes its exponentials of at a time on CPU, in bytes: a block that stays in a core's L2 cache
+# from the subtraction to the sum.
+TEMP_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -163,15 +165,38 @@ class LogitReads:
 
 
 def _logsumexp(x_CV: torch.Tensor) -> torch.Tensor:
-    """log sum exp over the last axis, [C, 1]: torch.logsumexp's operations (for finite x), the exponentials a block
-    of rows at a time (at most TEMP_BYTES): on CPU a temporary of a whole chunk's logits is a fresh mapping, page
-    faults and all, at every call (glibc maps blocks above 32 MiB anew; a 256 x 32k fp32 chunk is 32.8 MB), about
-    as costly as the exponentials; smaller blocks are reused from the heap."""
+    """log sum exp over the last axis, [C, 1]: torch.logsumexp's operations (for finite x).
+
+    On CPU the exponentials are taken a block of rows at a time (at most TEMP_BYTES, which stays in cache from the
+    subtraction to the sum) in a buffer kept between calls (`_scratch`). A fresh temporary at each call costs about as
+    much as the exponentials there, in page faults: glibc maps a block above 32 MiB (a whole 256 x 32k fp32 chunk is
+    32.8 MB) anew at every call, and smaller blocks often enough (when other allocations split the freed one). On a
+    GPU the caching allocator reuses the temporary, and one kernel per operation beats many small ones.
+    """
     max_C1 = x_CV.amax(-1, keepdim=True)
+    if x_CV.device.type != "cpu":
+        return (x_CV - max_C1).exp_().sum(-1, keepdim=True).log_().add_(max_C1)
     rows = max(1, TEMP_BYTES // max(x_CV.shape[-1] * x_CV.element_size(), 1))
-    sum_C1 = torch.cat([(x_RV - max_R1).exp_().sum(-1, keepdim=True)
-                        for x_RV, max_R1 in zip(x_CV.split(rows), max_C1.split(rows), strict=True)])
-    return sum_C1.log_().add_(max_C1)
+    scratch = _scratch(x_CV, min(rows, x_CV.shape[0]) * x_CV.shape[-1])
+    sums = []
+    for x_RV, max_R1 in zip(x_CV.split(rows), max_C1.split(rows), strict=True):
+        y_RV = torch.sub(x_RV, max_R1, out=scratch[:x_RV.numel()].view(x_RV.shape))
+        sums.append(y_RV.exp_().sum(-1, keepdim=True))
+    return torch.cat(sums).log_().add_(max_C1)
+
+
+_buffers = threading.local()
+
+
+def _scratch(like: torch.Tensor, numel: int) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements of `like`'s dtype and device, kept by this thread between calls
+    (one per dtype and device, grown as needed: at most TEMP_BYTES, or one row of the vocabulary)."""
+    kept = _buffers.__dict__.setdefault("by_kind", {})
+    key = (like.dtype, like.device)
+    buffer = kept.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = kept[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buffer
 
 
 def _exclusion(ids_CJ: torch.Tensor, valid_CJ: torch.Tensor | None, value: float, dtype: torch.dtype) -> torch.Tensor:
