@@ -245,11 +245,12 @@ def hybrid(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     lse_C1 = z.lse()
     drawn_CM = counts_CM > 0
     tiny = torch.finfo(lse_C1.dtype).min
-    logq_CM = torch.where(drawn_CM, z.gather(ids_CM) - lse_C1, tiny)  # a padding entry is empty for the student too
+    ids_CJ = torch.cat([ids_CK, ids_CM], -1)  # one read of the head and drawn ids, whose outside is the rest
+    logq_CJ = z.gather(ids_CJ) - lse_C1
+    logq_CJ[:, ids_CK.shape[-1]:].masked_fill_(~drawn_CM, tiny)  # a padding entry is empty for the student too
     valid_CJ = torch.cat([torch.ones_like(ids_CK, dtype=torch.bool), drawn_CM], -1)
-    logq_rest_C1 = z.outside_lse(torch.cat([ids_CK, ids_CM], -1), 1.0, valid_CJ) - lse_C1
-    return (torch.cat([logp_CK, logp_CM, logp_rest_C1], -1),
-            torch.cat([z.gather(ids_CK) - lse_C1, logq_CM, logq_rest_C1], -1))
+    logq_rest_C1 = z.outside_lse(ids_CJ, 1.0, valid_CJ) - lse_C1
+    return torch.cat([logp_CK, logp_CM, logp_rest_C1], -1), torch.cat([logq_CJ, logq_rest_C1], -1)
 
 
 def topk_residual(z: Logits, targets: dict[str, torch.Tensor], temperature: float):

@@ -15,6 +15,8 @@ Passes over the vocabulary are what a chunk costs beyond its matrix products, so
   outside_lse and a few ids (`Probe` finds the ids before the representation runs), so one log-sum-exp over the
   vocabulary gives both;
 - outside_lse masks the excluded ids in place and restores them, with no [C, V] mask or masked copy;
+- the logits at a planned outside_lse's ids are gathered once, and serve its restore, that lse, a gather of the same
+  ids and the exact gradient at them (each gather from a [C, V] chunk misses the cache at almost every id);
 - the exp terms of one temperature share one exp over the vocabulary, written in place over the logits; only a
   second temperature (CE's T = 1 beside the divergences' T) needs a temporary, a share of the rows at a time.
 
@@ -48,6 +50,10 @@ class Read:
     temperature: float
     ids_CJ: torch.Tensor | None = None
     valid_CJ: torch.Tensor | None = None
+    # outside_lse only: the logits z at ids_CJ (unscaled), and whether each entry names an id the read excludes (one
+    # of a valid entry: padding entries of such an id too).
+    logits_CJ: torch.Tensor | None = None
+    excluded_CJ: torch.Tensor | None = None
 
 
 def _no_dense_read():
@@ -88,7 +94,7 @@ class LogitReads:
     - lse(T), when the representation also reads an outside_lse at T (`outside`, from `Probe`): computed from the
       first of them as log(exp(outside_lse) + sum over the excluded ids of exp(z / T)), a sum of positive terms over
       a few ids (each id once), so that one pass over the vocabulary gives both. That outside_lse value is kept for
-      its own call.
+      its own call, with the logits at its ids, which also answer a gather of equal ids.
     """
 
     def __init__(self, logits_CV: torch.Tensor, track: bool,
@@ -101,7 +107,9 @@ class LogitReads:
         self._planned = {}  # T -> (index of the outside_lse call, its ids and valid), the first at each T
         for index, (temperature, ids_CJ, valid_CJ) in enumerate(outside):
             self._planned.setdefault(temperature, (index, ids_CJ, valid_CJ))
-        self._outside_values: dict[int, torch.Tensor] = {}  # outside_lse values computed early, by call index
+        self._outside_values: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # computed early, by
+        # call index: (outside_lse value, z at its ids, its entries naming an excluded id)
+        self._known: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, z at them) gathered for those reads
         self._outside_calls = 0
 
     def _leaf(self, read: Read) -> torch.Tensor:
@@ -117,55 +125,96 @@ class LogitReads:
         if temperature not in self._lse:
             if temperature in self._planned:
                 index, ids_CJ, valid_CJ = self._planned[temperature]
-                outside_C1 = self._outside_values[index] = self._outside_lse(ids_CJ, temperature, valid_CJ)
-                value_C1 = torch.logaddexp(outside_C1, self._excluded_lse(ids_CJ, temperature, valid_CJ))
+                logits_CJ = self.logits_CV.gather(-1, ids_CJ)
+                self._known.append((ids_CJ, logits_CJ))
+                outside_C1, excluded_CJ, first_CJ = self._outside_lse(ids_CJ, temperature, valid_CJ, logits_CJ)
+                self._outside_values[index] = outside_C1, logits_CJ, excluded_CJ
+                # Each excluded id once: at the first valid entry that names it.
+                scaled_CJ = _scale(logits_CJ, temperature).masked_fill(~first_CJ, -math.inf)
+                value_C1 = torch.logaddexp(outside_C1, scaled_CJ.logsumexp(-1, keepdim=True))
             else:
                 value_C1 = _logsumexp(self._scaled(temperature))
             self._lse[temperature] = self._leaf(Read("lse", value_C1, temperature))
         return self._lse[temperature]
 
     def gather(self, ids_CJ: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        value_CJ = self.logits_CV.gather(-1, ids_CJ)
-        value_CJ = value_CJ if temperature == 1.0 else value_CJ / temperature
+        known_CJ = next((logits_CJ for ids, logits_CJ in self._known
+                         if ids.shape == ids_CJ.shape and torch.equal(ids, ids_CJ)), None)
+        if known_CJ is not None:  # the ids an outside_lse read excludes: already gathered, the leaf a copy
+            value_CJ = known_CJ.clone() if temperature == 1.0 else known_CJ / temperature
+        else:
+            value_CJ = _scale(self.logits_CV.gather(-1, ids_CJ), temperature)
         return self._leaf(Read("gather", value_CJ, temperature, ids_CJ))
 
     def outside_lse(self, ids_CJ: torch.Tensor, temperature: float = 1.0,
                     valid_CJ: torch.Tensor | None = None) -> torch.Tensor:
         index, self._outside_calls = self._outside_calls, self._outside_calls + 1
-        value_C1 = self._outside_values.pop(index, None)
-        if value_C1 is not None:
+        early = self._outside_values.pop(index, None)
+        if early is not None:
             assert self._outside[index][1].shape == ids_CJ.shape, "the probe saw other reads than the representation"
+            value_C1, logits_CJ, excluded_CJ = early
         else:
-            value_C1 = self._outside_lse(ids_CJ, temperature, valid_CJ)
-        return self._leaf(Read("outside_lse", value_C1, temperature, ids_CJ, valid_CJ))
+            logits_CJ = self.logits_CV.gather(-1, ids_CJ)
+            value_C1, excluded_CJ, _ = self._outside_lse(ids_CJ, temperature, valid_CJ, logits_CJ)
+        return self._leaf(Read("outside_lse", value_C1, temperature, ids_CJ, valid_CJ, logits_CJ, excluded_CJ))
 
     def full(self, temperature: float = 1.0) -> torch.Tensor:
         _no_dense_read()
 
-    def _outside_lse(self, ids_CJ: torch.Tensor, temperature: float, valid_CJ: torch.Tensor | None) -> torch.Tensor:
-        tiny = torch.finfo(self.logits_CV.dtype).min
+    def _outside_lse(
+        self, ids_CJ: torch.Tensor, temperature: float, valid_CJ: torch.Tensor | None, logits_CJ: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log sum exp(z / T) over the ids no valid entry of `ids_CJ` names, [C, 1]; which entries name an excluded id,
+        and which are the first valid entry of their id, [C, J] each. `logits_CJ` is z at `ids_CJ`.
+
+        Each valid entry j writes its own marker m_j (`_markers`: distinct, far below any logit, rising with j) with an
+        "amin" scatter, so an excluded id ends up holding the marker of its first valid entry; gathered back, the
+        markers tell both which entries name an excluded id and which entry is each id's first. The log-sum-exp over
+        the vocabulary then sees the markers as nothing beside its max.
+        """
+        finfo = torch.finfo(self.logits_CV.dtype)
         scaled_CV = self._scaled(temperature)
-        kept_CJ = scaled_CV.gather(-1, ids_CJ) if temperature == 1.0 else None
-        scaled_CV.scatter_reduce_(-1, ids_CJ, _exclusion(ids_CJ, valid_CJ, tiny, scaled_CV.dtype), "amin")
-        value_C1 = _logsumexp(scaled_CV)
-        if kept_CJ is not None:  # the logits back as they were (entries of one id all kept the same value)
-            scaled_CV.scatter_(-1, ids_CJ, kept_CJ)
-        return value_C1
+        markers_CJ = _markers(ids_CJ.shape[-1], scaled_CV.dtype, scaled_CV.device).expand(ids_CJ.shape)
+        fill_CJ = markers_CJ.clone() if valid_CJ is None else markers_CJ.masked_fill(~valid_CJ, math.inf)
+        scaled_CV.scatter_reduce_(-1, ids_CJ, fill_CJ, "amin")
+        found_CJ = scaled_CV.gather(-1, ids_CJ)
+        first_CJ = found_CJ == fill_CJ
+        excluded_CJ = found_CJ <= markers_CJ[:, -1:]
+        max_C1 = scaled_CV.amax(-1, keepdim=True)
+        # The excluded ids then at a floor below the others' max, instead of at their markers: exp of either is
+        # nothing beside the max's exp(0) = 1, but exp of anything below log(tiny) (about -87.3 in fp32, where it
+        # underflows) takes a slow path on CPU, 30-100x per vector of 16 that holds one. With nothing outside the
+        # ids (the max a marker), the floor rounds back to that marker.
+        floor_CJ = _exclusion(valid_CJ, max_C1 + (math.log(finfo.tiny) + 1), ids_CJ.shape)
+        scaled_CV.scatter_reduce_(-1, ids_CJ, floor_CJ, "amax")
+        value_C1 = _logsumexp(scaled_CV, max_C1)
+        if temperature == 1.0:  # the logits back as they were (entries of one id all kept the same value)
+            scaled_CV.scatter_(-1, ids_CJ, logits_CJ)
+        return value_C1, excluded_CJ, first_CJ
 
-    def _excluded_lse(self, ids_CJ: torch.Tensor, temperature: float, valid_CJ: torch.Tensor | None) -> torch.Tensor:
-        """log sum exp(z / T) over the distinct ids among the valid entries, [C, 1] (-inf for none)."""
-        key_CJ = ids_CJ if valid_CJ is None else ids_CJ.masked_fill(~valid_CJ, -1)
-        key_CJ = key_CJ.sort(-1).values
-        distinct_CJ = key_CJ >= 0
-        distinct_CJ[:, 1:] &= key_CJ[:, 1:] != key_CJ[:, :-1]
-        scaled_CJ = self.logits_CV.gather(-1, key_CJ.clamp_min(0))
-        if temperature != 1.0:
-            scaled_CJ = scaled_CJ / temperature
-        return scaled_CJ.masked_fill(~distinct_CJ, -math.inf).logsumexp(-1, keepdim=True)
+
+def _scale(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    return x if temperature == 1.0 else x / temperature
 
 
-def _logsumexp(x_CV: torch.Tensor) -> torch.Tensor:
-    """log sum exp over the last axis, [C, 1]: torch.logsumexp's operations (for finite x).
+def _markers(entries: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[entries] distinct values of `dtype`, rising, within entries ulps of its most negative float (exact: one ulp
+    of the largest binade apart), far below any logit."""
+    finfo = torch.finfo(dtype)
+    assert entries * finfo.eps < 1, "more entries than the largest binade has floats"
+    ulp = math.ldexp(finfo.eps, math.frexp(finfo.max)[1] - 1)
+    return torch.arange(entries, dtype=dtype, device=device).mul_(ulp).add_(finfo.min)
+
+
+def _exclusion(valid_CJ: torch.Tensor | None, value_C1: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """What an "amax" scatter writes: `value_C1` of each row at the valid entries, -inf (no change) at the others."""
+    fill_CJ = value_C1.expand(shape)
+    return fill_CJ.clone() if valid_CJ is None else fill_CJ.masked_fill(~valid_CJ, -math.inf)
+
+
+def _logsumexp(x_CV: torch.Tensor, max_C1: torch.Tensor | None = None) -> torch.Tensor:
+    """log sum exp over the last axis, [C, 1] (`max_C1`: the max over it, when known): torch.logsumexp's operations
+    (for finite x).
 
     On CPU the exponentials are taken a block of rows at a time (at most TEMP_BYTES, which stays in cache from the
     subtraction to the sum) in a buffer kept between calls (`_scratch`). A fresh temporary at each call costs about as
@@ -173,7 +222,8 @@ def _logsumexp(x_CV: torch.Tensor) -> torch.Tensor:
     32.8 MB) anew at every call, and smaller blocks often enough (when other allocations split the freed one). On a
     GPU the caching allocator reuses the temporary, and one kernel per operation beats many small ones.
     """
-    max_C1 = x_CV.amax(-1, keepdim=True)
+    if max_C1 is None:
+        max_C1 = x_CV.amax(-1, keepdim=True)
     if x_CV.device.type != "cpu":
         return (x_CV - max_C1).exp_().sum(-1, keepdim=True).log_().add_(max_C1)
     rows = max(1, TEMP_BYTES // max(x_CV.shape[-1] * x_CV.element_size(), 1))
@@ -197,12 +247,6 @@ def _scratch(like: torch.Tensor, numel: int) -> torch.Tensor:
     if buffer is None or buffer.numel() < numel:
         buffer = kept[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buffer
-
-
-def _exclusion(ids_CJ: torch.Tensor, valid_CJ: torch.Tensor | None, value: float, dtype: torch.dtype) -> torch.Tensor:
-    """What an "amin" scatter of `ids_CJ` writes: `value` at the valid entries, +inf (no change) at padding."""
-    fill_CJ = torch.full(ids_CJ.shape, value, dtype=dtype, device=ids_CJ.device)
-    return fill_CJ if valid_CJ is None else fill_CJ.masked_fill_(~valid_CJ, math.inf)
 
 
 def logits_grad_(logits_CV: torch.Tensor, reads: list[Read], leaf_grads: tuple[torch.Tensor | None, ...]) -> None:
@@ -275,15 +319,16 @@ def _excluded_ids_grad(
     if not outside:
         return None
     ids_RU = torch.cat([read.ids_CJ[rows] for read in outside], -1)
-    scaled_RU = z_RV.gather(-1, ids_RU)
-    if temperature != 1.0:
-        scaled_RU = scaled_RU / temperature
+    scaled_RU = _scale(torch.cat([read.logits_CJ[rows] for read in outside], -1), temperature)
     grad_RU = torch.zeros_like(scaled_RU)
     for read, coef_C1 in terms:
         term_RU = coef_C1[rows] * (scaled_RU - read.leaf.detach()[rows]).exp()
         if read.kind == "outside_lse":  # 0 at the ids this read excludes (where exp may have overflowed)
-            valid_RJ = None if read.valid_CJ is None else read.valid_CJ[rows]
-            term_RU = torch.where(_among(ids_RU, read.ids_CJ[rows], valid_RJ), 0.0, term_RU)
+            if len(outside) == 1:  # the entries are the read's own: its pass found which name an excluded id
+                among_RU = read.excluded_CJ[rows]
+            else:
+                among_RU = _among(ids_RU, read.ids_CJ[rows], None if read.valid_CJ is None else read.valid_CJ[rows])
+            term_RU = torch.where(among_RU, 0.0, term_RU)
         grad_RU += term_RU
     return ids_RU, grad_RU
 

@@ -112,3 +112,68 @@ def test_log_sum_exps_in_row_blocks_match_float64(monkeypatch):
     torch.testing.assert_close(reads.outside_lse(ids_CJ)[:, 0].double(), outside_CV.logsumexp(-1), rtol=1e-6,
                                atol=1e-6)
     assert torch.equal(logits_CV, kept_CV)
+
+
+def excluded_mask(ids_CJ: torch.Tensor, valid_CJ: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[C, V] bool: the ids a valid entry names, built entry by entry."""
+    excluded_CV = torch.zeros(ids_CJ.shape[0], vocab, dtype=torch.bool)
+    for c in range(ids_CJ.shape[0]):
+        for j in range(ids_CJ.shape[1]):
+            if valid_CJ[c, j]:
+                excluded_CV[c, ids_CJ[c, j]] = True
+    return excluded_CV
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reads_of_repeated_and_padding_ids_match_brute_force(dtype):
+    """A read whose entries repeat ids, whose padding entries name excluded ids and ids left outside, and rows where
+    it excludes every id or none: the lse (through the outside pass, each excluded id counted once), outside_lse,
+    gather, the gradient of a weighted sum of them (an outside term 0 exactly at the excluded ids) against float64
+    brute force and autograd; the logits are left as they were."""
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab, entries = 7, 12, 15
+    logits_CV = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+    logits_CV[2, 5] = 90.0  # the excluded head far above the rest: the outside stays exact relative to its own max
+    ids_CJ = torch.randint(0, vocab, (rows, entries), generator=gen)
+    valid_CJ = torch.rand(rows, entries, generator=gen) < 0.6
+    ids_CJ[0] = torch.arange(entries) % vocab  # every id excluded: nothing outside
+    valid_CJ[0] = True
+    valid_CJ[1] = False  # no id excluded
+    ids_CJ[2, :3] = 5  # the huge logit, named three times
+    valid_CJ[2, :3] = torch.tensor([False, True, True])
+    kept_CV = logits_CV.clone()
+
+    probe = logit_reads.Probe(rows, logits_CV)
+    probe.outside_lse(ids_CJ, 1.0, valid_CJ)
+    reads = logit_reads.LogitReads(logits_CV, track=True, outside=probe.outside)
+    lse_C1 = reads.lse()
+    gathered_CJ = reads.gather(ids_CJ)
+    outside_C1 = reads.outside_lse(ids_CJ, 1.0, valid_CJ)
+    assert torch.equal(logits_CV, kept_CV)
+
+    z_CV = logits_CV.double()
+    excluded_CV = excluded_mask(ids_CJ, valid_CJ, vocab)
+    lse_C, outside_C = z_CV.logsumexp(-1), z_CV.masked_fill(excluded_CV, -math.inf).logsumexp(-1)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse_C1[:, 0].double(), lse_C, **tolerance)
+    torch.testing.assert_close(outside_C1[1:, 0].double(), outside_C[1:], **tolerance)
+    assert outside_C1[0, 0] < -1e30 and torch.isfinite(outside_C1[0, 0])  # nothing outside: huge negative, finite
+    assert torch.equal(gathered_CJ.double(), z_CV.gather(-1, ids_CJ))
+
+    weights_CJ = torch.rand(rows, entries, generator=gen, dtype=torch.float64)
+    coef_C = torch.rand(rows, generator=gen, dtype=torch.float64)
+    coef_C[0] = 0.0  # the empty outside's value carries no weight (as a target of 0 gives it)
+
+    def objective(lse, gathered, outside):
+        return (lse[:, 0] * 0.7).sum() + (gathered * weights_CJ).sum() + (outside[:, 0] * coef_C).sum()
+
+    leaf_grads = torch.autograd.grad(objective(lse_C1.double(), gathered_CJ.double(), outside_C1.double()),
+                                     [read.leaf for read in reads.reads])
+    grad_CV = logits_CV.clone()
+    logit_reads.logits_grad_(grad_CV, reads.reads, leaf_grads)
+
+    z_CV = z_CV.requires_grad_(True)
+    expected = objective(z_CV.logsumexp(-1, keepdim=True), z_CV.gather(-1, ids_CJ),
+                         z_CV.masked_fill(excluded_CV, torch.finfo(torch.float64).min).logsumexp(-1, keepdim=True))
+    (expected_CV,) = torch.autograd.grad(expected, z_CV)
+    torch.testing.assert_close(grad_CV.double(), expected_CV, **tolerance)
