@@ -207,7 +207,8 @@ def sampled(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
     drawn_CM = counts_CM > 0
     logp_CM = (counts_CM / counts_CM.sum(-1, keepdim=True)).log()  # padding (count 0) -> -inf
     lse_C1 = z.lse()
-    logq_CM = z.gather(ids_CM.clamp_min(0)) - lse_C1
+    safe_CM = ids_CM.clamp_min(0)  # one ids tensor for the gather and the rest's outside_lse: read once
+    logq_CM = z.gather(safe_CM) - lse_C1
     real_CM = drawn_CM & (ids_CM != TAIL_BUCKET)
     tiny = torch.finfo(logq_CM.dtype).min
     if "topk_ids" in targets:  # draws from top-k + a tail bucket: the bucket is the mass outside the top-k
@@ -218,9 +219,9 @@ def sampled(z: Logits, targets: dict[str, torch.Tensor], temperature: float):
         bucket_drawn_C1 = (drawn_CM & ~real_CM).any(-1, keepdim=True)
         topk_drawn_CK = (ids_CK[:, :, None] == torch.where(real_CM, ids_CM, -2)[:, None, :]).any(-1)
         rest_in_topk_C1 = torch.where(topk_drawn_CK, tiny, z.gather(ids_CK)).logsumexp(-1, keepdim=True)
-        logq_rest_C1 = torch.where(bucket_drawn_C1, rest_in_topk_C1, z.outside_lse(ids_CM.clamp_min(0), 1.0, real_CM))
+        logq_rest_C1 = torch.where(bucket_drawn_C1, rest_in_topk_C1, z.outside_lse(safe_CM, 1.0, real_CM))
     else:
-        logq_rest_C1 = z.outside_lse(ids_CM, 1.0, real_CM)
+        logq_rest_C1 = z.outside_lse(safe_CM, 1.0, real_CM)
     logq_CM = torch.where(drawn_CM, logq_CM, tiny)  # a padding entry is an empty bucket for the student too
     logq_rest_C1 = logq_rest_C1 - lse_C1
     logp_rest_C1 = torch.full_like(logq_rest_C1, -math.inf)

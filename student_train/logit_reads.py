@@ -16,7 +16,7 @@ Passes over the vocabulary are what a chunk costs beyond its matrix products, so
   vocabulary gives both;
 - outside_lse masks the excluded ids in place and restores them, with no [C, V] mask or masked copy;
 - the logits at a planned outside_lse's ids are gathered once, and serve its restore, that lse, a gather of the same
-  ids and the exact gradient at them (each gather from a [C, V] chunk misses the cache at almost every id);
+  ids (on CPU) and the exact gradient at them (each gather from a [C, V] chunk misses the cache at almost every id);
 - the exp terms of one temperature share one exp over the vocabulary, written in place over the logits; only a
   second temperature (CE's T = 1 beside the divergences' T) needs a temporary, a share of the rows at a time.
 
@@ -94,7 +94,7 @@ class LogitReads:
     - lse(T), when the representation also reads an outside_lse at T (`outside`, from `Probe`): computed from the
       first of them as log(exp(outside_lse) + sum over the excluded ids of exp(z / T)), a sum of positive terms over
       a few ids (each id once), so that one pass over the vocabulary gives both. That outside_lse value is kept for
-      its own call, with the logits at its ids, which also answer a gather of equal ids.
+      its own call, with the logits at its ids, which also answer a gather of equal ids (on CPU).
     """
 
     def __init__(self, logits_CV: torch.Tensor, track: bool,
@@ -138,8 +138,10 @@ class LogitReads:
         return self._lse[temperature]
 
     def gather(self, ids_CJ: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        known_CJ = next((logits_CJ for ids, logits_CJ in self._known
-                         if ids.shape == ids_CJ.shape and torch.equal(ids, ids_CJ)), None)
+        # Compared on CPU only: on a GPU the comparison would wait for the device at every chunk, and a gather there
+        # costs little.
+        known_CJ = next((logits_CJ for ids, logits_CJ in self._known if ids.shape == ids_CJ.shape
+                         and ids.device.type == "cpu" and torch.equal(ids, ids_CJ)), None)
         if known_CJ is not None:  # the ids an outside_lse read excludes: already gathered, the leaf a copy
             value_CJ = known_CJ.clone() if temperature == 1.0 else known_CJ / temperature
         else:
