@@ -17,7 +17,8 @@ float64, for exact checks); the reads answered without autograd as small leaves 
 the divergences and CE on those leaves, and `torch.autograd.grad` of the chunk's weighted sum with respect to them (a
 graph of [C, J] tensors only); then dL/dz written over the logits (`logits_grad_`) and pulled back through the head:
 dh = dz W, dW += dz^T h, db += sum dz, the products in the head's compute dtype. One chunk's [C, V] logits exist
-at a time, with a temporary or two of their size while a log-sum-exp is taken (the exp; z / T when T != 1).
+at a time, with smaller temporaries beside them (`logit_reads`: a block of rows at a time for the exponentials, and a
+quarter of the chunk for the gradient's terms at a second temperature).
 
 `_FusedLoss`, a `torch.autograd.Function` over (hidden states, head weight, head bias), runs that loop and keeps
 dh [P, H], dW [V, H] and db [V] until backward, which scales them by the incoming gradient. The head's parameters

@@ -89,8 +89,9 @@ class LogitReads:
     returned as a small leaf tensor; with `track`, the leaves require gradients and are recorded in `reads`.
 
     The values are those of `Logits`, computed with fewer passes over the vocabulary:
-    - outside_lse: the excluded ids are set to the most negative float by a scatter into the logits themselves (at
-      T = 1; into z / T otherwise), restored afterwards, instead of through a [C, V] mask and a masked copy.
+    - outside_lse: the excluded ids are set to markers far below any logit by a scatter into the logits themselves
+      (at every T: the log-sum-exp takes (z - max) / T a block at a time), restored afterwards, instead of through a
+      [C, V] mask and a masked copy.
     - lse(T), when the representation also reads an outside_lse at T (`outside`, from `Probe`): computed from the
       first of them as log(exp(outside_lse) + sum over the excluded ids of exp(z / T)), a sum of positive terms over
       a few ids (each id once), so that one pass over the vocabulary gives both. That outside_lse value is kept for
@@ -118,9 +119,6 @@ class LogitReads:
             self.reads.append(read)
         return read.leaf
 
-    def _scaled(self, temperature: float) -> torch.Tensor:
-        return self.logits_CV if temperature == 1.0 else self.logits_CV / temperature
-
     def lse(self, temperature: float = 1.0) -> torch.Tensor:
         if temperature not in self._lse:
             if temperature in self._planned:
@@ -133,7 +131,7 @@ class LogitReads:
                 scaled_CJ = _scale(logits_CJ, temperature).masked_fill(~first_CJ, -math.inf)
                 value_C1 = torch.logaddexp(outside_C1, scaled_CJ.logsumexp(-1, keepdim=True))
             else:
-                value_C1 = _logsumexp(self._scaled(temperature))
+                value_C1 = _logsumexp(self.logits_CV, temperature=temperature)
             self._lse[temperature] = self._leaf(Read("lse", value_C1, temperature))
         return self._lse[temperature]
 
@@ -174,24 +172,23 @@ class LogitReads:
         markers tell both which entries name an excluded id and which entry is each id's first. The log-sum-exp over
         the vocabulary then sees the markers as nothing beside its max.
         """
-        finfo = torch.finfo(self.logits_CV.dtype)
-        scaled_CV = self._scaled(temperature)
-        markers_CJ = _markers(ids_CJ.shape[-1], scaled_CV.dtype, scaled_CV.device).expand(ids_CJ.shape)
+        z_CV = self.logits_CV
+        finfo = torch.finfo(z_CV.dtype)
+        markers_CJ = _markers(ids_CJ.shape[-1], z_CV.dtype, z_CV.device).expand(ids_CJ.shape)
         fill_CJ = markers_CJ.clone() if valid_CJ is None else markers_CJ.masked_fill(~valid_CJ, math.inf)
-        scaled_CV.scatter_reduce_(-1, ids_CJ, fill_CJ, "amin")
-        found_CJ = scaled_CV.gather(-1, ids_CJ)
+        z_CV.scatter_reduce_(-1, ids_CJ, fill_CJ, "amin")
+        found_CJ = z_CV.gather(-1, ids_CJ)
         first_CJ = found_CJ == fill_CJ
         excluded_CJ = found_CJ <= markers_CJ[:, -1:]
-        max_C1 = scaled_CV.amax(-1, keepdim=True)
+        max_C1 = z_CV.amax(-1, keepdim=True)
         # The excluded ids then at a floor below the others' max, instead of at their markers: exp of either is
         # nothing beside the max's exp(0) = 1, but exp of anything below log(tiny) (about -87.3 in fp32, where it
         # underflows) takes a slow path on CPU, 30-100x per vector of 16 that holds one. With nothing outside the
         # ids (the max a marker), the floor rounds back to that marker.
-        floor_CJ = _exclusion(valid_CJ, max_C1 + (math.log(finfo.tiny) + 1), ids_CJ.shape)
-        scaled_CV.scatter_reduce_(-1, ids_CJ, floor_CJ, "amax")
-        value_C1 = _logsumexp(scaled_CV, max_C1)
-        if temperature == 1.0:  # the logits back as they were (entries of one id all kept the same value)
-            scaled_CV.scatter_(-1, ids_CJ, logits_CJ)
+        floor_CJ = _exclusion(valid_CJ, max_C1 + (math.log(finfo.tiny) + 1) * temperature, ids_CJ.shape)
+        z_CV.scatter_reduce_(-1, ids_CJ, floor_CJ, "amax")
+        value_C1 = _logsumexp(z_CV, max_C1, temperature)
+        z_CV.scatter_(-1, ids_CJ, logits_CJ)  # the logits back as they were (entries of one id kept one value)
         return value_C1, excluded_CJ, first_CJ
 
 
@@ -214,9 +211,10 @@ def _exclusion(valid_CJ: torch.Tensor | None, value_C1: torch.Tensor, shape: tor
     return fill_CJ.clone() if valid_CJ is None else fill_CJ.masked_fill(~valid_CJ, -math.inf)
 
 
-def _logsumexp(x_CV: torch.Tensor, max_C1: torch.Tensor | None = None) -> torch.Tensor:
-    """log sum exp over the last axis, [C, 1] (`max_C1`: the max over it, when known): torch.logsumexp's operations
-    (for finite x).
+def _logsumexp(x_CV: torch.Tensor, max_C1: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """log sum exp(x / T) over the last axis, [C, 1] (`max_C1`: the max of x, when known): torch.logsumexp's
+    operations (for finite x), on (x - max) / T, with no [C, V] copy of x / T; max / T is kept finite (a row of x
+    whose max is the most negative float, at T < 1).
 
     On CPU the exponentials are taken a block of rows at a time (at most TEMP_BYTES, which stays in cache from the
     subtraction to the sum) in a buffer kept between calls (`_scratch`). A fresh temporary at each call costs about as
@@ -226,29 +224,43 @@ def _logsumexp(x_CV: torch.Tensor, max_C1: torch.Tensor | None = None) -> torch.
     """
     if max_C1 is None:
         max_C1 = x_CV.amax(-1, keepdim=True)
+    shift_C1 = max_C1 if temperature == 1.0 else (max_C1 / temperature).clamp_min_(torch.finfo(x_CV.dtype).min)
     if x_CV.device.type != "cpu":
-        return (x_CV - max_C1).exp_().sum(-1, keepdim=True).log_().add_(max_C1)
+        y_CV = x_CV - max_C1
+        return (y_CV if temperature == 1.0 else y_CV.div_(temperature)).exp_().sum(-1, keepdim=True).log_().add_(
+            shift_C1)
     rows = max(1, TEMP_BYTES // max(x_CV.shape[-1] * x_CV.element_size(), 1))
-    scratch = _scratch(x_CV, min(rows, x_CV.shape[0]) * x_CV.shape[-1])
+    scratch = _scratch("exp", x_CV, min(rows, x_CV.shape[0]) * x_CV.shape[-1])
     sums = []
     for x_RV, max_R1 in zip(x_CV.split(rows), max_C1.split(rows), strict=True):
         y_RV = torch.sub(x_RV, max_R1, out=scratch[:x_RV.numel()].view(x_RV.shape))
+        if temperature != 1.0:
+            y_RV.div_(temperature)
         sums.append(y_RV.exp_().sum(-1, keepdim=True))
-    return torch.cat(sums).log_().add_(max_C1)
+    return torch.cat(sums).log_().add_(shift_C1)
 
 
 _buffers = threading.local()
 
 
-def _scratch(like: torch.Tensor, numel: int) -> torch.Tensor:
-    """A flat buffer of at least `numel` elements of `like`'s dtype and device, kept by this thread between calls
-    (one per dtype and device, grown as needed: at most TEMP_BYTES, or one row of the vocabulary)."""
+def _scratch(name: str, like: torch.Tensor, numel: int) -> torch.Tensor:
+    """A flat buffer `name` of at least `numel` elements of `like`'s dtype and device, kept by this thread between
+    calls (one per name, dtype and device, grown as needed); its contents are valid until the next call for `name`."""
     kept = _buffers.__dict__.setdefault("by_kind", {})
-    key = (like.dtype, like.device)
+    key = (name, like.dtype, like.device)
     buffer = kept.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = kept[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buffer
+
+
+def _temporary(name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` like `like`: on CPU a view of the kept buffer `name` (`_scratch`: a fresh
+    tensor of a chunk's size would be mapped anew, page faults and all, at every call), elsewhere a new one (a GPU's
+    caching allocator reuses the block)."""
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    return _scratch(name, like, math.prod(shape))[:math.prod(shape)].view(shape)
 
 
 def logits_grad_(logits_CV: torch.Tensor, reads: list[Read], leaf_grads: tuple[torch.Tensor | None, ...]) -> None:
@@ -273,8 +285,12 @@ def logits_grad_(logits_CV: torch.Tensor, reads: list[Read], leaf_grads: tuple[t
         # Every group but the first reads z, so it is computed before z is overwritten.
         exact = [_excluded_ids_grad(z_RV, temperature, terms, rows) for temperature, terms in groups]
         others_RV = None
-        for (temperature, terms), exact_ids in zip(groups[1:], exact[1:], strict=True):
-            scaled_RV = z_RV / temperature if temperature != 1.0 else z_RV.clone()
+        for index, ((temperature, terms), exact_ids) in enumerate(zip(groups[1:], exact[1:], strict=True)):
+            scaled_RV = _temporary(f"terms {index}", z_RV.shape, z_RV)
+            if temperature != 1.0:
+                torch.div(z_RV, temperature, out=scaled_RV)
+            else:
+                scaled_RV.copy_(z_RV)
             term_RV = _exp_terms_(scaled_RV, terms, exact_ids, rows)
             others_RV = term_RV if others_RV is None else others_RV.add_(term_RV)
         if groups:

@@ -124,12 +124,14 @@ def excluded_mask(ids_CJ: torch.Tensor, valid_CJ: torch.Tensor, vocab: int) -> t
     return excluded_CV
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reads_of_repeated_and_padding_ids_match_brute_force(dtype):
+def test_reads_of_repeated_and_padding_ids_match_brute_force(dtype, temperature):
     """A read whose entries repeat ids, whose padding entries name excluded ids and ids left outside, and rows where
-    it excludes every id or none: the lse (through the outside pass, each excluded id counted once), outside_lse,
-    gather, the gradient of a weighted sum of them (an outside term 0 exactly at the excluded ids) against float64
-    brute force and autograd; the logits are left as they were."""
+    it excludes every id or none, at T = 1 and others: the lse (through the outside pass, each excluded id counted
+    once), outside_lse, gather, the gradient of a weighted sum of them (an outside term 0 exactly at the excluded ids)
+    against float64 brute force and autograd; the logits are left as they were."""
+    T = temperature
     gen = torch.Generator().manual_seed(3)
     rows, vocab, entries = 7, 12, 15
     logits_CV = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
@@ -144,21 +146,21 @@ def test_reads_of_repeated_and_padding_ids_match_brute_force(dtype):
     kept_CV = logits_CV.clone()
 
     probe = logit_reads.Probe(rows, logits_CV)
-    probe.outside_lse(ids_CJ, 1.0, valid_CJ)
+    probe.outside_lse(ids_CJ, T, valid_CJ)
     reads = logit_reads.LogitReads(logits_CV, track=True, outside=probe.outside)
-    lse_C1 = reads.lse()
-    gathered_CJ = reads.gather(ids_CJ)
-    outside_C1 = reads.outside_lse(ids_CJ, 1.0, valid_CJ)
+    lse_C1 = reads.lse(T)
+    gathered_CJ = reads.gather(ids_CJ, T)
+    outside_C1 = reads.outside_lse(ids_CJ, T, valid_CJ)
     assert torch.equal(logits_CV, kept_CV)
 
     z_CV = logits_CV.double()
     excluded_CV = excluded_mask(ids_CJ, valid_CJ, vocab)
-    lse_C, outside_C = z_CV.logsumexp(-1), z_CV.masked_fill(excluded_CV, -math.inf).logsumexp(-1)
+    lse_C, outside_C = (z_CV / T).logsumexp(-1), (z_CV / T).masked_fill(excluded_CV, -math.inf).logsumexp(-1)
     tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse_C1[:, 0].double(), lse_C, **tolerance)
     torch.testing.assert_close(outside_C1[1:, 0].double(), outside_C[1:], **tolerance)
     assert outside_C1[0, 0] < -1e30 and torch.isfinite(outside_C1[0, 0])  # nothing outside: huge negative, finite
-    assert torch.equal(gathered_CJ.double(), z_CV.gather(-1, ids_CJ))
+    torch.testing.assert_close(gathered_CJ.double(), z_CV.gather(-1, ids_CJ) / T, **tolerance)
 
     weights_CJ = torch.rand(rows, entries, generator=gen, dtype=torch.float64)
     coef_C = torch.rand(rows, generator=gen, dtype=torch.float64)
@@ -173,7 +175,8 @@ def test_reads_of_repeated_and_padding_ids_match_brute_force(dtype):
     logit_reads.logits_grad_(grad_CV, reads.reads, leaf_grads)
 
     z_CV = z_CV.requires_grad_(True)
-    expected = objective(z_CV.logsumexp(-1, keepdim=True), z_CV.gather(-1, ids_CJ),
-                         z_CV.masked_fill(excluded_CV, torch.finfo(torch.float64).min).logsumexp(-1, keepdim=True))
+    y_CV = z_CV / T
+    expected = objective(y_CV.logsumexp(-1, keepdim=True), y_CV.gather(-1, ids_CJ),
+                         y_CV.masked_fill(excluded_CV, torch.finfo(torch.float64).min).logsumexp(-1, keepdim=True))
     (expected_CV,) = torch.autograd.grad(expected, z_CV)
     torch.testing.assert_close(grad_CV.double(), expected_CV, **tolerance)
