@@ -43,7 +43,8 @@ config with the teacher's vocabulary. Defaults take about 5 minutes on 2 CPU cor
 --seq 2048 --hidden 1024 --layers 12 --teacher-hidden 2048 --teacher-layers 24` is a GPU size.
 
     python benchmarks/train_step.py [--vocab 32000] [--batch 4] [--seq 512] [--hidden 512] [--layers 4] \\
-        [--teacher-hidden 1024] [--teacher-layers 8 | --teacher DIR] [--chunk 256] [--steps 3] [--device auto] \\
+        [--teacher-hidden 1024] [--teacher-layers 8 | --teacher DIR] [--chunk 256] [--temperature 1] [--steps 3] \\
+        [--device auto] \\
         [--only ce,topk_tail,topk_renorm,sampled,hybrid,online] [--loss-impl fused,checkpoint] [--workdir DIR] \\
         [--json OUT]
 
@@ -205,6 +206,7 @@ def build_variant(name: str, paths: dict[str, str], options: dict):
         trainer = Trainer(TrainConfig(
             store=store, student=paths["student"], output=scratch, batch_size=options["batch"], loss=loss,
             targets_from=kind if kind in CACHED else None, chunk_positions=options["chunk"], device=str(device),
+            temperature=options["temperature"] if kind in CACHED else 1.0,
             eval_store=store, loss_impl=impl or "fused"))
     if name != "online":
         return trainer, lambda batch: trainer._train_step(iter([batch]))["loss"]  # `Trainer.run`'s step, unlogged
@@ -326,7 +328,8 @@ def print_table(result: dict) -> None:
     teacher_text = (opts["teacher"] or shape) + (f" ({teacher:.1f}M)" if teacher else "")
     click.echo(f"student {student:.1f}M parameters (width {opts['hidden']}, {opts['layers']} layers), teacher "
                f"{teacher_text}; vocab {result['vocab_size']}; batch {opts['batch']} x {opts['seq']}, "
-               f"{rows[0]['tokens_per_step']} trained tokens per step; chunks of {opts['chunk']}; {opts['device']}; "
+               f"{rows[0]['tokens_per_step']} trained tokens per step; chunks of {opts['chunk']}; KD at T = "
+               f"{opts.get('temperature', 1.0):g}; {opts['device']}; "
                f"median of {opts['steps']} interleaved rounds; memory of one step, each variant alone\n")
     cpu = opts["device"] == "cpu"  # on CUDA the process's CPU time is the host's, not the step's
     click.echo("| variant | loss | loss at step 0 | ms/step | vs CE | vs fused |"
@@ -359,6 +362,9 @@ def print_table(result: dict) -> None:
 @click.option("--teacher-layers", type=int, default=8, show_default=True, help="Random teacher layers.")
 @click.option("--teacher", help="Teacher model directory instead of a random one (its tokenizer and vocabulary).")
 @click.option("--chunk", type=int, default=256, show_default=True, help="Positions per loss chunk.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="The KD temperature of the cached variants (`student-train --temperature`): topk_tail and "
+                   "topk_renorm only, as sampled and hybrid targets are draws at T = 1 (CE stays at T = 1).")
 @click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per variant (after a warm-up).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu or cuda.")
 @click.option("--dataset", default=str(DATA / "tinyshakespeare.txt"), show_default=True, help="Text of the store.")
@@ -390,6 +396,10 @@ def main(only: str | None, loss_impls: str, workdir: str | None, json_path: str,
     unknown = [n for n in kinds if n not in VARIANTS]
     if unknown:
         raise click.BadParameter(f"{unknown}: choose from {', '.join(VARIANTS)}.", param_hint="--only")
+    at_one = [n for n in kinds if n in ("sampled", "hybrid", "online")]
+    if options["temperature"] != 1.0 and at_one:
+        raise click.BadParameter(f"{', '.join(at_one)} run at T = 1 only (draws at T = 1; online is measured at "
+                                 "T = 1 here): choose --only among topk_tail,topk_renorm.", param_hint="--temperature")
     impls = [impl for impl in loss_impls.split(",") if impl]
     if not impls or any(impl not in LOSS_IMPLS for impl in impls):
         raise click.BadParameter(f"{loss_impls!r}: choose from {', '.join(LOSS_IMPLS)}.", param_hint="--loss-impl")
