@@ -97,3 +97,38 @@ def test_train_step_losses_match_dense_computations(tmp_path, llama_dir, corpus_
     dense = _dense_losses(student, teacher, batch)
     for name, value in dense.items():
         assert rows[name]["first_loss"] == pytest.approx(value, rel=1e-4), name
+
+
+def test_train_step_at_a_temperature_matches_the_dense_top_k_loss(tmp_path, llama_dir, corpus_texts):
+    """--temperature 2 trains top-64 + tail at T = 2: the loss at step 0 is 0.9 T^2 KL(p_T || q_T) + 0.1 CE over the
+    K stored ids and the tail bucket, computed here from the store's records and the student's dense logits."""
+    data = write_jsonl(tmp_path / "docs.jsonl", corpus_texts[:24])
+    out, work, T = tmp_path / "step.json", tmp_path / "work", 2.0
+    _invoke("train_step", ["--teacher", str(llama_dir), "--hidden", "64", "--layers", "1", "--seq", "32", "--batch",
+                           "2", "--steps", "1", "--chunk", "16", "--device", "cpu", "--dataset", str(data),
+                           "--only", "topk_tail", "--temperature", str(T), "--workdir", str(work), "--json", str(out)])
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    store = open_store(work / "store")
+    batch = store.read_rows(0, 2)
+    student = load_student(str(work / "student"), store.manifest, load_tokenizer(work / "student", store.manifest),
+                           seed=0)
+    ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+    mask = torch.from_numpy(batch["loss_mask"])
+    with torch.no_grad():
+        z = student(input_ids=ids[:, :-1]).logits.double()[mask]
+    ce = (z.logsumexp(-1) - z.gather(-1, ids[:, 1:][mask][:, None])[:, 0]).mean()
+    top_ids = torch.from_numpy(batch["topk_ids"].astype(np.int64))[mask]
+    teacher = torch.cat([torch.from_numpy(batch["topk_logprobs"].astype(np.float64))[mask],
+                         torch.from_numpy(batch["tail_logmass"].astype(np.float64))[mask][:, None]], -1)
+    logp = F.log_softmax(teacher / T, -1)
+    y = z / T
+    outside = y.scatter(-1, top_ids, -math.inf).logsumexp(-1, keepdim=True)
+    logq = torch.cat([y.gather(-1, top_ids), outside], -1) - y.logsumexp(-1, keepdim=True)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    assert rows["topk_tail"]["first_loss"] == pytest.approx(float(0.9 * T**2 * kl + 0.1 * ce), rel=1e-4)
+
+
+def test_train_step_refuses_a_temperature_for_draws(tmp_path):
+    result = CliRunner().invoke(load_benchmark("train_step").main, ["--temperature", "2", "--only", "sampled",
+                                                                     "--workdir", str(tmp_path)])
+    assert result.exit_code != 0 and "T = 1" in result.output and "--temperature" in result.output
