@@ -217,7 +217,7 @@ def _logsumexp(x_CV: torch.Tensor, max_C1: torch.Tensor | None = None, temperatu
     whose max is the most negative float, at T < 1).
 
     On CPU the exponentials are taken a block of rows at a time (at most TEMP_BYTES, which stays in cache from the
-    subtraction to the sum) in a buffer kept between calls (`_scratch`). A fresh temporary at each call costs about as
+    subtraction to the sum) in a buffer kept between calls (`_temporary`). A fresh temporary at each call costs about as
     much as the exponentials there, in page faults: glibc maps a block above 32 MiB (a whole 256 x 32k fp32 chunk is
     32.8 MB) anew at every call, and smaller blocks often enough (when other allocations split the freed one). On a
     GPU the caching allocator reuses the temporary, and one kernel per operation beats many small ones.
@@ -230,10 +230,9 @@ def _logsumexp(x_CV: torch.Tensor, max_C1: torch.Tensor | None = None, temperatu
         return (y_CV if temperature == 1.0 else y_CV.div_(temperature)).exp_().sum(-1, keepdim=True).log_().add_(
             shift_C1)
     rows = max(1, TEMP_BYTES // max(x_CV.shape[-1] * x_CV.element_size(), 1))
-    scratch = _scratch("exp", x_CV, min(rows, x_CV.shape[0]) * x_CV.shape[-1])
     sums = []
     for x_RV, max_R1 in zip(x_CV.split(rows), max_C1.split(rows), strict=True):
-        y_RV = torch.sub(x_RV, max_R1, out=scratch[:x_RV.numel()].view(x_RV.shape))
+        y_RV = torch.sub(x_RV, max_R1, out=_temporary("exp", x_RV.shape, x_RV))
         if temperature != 1.0:
             y_RV.div_(temperature)
         sums.append(y_RV.exp_().sum(-1, keepdim=True))
@@ -282,8 +281,8 @@ def logits_grad_(logits_CV: torch.Tensor, reads: list[Read], leaf_grads: tuple[t
     for start in range(0, rows_C, block):
         rows = slice(start, start + block)
         z_RV = logits_CV[rows]
+        exact = [_excluded_ids_grad(temperature, terms, rows) for temperature, terms in groups]
         # Every group but the first reads z, so it is computed before z is overwritten.
-        exact = [_excluded_ids_grad(z_RV, temperature, terms, rows) for temperature, terms in groups]
         others_RV = None
         for index, ((temperature, terms), exact_ids) in enumerate(zip(groups[1:], exact[1:], strict=True)):
             scaled_RV = _temporary(f"terms {index}", z_RV.shape, z_RV)
@@ -328,11 +327,11 @@ def _exp_terms_(
 
 
 def _excluded_ids_grad(
-    z_RV: torch.Tensor, temperature: float, terms: list[tuple[Read, torch.Tensor]], rows: slice,
+    temperature: float, terms: list[tuple[Read, torch.Tensor]], rows: slice,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(ids [R, U], their dL/dz over the terms [R, U]) for every id an outside_lse term of the group names (U of
-    them, padding included), computed term by term; None when no term excludes ids. Entries of one id get equal
-    values, so a scatter of them is deterministic."""
+    them, padding included), computed term by term from the logits the reads gathered (`Read.logits_CJ`); None when
+    no term excludes ids. Entries of one id get equal values, so a scatter of them is deterministic."""
     outside = [read for read, _ in terms if read.kind == "outside_lse"]
     if not outside:
         return None
